@@ -1,0 +1,3 @@
+from otelproxy.cli import main
+
+raise SystemExit(main())

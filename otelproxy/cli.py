@@ -1,0 +1,113 @@
+"""Command line: ``otelproxy [serve] [options]`` (no subcommand means ``serve``).
+
+Configuration errors print one line on stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from otelproxy import __version__, config
+from otelproxy.errors import ConfigError
+
+COMMANDS = ("serve",)
+
+_ENV_HELP = """\
+environment (flags win over environment, environment over the TOML file):
+  OTELPROXY_HOST, OTELPROXY_PORT, OTELPROXY_LOG_DIR, OTELPROXY_CONFIG,
+  OTELPROXY_UPSTREAMS (comma-separated), OTELPROXY_DEFAULT_UPSTREAM,
+  OTELPROXY_DEFAULT_PROVIDER, OTELPROXY_MAX_REQUEST_BYTES, OTELPROXY_GRACE_PERIOD,
+  OTELPROXY_UPSTREAM_CONNECT_TIMEOUT, OTELPROXY_UPSTREAM_READ_TIMEOUT,
+  OTELPROXY_MAX_CONNECTIONS, OTELPROXY_RECORD_QUEUE_SIZE, OTELPROXY_LOG_LEVEL
+TOML file keys are the same names in lower case (port = 8080, log_dir = "./logs",
+upstreams = ["http://127.0.0.1:9100"], ...).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2
+        sys.stderr.write(f"otelproxy: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help="where the record goes (default ./logs; DB is DIR/sessions.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="otelproxy",
+        description="A transparent logging proxy for the Anthropic and OpenAI HTTP APIs. "
+        "Point a client at http://HOST:PORT/{provider}/{upstream_host}/ "
+        "(e.g. ANTHROPIC_BASE_URL=http://127.0.0.1:8080/anthropic/api.anthropic.com).",
+        epilog=_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"otelproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve}", parser_class=_Parser)
+    serve = commands.add_parser(
+        "serve", help="run the proxy (the default command)", description=parser.description,
+        epilog=_ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", help="port to listen on (default 8080; 0 picks a free port)")
+    serve.add_argument("--upstream", action="append", dest="upstreams", metavar="URL",
+                       help="allow an upstream origin, e.g. http://127.0.0.1:9100 (repeatable; "
+                       "https://api.anthropic.com and https://api.openai.com are always allowed)")
+    serve.add_argument("--default-upstream", metavar="URL",
+                       help="forward paths without a /{provider}/{host} prefix to this origin")
+    serve.add_argument("--default-provider", choices=config.PROVIDERS,
+                       help="provider of --default-upstream")
+    serve.add_argument("--max-request-bytes", metavar="N",
+                       help="largest request body accepted (default 33554432 = 32 MiB)")
+    serve.add_argument("--grace-period", metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, how long streams in flight may finish (default 30)")
+    serve.add_argument("--upstream-connect-timeout", metavar="SECONDS",
+                       help="connect timeout to the upstream (default 30)")
+    serve.add_argument("--upstream-read-timeout", metavar="SECONDS",
+                       help="longest silence between two upstream reads (default 600)")
+    serve.add_argument("--max-connections", metavar="N",
+                       help="concurrent upstream connections (default 1000)")
+    serve.add_argument("--record-queue-size", metavar="N",
+                       help="exchanges waiting to be recorded before new ones are dropped "
+                       "(default 10000)")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                       help="the proxy's own log verbosity (default info)")
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in (*COMMANDS, "--version"):
+        args_list.insert(0, "serve")
+    args = build_parser().parse_args(args_list)
+    try:
+        cfg = config.load(_flags(args), os.environ)
+    except ConfigError as exc:
+        sys.stderr.write(f"otelproxy: error: {exc}\n")
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from otelproxy.server import serve
+
+    try:
+        return asyncio.run(serve(cfg))
+    except OSError as exc:  # e.g. the port is taken
+        sys.stderr.write(f"otelproxy: error: cannot listen on {cfg.host}:{cfg.port}: "
+                         f"{exc.strerror or exc}\n")
+        return 2

@@ -1,0 +1,195 @@
+"""The pipeline: exchanges in, processors in a list, sinks out — all off the request path.
+
+    handler ──submit()──► [bounded queue] ──pipeline thread──► processors ──► sink.submit()
+                                                                              │ each sink: own
+                                                                              ▼ queue + thread
+
+``Pipeline.submit`` never blocks: when the queue is full the exchange is dropped and counted
+(loudly). A processor or sink that raises is logged once per kind of failure and counted; it
+never reaches the proxy (mitmproxy's ``safecall``). ``flush``/``shutdown`` take a timeout, as the
+OpenTelemetry SDK's batch processors do.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from otelproxy.record import Exchange, Record
+
+log = logging.getLogger("otelproxy.pipeline")
+
+
+class Processor(Protocol):
+    """Derives something from a record, in place. Runs on the pipeline thread, in list order."""
+
+    name: str
+
+    def __call__(self, record: Record) -> None: ...
+
+
+class Sink(Protocol):
+    """Writes finished records somewhere. ``submit`` must not block and must not raise."""
+
+    name: str
+
+    def submit(self, record: Record) -> None: ...
+
+    def flush(self, timeout: float) -> bool: ...
+
+    def shutdown(self, timeout: float) -> bool: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+
+@dataclass
+class Failures:
+    """Counts failures and logs the first of each kind (then every 1000th)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, where: str, exc: BaseException) -> None:
+        key = f"{where}: {type(exc).__name__}"
+        with self._lock:
+            self.total += 1
+            seen = self.counts.get(key, 0)
+            self.counts[key] = seen + 1
+        if seen % 1000 == 0:
+            log.error("%s failed (%d so far): %s", where, seen + 1, exc, exc_info=seen == 0)
+
+
+_STOP = object()
+
+
+class Worker:
+    """A bounded queue drained by one daemon thread; the base of the pipeline and of sinks."""
+
+    def __init__(self, name: str, maxsize: int) -> None:
+        self.name = name
+        self._queue: queue.Queue[object] = queue.Queue(maxsize)
+        self._thread = threading.Thread(target=self._run, name=f"otelproxy-{name}", daemon=True)
+        self._started = False
+        self.dropped = 0
+        self.failures = Failures()
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def put(self, item: object) -> bool:
+        """Enqueue without blocking; False (and counted) when the queue is full."""
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.error("%s queue full: %d item(s) dropped so far", self.name, self.dropped)
+            return False
+        return True
+
+    def handle(self, item: object) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if isinstance(item, threading.Event):
+                    item.set()
+                    continue
+                try:
+                    self.handle(item)
+                except Exception as exc:
+                    self.failures.record(self.name, exc)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued before this call is handled."""
+        if not self._started or not self._thread.is_alive():
+            return self._queue.unfinished_tasks == 0
+        marker = threading.Event()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._queue.put(marker, timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except queue.Full:
+                return False
+        return marker.wait(max(0.0, deadline - time.monotonic()))
+
+    def shutdown(self, timeout: float) -> bool:
+        done = self.flush(timeout)
+        if self._started and self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+            except queue.Full:
+                return False
+            self._thread.join(timeout)
+        return done
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+
+class Pipeline(Worker):
+    """Runs the processors over each finished exchange, then hands the record to every sink."""
+
+    def __init__(
+        self, processors: Sequence[Processor], sinks: Sequence[Sink], maxsize: int = 10_000
+    ) -> None:
+        super().__init__("pipeline", maxsize)
+        self.processors = list(processors)
+        self.sinks = list(sinks)
+        self.submitted = 0
+
+    def submit(self, exchange: Exchange) -> None:
+        self.submitted += 1
+        self.put(exchange)
+
+    def handle(self, item: object) -> None:
+        assert isinstance(item, Exchange)
+        record = Record(item)
+        for processor in self.processors:
+            try:
+                processor(record)
+            except Exception as exc:
+                self.failures.record(f"processor {processor.name}", exc)
+                record.notes.append(f"processor {processor.name} failed: {type(exc).__name__}")
+        for sink in self.sinks:
+            try:
+                sink.submit(record)
+            except Exception as exc:
+                self.failures.record(f"sink {sink.name}", exc)
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        done = super().flush(timeout)
+        for sink in self.sinks:
+            done = sink.flush(max(0.0, deadline - time.monotonic())) and done
+        return done
+
+    def shutdown(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        done = super().shutdown(timeout)
+        for sink in self.sinks:
+            done = sink.shutdown(max(0.1, deadline - time.monotonic())) and done
+        return done
+
+    def counters(self) -> dict[str, int]:
+        out = {"records_dropped": self.dropped, "sink_errors": self.failures.total}
+        for sink in self.sinks:
+            for key, value in sink.counters().items():
+                out[key] = out.get(key, 0) + value
+        return out

@@ -1,0 +1,181 @@
+"""Anthropic Messages API: tracked calls, request fields, and response reassembly.
+
+Reassembly follows the SSE protocol (DESIGN §4): ``message_start`` → per block
+``content_block_start`` / ``content_block_delta``* / ``content_block_stop`` → ``message_delta``
+(cumulative usage) → ``message_stop``. ``text_delta``, ``thinking_delta``, ``signature_delta``
+(replaces), ``input_json_delta`` (fragments concatenated, parsed once at the block's stop; none
+→ ``{}``) and ``citations_delta`` are applied; blocks that arrive whole (tool results,
+redacted_thinking) are kept as they came; unknown delta types are kept on the block under
+``"x_deltas"`` and unknown events in ``Parsed`` notes, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from otelproxy.providers import as_int, sse_fields
+from otelproxy.record import Parsed, Record
+
+TRACKED_PATHS = ("/v1/messages",)
+_JSON_INPUT_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
+
+
+def is_tracked(method: str, path: str) -> bool:
+    return method == "POST" and path.rstrip("/") in TRACKED_PATHS
+
+
+def parse_request(parsed: Parsed, body: dict[str, Any]) -> None:
+    parsed.model = body.get("model") if isinstance(body.get("model"), str) else None
+    parsed.stream = bool(body.get("stream", False))
+    messages = body.get("messages")
+    parsed.messages = messages if isinstance(messages, list) else None
+    parsed.system = body.get("system")
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        parsed.metadata_user_id = metadata["user_id"]
+    if parsed.tracked:
+        parsed.operation = "chat"
+    if parsed.messages is None:
+        parsed.tracked = False
+
+
+def _apply_usage(parsed: Parsed, usage: Any) -> None:
+    if not isinstance(usage, dict):
+        return
+    target = parsed.usage
+    for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens"):
+        value = as_int(usage.get(key))
+        if value is not None:
+            setattr(target, key, value)
+
+
+def _finish_message(parsed: Parsed, message: dict[str, Any]) -> None:
+    parsed.response_json = message
+    parsed.response_id = message.get("id") if isinstance(message.get("id"), str) else None
+    model = message.get("model")
+    parsed.response_model = model if isinstance(model, str) else None
+    stop = message.get("stop_reason")
+    parsed.finish_reasons = [stop] if isinstance(stop, str) else []
+    _apply_usage(parsed, message.get("usage"))
+    content = message.get("content")
+    parsed.output_message = {
+        "role": message.get("role", "assistant"),
+        "content": content if isinstance(content, list) else [],
+    }
+
+
+def parse_response(record: Record) -> None:
+    parsed = record.parsed
+    if not record.streaming:
+        try:
+            message = orjson.loads(record.response_body)
+        except orjson.JSONDecodeError as exc:
+            parsed.parse_error = f"response is not JSON: {exc}"
+            return
+        if isinstance(message, dict) and message.get("type") == "message":
+            _finish_message(parsed, message)
+        else:
+            parsed.response_json = message
+        return
+    message = reassemble([event.raw for event in record.events], record.notes)
+    if message is not None:
+        _finish_message(parsed, message)
+
+
+def reassemble(events: list[bytes], notes: list[str]) -> dict[str, Any] | None:
+    """The final message object a non-streaming call would have returned, from SSE events."""
+    message: dict[str, Any] | None = None
+    blocks: dict[int, dict[str, Any]] = {}
+    partial_json: dict[int, list[str]] = {}
+    for raw in events:
+        name, data = sse_fields(raw)
+        if not data:
+            continue
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            notes.append(f"anthropic: undecodable data in {name!r} event")
+            continue
+        if not isinstance(payload, dict):
+            continue
+        kind = payload.get("type", name)
+        if kind == "message_start":
+            start = payload.get("message")
+            message = dict(start) if isinstance(start, dict) else {}
+            message["content"] = []
+        elif kind == "content_block_start":
+            index = as_int(payload.get("index"))
+            block = payload.get("content_block")
+            if index is not None and isinstance(block, dict):
+                blocks[index] = dict(block)
+        elif kind == "content_block_delta":
+            index = as_int(payload.get("index"))
+            delta = payload.get("delta")
+            if index is not None and isinstance(delta, dict):
+                _apply_delta(blocks.setdefault(index, {}), delta, partial_json.setdefault(index, []))
+        elif kind == "content_block_stop":
+            index = as_int(payload.get("index"))
+            if index is not None and index in blocks:
+                _finish_block(blocks[index], partial_json.get(index, []), notes)
+        elif kind == "message_delta":
+            if message is None:
+                message = {"content": []}
+            delta = payload.get("delta")
+            if isinstance(delta, dict):
+                message.update(delta)
+            usage = payload.get("usage")
+            if isinstance(usage, dict):
+                merged = dict(message.get("usage") or {})
+                merged.update(usage)
+                message["usage"] = merged
+        elif kind == "error":
+            if message is None:
+                message = {"content": []}
+            message["x_error"] = payload.get("error")
+        elif kind not in ("message_stop", "ping"):
+            notes.append(f"anthropic: kept unknown event {kind!r}")
+            if message is not None:
+                message.setdefault("x_unknown_events", []).append(payload)
+    if message is None:
+        return None
+    for index in sorted(blocks):
+        block = blocks[index]
+        if index in partial_json and "x_partial_json" in block:
+            _finish_block(block, partial_json[index], notes)
+        message["content"].append(block)
+    return message
+
+
+def _apply_delta(block: dict[str, Any], delta: dict[str, Any], fragments: list[str]) -> None:
+    kind = delta.get("type")
+    if kind == "text_delta":
+        block["text"] = block.get("text", "") + str(delta.get("text", ""))
+    elif kind == "thinking_delta":
+        block["thinking"] = block.get("thinking", "") + str(delta.get("thinking", ""))
+    elif kind == "signature_delta":
+        block["signature"] = delta.get("signature", "")
+    elif kind == "input_json_delta":
+        fragments.append(str(delta.get("partial_json", "")))
+        block["x_partial_json"] = True
+    elif kind == "citations_delta":
+        block.setdefault("citations", []).append(delta.get("citation"))
+    else:
+        block.setdefault("x_deltas", []).append(delta)
+
+
+def _finish_block(block: dict[str, Any], fragments: list[str], notes: list[str]) -> None:
+    had_fragments = block.pop("x_partial_json", False)
+    if block.get("type") not in _JSON_INPUT_BLOCKS and not had_fragments:
+        return
+    text = "".join(fragments)
+    if not text:
+        block.setdefault("input", {})
+        return
+    try:
+        block["input"] = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        notes.append("anthropic: tool input JSON did not parse; kept as text")
+        block["input"] = text

@@ -1,0 +1,254 @@
+"""The hot path: receive, forward, stream back, time every chunk — and nothing else.
+
+The handler only does what must happen inline (DESIGN §2): route, read the request body, send it
+upstream, write each response chunk to the client as soon as it arrives and append
+``(monotonic_ns, bytes)`` to the ``Exchange``. Parsing, redaction, hashing, JSON encoding and all
+record I/O happen later, on the pipeline's threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from otelproxy import __version__
+from otelproxy.config import Config
+from otelproxy.errors import RequestTooLarge, RouteError, UpstreamError
+from otelproxy.pipeline import Pipeline
+from otelproxy.providers import error_body
+from otelproxy.record import Exchange, Outcome
+from otelproxy.routing import resolve
+from otelproxy.upstream import Upstream, request_headers, response_headers
+
+log = logging.getLogger("otelproxy.proxy")
+
+
+@dataclass
+class Stats:
+    """Counters of the hot path (mutated only on the event loop)."""
+
+    started: float = field(default_factory=time.monotonic)
+    exchanges: int = 0
+    in_flight: int = 0
+    rejected: int = 0
+    upstream_errors: int = 0
+    client_aborts: int = 0
+    upstream_aborts: int = 0
+    shutting_down: bool = False
+
+
+@dataclass
+class ProxyState:
+    config: Config
+    upstream: Upstream
+    pipeline: Pipeline
+    stats: Stats = field(default_factory=Stats)
+    extra_health: dict[str, object] = field(default_factory=dict)
+
+
+STATE = web.AppKey("state", ProxyState)
+
+
+def _raw_headers(request: web.Request) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
+            for k, v in request.raw_headers]
+
+
+def _provider_guess(raw_path: str, state: ProxyState) -> str | None:
+    first = raw_path.split("/", 2)[1] if raw_path.count("/") >= 1 else ""
+    return first if first in ("anthropic", "openai") else state.config.default_provider
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: status, version, uptime and counters as JSON."""
+    state = request.app[STATE]
+    stats = state.stats
+    counters = state.pipeline.counters()
+    healthy = counters.get("sink_errors", 0) == 0 and counters.get("records_dropped", 0) == 0
+    body = {
+        "status": "ok" if healthy else "degraded",
+        "version": __version__,
+        "uptime_s": round(time.monotonic() - stats.started, 3),
+        "exchanges": stats.exchanges,
+        "in_flight": stats.in_flight,
+        "rejected": stats.rejected,
+        "upstream_errors": stats.upstream_errors,
+        "client_aborts": stats.client_aborts,
+        "upstream_aborts": stats.upstream_aborts,
+        "records_pending": state.pipeline.pending,
+        **counters,
+        **state.extra_health,
+    }
+    return web.json_response(body)
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """Forward one request upstream and stream the answer back, recording the exchange."""
+    started_ns = time.monotonic_ns()
+    started_wall = time.time()
+    state = request.app[STATE]
+    config = state.config
+    raw_path, _, query = request.raw_path.partition("?")
+    headers = _raw_headers(request)
+    exchange = Exchange(
+        id=uuid.uuid4().hex, provider=_provider_guess(raw_path, state) or "unknown",
+        upstream_url="", method=request.method, path=raw_path, query=query,
+        request_headers=headers, started_wall=started_wall, started_ns=started_ns,
+    )
+    try:
+        route = resolve(raw_path, config)
+        exchange.provider, exchange.path = route.provider, route.path
+        exchange.upstream_url = route.origin.url
+        if request.content_length is not None and request.content_length > config.max_request_bytes:
+            raise RequestTooLarge(_too_large(config))
+        exchange.request_body = await _read_body(request, config.max_request_bytes)
+    except RouteError as exc:
+        return _reject(request, state, exchange, exc)
+
+    stats = state.stats
+    stats.exchanges += 1
+    stats.in_flight += 1
+    try:
+        return await _forward(request, state, exchange)
+    finally:
+        stats.in_flight -= 1
+        if exchange.finished_ns is None:
+            exchange.finished_ns = time.monotonic_ns()
+        state.pipeline.submit(exchange)
+
+
+def _too_large(config: Config) -> str:
+    return f"request body exceeds this proxy's limit of {config.max_request_bytes} bytes"
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLarge(_too_large(request.app[STATE].config))
+    return bytes(body)
+
+
+def _reject(
+    request: web.Request, state: ProxyState, exchange: Exchange, exc: RouteError
+) -> web.Response:
+    state.stats.rejected += 1
+    exchange.outcome = Outcome.REJECTED
+    exchange.status = exc.status
+    exchange.error = str(exc)
+    exchange.generated_response = True
+    exchange.finished_ns = time.monotonic_ns()
+    state.pipeline.submit(exchange)
+    provider = exchange.provider if exchange.provider != "unknown" else None
+    response = web.Response(
+        status=exc.status, body=error_body(provider, exc.error_type, str(exc)),
+        content_type="application/json",
+    )
+    if isinstance(exc, RequestTooLarge):
+        response.force_close()  # the rest of the body was not read
+    return response
+
+
+async def _forward(
+    request: web.Request, state: ProxyState, exchange: Exchange
+) -> web.StreamResponse:
+    stats = state.stats
+    url = exchange.upstream_url + exchange.path + ("?" + exchange.query if exchange.query else "")
+    outgoing = request_headers(exchange.request_headers)
+    exchange.forwarded_ns = time.monotonic_ns()
+    exchange.proxy_ns = exchange.forwarded_ns - exchange.started_ns
+    try:
+        upstream = await state.upstream.send(exchange.method, url, outgoing, exchange.request_body)
+    except UpstreamError as exc:
+        stats.upstream_errors += 1
+        return _upstream_failed(exchange, exc)
+    except asyncio.CancelledError:
+        _client_gone(state, exchange, "client disconnected before the upstream answered")
+        raise
+
+    async with upstream:
+        mark = time.monotonic_ns()
+        exchange.headers_ns = mark
+        exchange.status, exchange.reason = upstream.status, upstream.reason or ""
+        exchange.response_headers = [
+            (k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
+            for k, v in upstream.raw_headers
+        ]
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason,
+            headers=response_headers(exchange.response_headers),
+        )
+        try:
+            await response.prepare(request)
+            exchange.proxy_ns += time.monotonic_ns() - mark
+            chunks = exchange.chunks
+            reader = upstream.content
+            while True:
+                try:
+                    data = await reader.readany()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    stats.upstream_aborts += 1
+                    exchange.outcome = Outcome.UPSTREAM_ABORTED
+                    exchange.error = f"upstream stream broke: {type(exc).__name__}"
+                    _cut_client(request)
+                    return response
+                if not data:
+                    break
+                received = time.monotonic_ns()
+                chunks.append((received, data))
+                await response.write(data)
+                exchange.proxy_ns += time.monotonic_ns() - received
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            _client_gone(state, exchange, "client disconnected mid-response")
+            upstream.close()
+            return response
+        except asyncio.CancelledError:
+            _client_gone(state, exchange, "client disconnected mid-response")
+            upstream.close()
+            raise
+    exchange.finished_ns = time.monotonic_ns()
+    return response
+
+
+def _client_gone(state: ProxyState, exchange: Exchange, why: str) -> None:
+    state.stats.client_aborts += 1
+    exchange.outcome = Outcome.CLIENT_ABORTED
+    exchange.error = why + (" (proxy shutting down)" if state.stats.shutting_down else "")
+    exchange.finished_ns = time.monotonic_ns()
+
+
+def _cut_client(request: web.Request) -> None:
+    """End the client's response the way the upstream ended ours: without a proper ending."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+def _upstream_failed(exchange: Exchange, exc: UpstreamError) -> web.Response:
+    exchange.outcome = Outcome.UPSTREAM_ERROR
+    exchange.error = str(exc)
+    exchange.generated_response = True
+    body = error_body(exchange.provider, exc.error_type, f"otelproxy: {exc}")
+    exchange.status = exc.status
+    exchange.response_headers = [("Content-Type", "application/json")]
+    now = time.monotonic_ns()
+    exchange.headers_ns = now
+    exchange.chunks.append((now, body))
+    exchange.finished_ns = now
+    return web.Response(status=exc.status, body=body, content_type="application/json")
+
+
+def build_app(state: ProxyState) -> web.Application:
+    app = web.Application(client_max_size=state.config.max_request_bytes + 1)
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app

@@ -1,0 +1,170 @@
+"""The record model every processor and sink reads.
+
+``Exchange`` is what the proxy handler fills on the hot path: raw bytes and monotonic timestamps,
+nothing parsed. When the exchange is over it is handed to the pipeline, which wraps it in a
+``Record`` and runs the processors (redact → decode/split → provider parse → session → enrich);
+the sinks then read the finished ``Record``. After the pipeline hands a record to the sinks nobody
+mutates it again, so sinks on other threads may read it freely.
+
+Bump ``SCHEMA_VERSION`` whenever the JSONL entry shape or the SQLite schema changes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class Outcome(StrEnum):
+    """How an exchange ended."""
+
+    COMPLETE = "complete"
+    """The upstream answered and every byte reached the client."""
+    CLIENT_ABORTED = "client_aborted"
+    """The client went away first; the upstream request was cancelled."""
+    UPSTREAM_ABORTED = "upstream_aborted"
+    """The upstream connection broke after the response head; the client saw the stream cut."""
+    UPSTREAM_ERROR = "upstream_error"
+    """The upstream could not be reached or failed before the response head; the proxy said 502."""
+    REJECTED = "rejected"
+    """The proxy refused the request (unknown provider, host not allowed, too large); nothing was
+    sent upstream. Recorded in ``rejected-{date}.jsonl``, never counted as a forwarded request."""
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request and its response as they crossed the proxy (filled by the handler).
+
+    Timestamps are ``time.monotonic_ns()``; ``started_wall`` anchors them to wall-clock time.
+    Headers are the raw ones, secrets included: only processors read them, and the redaction
+    processor runs first, so no sink ever sees the raw values.
+    """
+
+    id: str
+    provider: str
+    upstream_url: str
+    """``scheme://host[:port]`` of the upstream origin."""
+    method: str
+    path: str
+    """The path on the upstream, e.g. ``/v1/messages``."""
+    query: str
+    request_headers: list[tuple[str, str]]
+    request_body: bytes = b""
+    started_wall: float = field(default_factory=time.time)
+    started_ns: int = field(default_factory=time.monotonic_ns)
+    forwarded_ns: int | None = None
+    """When the request was handed to the upstream connection."""
+    status: int | None = None
+    reason: str = ""
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    headers_ns: int | None = None
+    """When the upstream response head arrived."""
+    chunks: list[tuple[int, bytes]] = field(default_factory=list)
+    """``(monotonic_ns when received from upstream, bytes as received)`` for every body chunk."""
+    finished_ns: int | None = None
+    """When the last byte was handed to the client (or the exchange ended otherwise)."""
+    outcome: Outcome = Outcome.COMPLETE
+    error: str | None = None
+    """A short description of what went wrong, secrets never included."""
+    proxy_ns: int = 0
+    """Time the proxy itself spent: before forwarding, preparing headers, writing chunks."""
+    generated_response: bool = False
+    """True when the proxy wrote the response itself (502/504 on upstream failure)."""
+
+    @property
+    def response_size(self) -> int:
+        return sum(len(chunk) for _, chunk in self.chunks)
+
+    def ms_since_start(self, ns: int | None) -> float | None:
+        return None if ns is None else round((ns - self.started_ns) / 1e6, 3)
+
+    def wall_time(self, ns: int) -> float:
+        return self.started_wall + (ns - self.started_ns) / 1e9
+
+
+@dataclass(slots=True)
+class Event:
+    """A unit of the response body for the record: one SSE event, or one network chunk."""
+
+    ns: int
+    raw: bytes
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class Parsed:
+    """What the provider processor understood of the exchange (all optional)."""
+
+    tracked: bool = False
+    """A session-tracked call (a conversation turn)."""
+    operation: str | None = None
+    """GenAI operation name: ``chat`` for conversation calls, None otherwise."""
+    request_json: Any = None
+    model: str | None = None
+    stream: bool | None = None
+    messages: list[Any] | None = None
+    system: Any = None
+    metadata_user_id: str | None = None
+    previous_response_id: str | None = None
+    response_json: Any = None
+    response_model: str | None = None
+    response_id: str | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    output_message: dict[str, Any] | None = None
+    """The assistant message reassembled from the response (streamed or not)."""
+    usage: Usage = field(default_factory=Usage)
+    tokens_per_second: float | None = None
+    parse_error: str | None = None
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """Where the exchange sits in a conversation (filled by the session processor)."""
+
+    id: str
+    seq: int
+    file: str
+    """Path of the session's JSONL file relative to the log dir."""
+    new_session: bool = False
+    parent_id: str | None = None
+    fork_from_seq: int | None = None
+    fork_reason: str | None = None
+    client_session_id: str | None = None
+    fingerprint: str | None = None
+    new_messages: list[Any] | None = None
+    """Messages added since the session's previous turn (all of them on turn 1)."""
+    system_sha256: str | None = None
+
+
+@dataclass(slots=True)
+class Record:
+    """An ``Exchange`` plus everything the processors derived from it; what sinks read."""
+
+    exchange: Exchange
+    request_headers: list[tuple[str, str]] = field(default_factory=list)
+    """Redacted request headers."""
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    """Redacted response headers."""
+    request_body: bytes = b""
+    """Request body with secrets obfuscated (the record's copy, never the forwarded bytes)."""
+    response_body: bytes = b""
+    """Decoded (content-encoding removed), secrets obfuscated response body."""
+    content_encoding: str | None = None
+    decode_error: str | None = None
+    streaming: bool = False
+    events: list[Event] = field(default_factory=list)
+    parsed: Parsed = field(default_factory=Parsed)
+    session: SessionInfo | None = None
+    notes: list[str] = field(default_factory=list)
+    """Problems a processor ran into; kept in the record instead of raised."""

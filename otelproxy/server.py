@@ -1,0 +1,86 @@
+"""Assembling and running the proxy: app, upstream seam, pipeline, sinks, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Sequence
+
+from aiohttp import web
+
+from otelproxy.config import Config
+from otelproxy.pipeline import Pipeline, Sink
+from otelproxy.processors import default_processors
+from otelproxy.proxy import STATE, ProxyState, build_app
+from otelproxy.sessions import SessionTracker
+from otelproxy.store import LocalStore
+from otelproxy.upstream import Upstream
+
+log = logging.getLogger("otelproxy")
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: open the long-lived resources, and close them after the last handler."""
+    state = app[STATE]
+    await state.upstream.start()
+    state.pipeline.start()
+    yield
+    await state.upstream.close()
+    flushed = await asyncio.to_thread(state.pipeline.shutdown, max(5.0, state.config.grace_period))
+    if not flushed:
+        log.error("shutdown: the record could not be flushed completely")
+
+
+class Server:
+    """A running otelproxy: ``await start()``, ``port``, ``await stop()``."""
+
+    def __init__(self, config: Config, extra_sinks: Sequence[Sink] = ()) -> None:
+        self.config = config
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.store = LocalStore(config.log_dir, config.record_queue_size)
+        self.store.open()
+        self.sessions = SessionTracker(config.db_path)
+        self.pipeline = Pipeline(
+            [*default_processors(), self.sessions], [self.store, *extra_sinks],
+            config.record_queue_size,
+        )
+        self.state = ProxyState(config, Upstream(config), self.pipeline)
+        self.app = build_app(self.state)
+        self.app.cleanup_ctx.append(_lifecycle)
+        self._runner = web.AppRunner(
+            self.app, handler_cancellation=True, access_log=None,
+            shutdown_timeout=config.grace_period,
+        )
+        self.port = config.port
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=1024)
+        await site.start()
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
+
+    async def stop(self) -> None:
+        self.state.stats.shutting_down = True
+        await self._runner.cleanup()
+        self.sessions.close()
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT, then drain streams in flight, flush the record and return 0."""
+    server = Server(config)
+    await server.start()
+    log.info("otelproxy listening on http://%s:%d, recording to %s", config.host, server.port,
+             config.log_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: waiting up to %.0f s for %d stream(s) in flight",
+             config.grace_period, server.state.stats.in_flight)
+    await server.stop()
+    log.info("stopped")
+    return 0

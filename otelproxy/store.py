@@ -1,0 +1,316 @@
+"""The local record: JSONL files plus the ``exchanges`` table of the SQLite index.
+
+Layout (under ``log_dir``)::
+
+    sessions.db                               SQLite index (``otelproxy.db``)
+    {provider}/{session-id}.jsonl             one conversation: session_start, request, response…
+    {provider}/{session-id}_b{n}.jsonl        a branch: the parent's entries up to the fork
+                                              point, a ``fork`` entry, then its own turns
+    {provider}/untracked-{YYYYMMDD}.jsonl     every other call (count_tokens, models, HEAD …)
+    rejected-{YYYYMMDD}.jsonl                 requests the proxy refused (403/404/413)
+
+Entries are one JSON object per line (see README "The local record"). Bodies that are UTF-8 are
+stored as text, anything else as base64 with ``"body_encoding": "base64"``. This sink runs on its
+own thread behind a bounded queue; if it cannot write, it logs loudly and counts the failure
+(visible on ``/healthz``) while the proxy keeps forwarding.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from otelproxy import db
+from otelproxy.pipeline import Worker
+from otelproxy.record import SCHEMA_VERSION, Outcome, Record
+
+log = logging.getLogger("otelproxy.store")
+
+
+def iso(ts: float) -> str:
+    """ISO 8601 UTC with microseconds: ``2026-01-13T10:23:45.123456Z``."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def body_fields(data: bytes, key: str = "body") -> dict[str, Any]:
+    try:
+        return {key: data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {key: base64.b64encode(data).decode("ascii"), f"{key}_encoding": "base64"}
+
+
+def headers_dict(headers: list[tuple[str, str]]) -> dict[str, str | list[str]]:
+    """Headers as a JSON object; a repeated header becomes a list of its values."""
+    out: dict[str, str | list[str]] = {}
+    for name, value in headers:
+        key = name.lower()
+        if key in out:
+            existing = out[key]
+            out[key] = [*existing, value] if isinstance(existing, list) else [existing, value]
+        else:
+            out[key] = value
+    return out
+
+
+def request_entry(record: Record) -> dict[str, Any]:
+    exchange = record.exchange
+    session = record.session
+    parsed = record.parsed
+    entry: dict[str, Any] = {
+        "type": "request",
+        "ts": iso(exchange.started_wall),
+        "seq": session.seq if session else None,
+        "session_id": session.id if session else None,
+        "exchange_id": exchange.id,
+        "method": exchange.method,
+        "path": exchange.path,
+        "query": exchange.query,
+        "upstream": exchange.upstream_url,
+        "headers": headers_dict(record.request_headers),
+        **body_fields(record.request_body),
+        "size": len(exchange.request_body),
+    }
+    if parsed.model:
+        entry["model"] = parsed.model
+    if session and session.fingerprint:
+        entry["fingerprint"] = session.fingerprint
+    return entry
+
+
+def response_entry(record: Record) -> dict[str, Any]:
+    exchange = record.exchange
+    parsed = record.parsed
+    finished = exchange.finished_ns or exchange.started_ns
+    first_ns = exchange.chunks[0][0] if exchange.chunks else exchange.headers_ns
+    entry: dict[str, Any] = {
+        "type": "response",
+        "ts": iso(exchange.wall_time(finished)),
+        "seq": record.session.seq if record.session else None,
+        "session_id": record.session.id if record.session else None,
+        "exchange_id": exchange.id,
+        "status": exchange.status,
+        "headers": headers_dict(record.response_headers),
+    }
+    if record.streaming:
+        previous = exchange.started_ns
+        chunks = []
+        for event in record.events:
+            chunk: dict[str, Any] = {
+                "ts": iso(exchange.wall_time(event.ns)),
+                "delta_ms": round((event.ns - previous) / 1e6, 3),
+                "offset_ms": round((event.ns - exchange.started_ns) / 1e6, 3),
+                **body_fields(event.raw, "raw"),
+            }
+            chunks.append(chunk)
+            previous = event.ns
+        entry["chunks"] = chunks
+    else:
+        entry.update(body_fields(record.response_body))
+    entry["size"] = exchange.response_size
+    if record.content_encoding:
+        entry["content_encoding"] = record.content_encoding
+        entry["decoded_size"] = len(record.response_body)
+    if record.decode_error:
+        entry["decode_error"] = record.decode_error
+    entry["timing"] = {
+        "ttfb_ms": exchange.ms_since_start(first_ns),
+        "headers_ms": exchange.ms_since_start(exchange.headers_ns),
+        "total_ms": exchange.ms_since_start(finished),
+    }
+    usage = parsed.usage
+    if usage.input_tokens is not None or usage.output_tokens is not None:
+        entry["usage"] = {k: v for k, v in (
+            ("input_tokens", usage.input_tokens), ("output_tokens", usage.output_tokens),
+            ("cache_read_input_tokens", usage.cache_read_input_tokens),
+            ("cache_creation_input_tokens", usage.cache_creation_input_tokens),
+        ) if v is not None}
+    if parsed.tokens_per_second is not None:
+        entry["tokens_per_second"] = parsed.tokens_per_second
+    if parsed.response_model:
+        entry["model"] = parsed.response_model
+    if parsed.finish_reasons:
+        entry["stop_reason"] = parsed.finish_reasons[0]
+    entry["outcome"] = str(exchange.outcome)
+    if exchange.error:
+        entry["error"] = exchange.error
+    if exchange.generated_response:
+        entry["generated_by_proxy"] = True
+    entry["proxy"] = {"overhead_ms": round(exchange.proxy_ns / 1e6, 3)}
+    if record.notes:
+        entry["notes"] = record.notes
+    return entry
+
+
+def _dumps(entry: dict[str, Any]) -> bytes:
+    return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+
+
+class LocalStore(Worker):
+    """Sink writing JSONL files and the ``exchanges`` table."""
+
+    def __init__(self, log_dir: Path, maxsize: int = 10_000) -> None:
+        super().__init__("local-store", maxsize)
+        self.log_dir = log_dir
+        self.written = 0
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._db = db.connect(self.log_dir / "sessions.db")
+        self.start()
+
+    def submit(self, record: Record) -> None:
+        self.put(record)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "records_written": self.written,
+            "records_dropped": self.dropped,
+            "sink_errors": self.failures.total,
+        }
+
+    def shutdown(self, timeout: float) -> bool:
+        done = super().shutdown(timeout)
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        return done
+
+    # -- writing, on the worker thread ---------------------------------------------------------
+
+    def handle(self, item: object) -> None:
+        assert isinstance(item, Record)
+        self.write(item)
+        self.written += 1
+
+    def write(self, record: Record) -> None:
+        exchange = record.exchange
+        if exchange.outcome is Outcome.REJECTED:
+            self._append(f"rejected-{_day(exchange.started_wall)}.jsonl", [rejected_entry(record)])
+            return
+        session = record.session
+        lines: list[bytes] = []
+        if session is not None:
+            relative = session.file
+            if session.parent_id is not None and session.new_session:
+                self._start_branch(record)
+            elif session.new_session:
+                lines.append(_dumps(session_start_entry(record)))
+        else:
+            relative = f"{exchange.provider}/untracked-{_day(exchange.started_wall)}.jsonl"
+        request_line = _dumps(request_entry(record))
+        offset, _ = self._append(relative, [*lines, request_line, _dumps(response_entry(record))])
+        offset += sum(len(line) for line in lines)
+        self._index(record, relative, offset, len(request_line))
+
+    def _start_branch(self, record: Record) -> None:
+        session = record.session
+        assert session is not None and session.parent_id is not None
+        parent_file = self.log_dir / session.file.rsplit("/", 1)[0] / f"{session.parent_id}.jsonl"
+        copied: list[bytes] = []
+        if parent_file.exists():
+            with parent_file.open("rb") as handle:
+                for line in handle:
+                    entry = orjson.loads(line)
+                    seq = entry.get("seq")
+                    if isinstance(seq, int) and seq > (session.fork_from_seq or 0):
+                        break
+                    if entry.get("type") == "fork" and entry.get("from_seq", 0) >= (
+                        session.fork_from_seq or 0
+                    ):
+                        break
+                    copied.append(line)
+        fork = {
+            "type": "fork",
+            "ts": iso(record.exchange.started_wall),
+            "session_id": session.id,
+            "from_seq": session.fork_from_seq,
+            "parent_session": session.parent_id,
+            "reason": session.fork_reason or "message_history_diverged",
+            "schema_version": SCHEMA_VERSION,
+        }
+        self._append(session.file, [*copied, _dumps(fork)])
+
+    def _append(self, relative: str, lines: list[bytes]) -> tuple[int, int]:
+        path = self.log_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = b"".join(lines)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            offset = os.fstat(fd).st_size
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        finally:
+            os.close(fd)
+        return offset, len(data)
+
+    def _index(self, record: Record, relative: str, offset: int, length: int) -> None:
+        if self._db is None:
+            return
+        exchange = record.exchange
+        session = record.session
+        parsed = record.parsed
+        usage = parsed.usage
+        first_ns = exchange.chunks[0][0] if exchange.chunks else exchange.headers_ns
+        self._db.execute(
+            "INSERT OR REPLACE INTO exchanges (id, session_id, seq, ts, provider, upstream, method,"
+            " path, status, outcome, model, stop_reason, input_tokens, output_tokens,"
+            " cache_read_input_tokens, cache_creation_input_tokens, ttfb_ms, total_ms, file_path,"
+            " offset, length) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                exchange.id, session.id if session else None, session.seq if session else None,
+                iso(exchange.started_wall), exchange.provider, exchange.upstream_url,
+                exchange.method, exchange.path, exchange.status, str(exchange.outcome),
+                parsed.response_model or parsed.model,
+                parsed.finish_reasons[0] if parsed.finish_reasons else None,
+                usage.input_tokens, usage.output_tokens, usage.cache_read_input_tokens,
+                usage.cache_creation_input_tokens, exchange.ms_since_start(first_ns),
+                exchange.ms_since_start(exchange.finished_ns), relative, offset, length,
+            ),
+        )
+
+
+def session_start_entry(record: Record) -> dict[str, Any]:
+    exchange = record.exchange
+    session = record.session
+    assert session is not None
+    entry: dict[str, Any] = {
+        "type": "session_start",
+        "ts": iso(exchange.started_wall),
+        "session_id": session.id,
+        "provider": exchange.provider,
+        "upstream": exchange.upstream_url,
+        "schema_version": SCHEMA_VERSION,
+    }
+    if session.client_session_id:
+        entry["client_session_id"] = session.client_session_id
+    return entry
+
+
+def rejected_entry(record: Record) -> dict[str, Any]:
+    exchange = record.exchange
+    return {
+        "type": "rejected",
+        "ts": iso(exchange.started_wall),
+        "exchange_id": exchange.id,
+        "method": exchange.method,
+        "path": exchange.path,
+        "query": exchange.query,
+        "headers": headers_dict(record.request_headers),
+        "size": len(exchange.request_body),
+        "status": exchange.status,
+        "error": exchange.error,
+    }
+
+
+def _day(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d")

@@ -1,0 +1,102 @@
+"""The one narrow seam to upstream servers: a shared aiohttp ``ClientSession``.
+
+Streaming discipline (DESIGN §3.5): no total timeout, a per-read timeout, an explicit connector
+limit, ``auto_decompress=False`` (compressed bytes are forwarded untouched), no cookie jar, no
+redirects, no retries, and none of aiohttp's automatic request headers. aiohttp errors are
+translated into ``otelproxy.errors`` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from otelproxy.config import Config
+from otelproxy.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus Host (rewritten) and framing headers aiohttp recomputes.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+     "upgrade", "proxy-authorization", "proxy-authenticate"}
+)
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def end_to_end(headers: Sequence[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Headers minus the hop-by-hop set and every header ``Connection`` names."""
+    named = {
+        token.strip().lower()
+        for name, value in headers if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return CIMultiDict(
+        (name, value) for name, value in headers
+        if name.lower() not in drop and name.lower() not in named
+    )
+
+
+def request_headers(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
+    return end_to_end(headers, _REQUEST_DROP)
+
+
+def response_headers(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
+    return end_to_end(headers, HOP_BY_HOP)
+
+
+class Upstream:
+    """Sends requests upstream over one shared, long-lived ``ClientSession``."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._config.max_connections, limit_per_host=0, enable_cleanup_closed=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self._config.upstream_connect_timeout,
+                sock_read=self._config.upstream_read_timeout,
+            ),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(
+        self, method: str, url: str, headers: CIMultiDict[str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """Send one request; return once the response head has arrived."""
+        assert self._session is not None, "Upstream.start() was not awaited"
+        try:
+            return await self._session.request(
+                method,
+                URL(url, encoded=True),
+                headers=headers,
+                data=body if body or method not in ("GET", "HEAD") else None,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
+            )
+        except asyncio.TimeoutError as exc:
+            raise UpstreamTimeout("upstream did not answer in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamConnectError(
+                f"cannot connect to upstream {exc.host}:{exc.port} ({exc.os_error.strerror or exc})"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream failed before answering ({type(exc).__name__})") from exc
