@@ -24,7 +24,10 @@ environment (flags win over environment, environment over the TOML file):
   OTELPROXY_UPSTREAMS (comma-separated), OTELPROXY_DEFAULT_UPSTREAM,
   OTELPROXY_DEFAULT_PROVIDER, OTELPROXY_MAX_REQUEST_BYTES, OTELPROXY_GRACE_PERIOD,
   OTELPROXY_UPSTREAM_CONNECT_TIMEOUT, OTELPROXY_UPSTREAM_READ_TIMEOUT,
-  OTELPROXY_MAX_CONNECTIONS, OTELPROXY_RECORD_QUEUE_SIZE, OTELPROXY_LOG_LEVEL
+  OTELPROXY_MAX_CONNECTIONS, OTELPROXY_RECORD_QUEUE_SIZE, OTELPROXY_LOG_LEVEL,
+  OTELPROXY_SEQ_URL, OTELPROXY_SEQ_API_KEY, OTELPROXY_OTLP_MAX_BODY,
+  OTELPROXY_OTLP_CHUNK_EVENTS, and the standard OpenTelemetry variables
+  (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME, ...)
 TOML file keys are the same names in lower case (port = 8080, log_dir = "./logs",
 upstreams = ["http://127.0.0.1:9100"], ...).
 """
@@ -80,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--record-queue-size", metavar="N",
                        help="exchanges waiting to be recorded before new ones are dropped "
                        "(default 10000)")
+    serve.add_argument("--seq-url", metavar="URL",
+                       help="export OTLP to Seq at URL (sets the endpoint to URL/ingest/otlp)")
+    serve.add_argument("--seq-api-key", metavar="KEY",
+                       help="Seq API key, sent as the X-Seq-ApiKey header")
+    serve.add_argument("--otlp-max-body", metavar="BYTES",
+                       help="cut each body attribute of exported log records at BYTES "
+                       "(default 65536)")
+    serve.add_argument("--otlp-chunk-events", action="store_const", const=True,
+                       help="add one span event per stream chunk (off by default: Seq shows "
+                       "each span event as its own event)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                        help="the proxy's own log verbosity (default info)")
     return parser

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
+from otelproxy import otlp
 from otelproxy.config import Config
 from otelproxy.pipeline import Pipeline, Sink
 from otelproxy.processors import default_processors
@@ -41,8 +43,12 @@ class Server:
         self.store = LocalStore(config.log_dir, config.record_queue_size)
         self.store.open()
         self.sessions = SessionTracker(config.db_path)
+        exporter = otlp.build_sink(config, os.environ)
+        self.otlp = exporter
+        sinks: list[Sink] = [self.store, *([exporter] if exporter is not None else []),
+                             *extra_sinks]
         self.pipeline = Pipeline(
-            [*default_processors(), self.sessions], [self.store, *extra_sinks],
+            [*default_processors(), self.sessions], sinks,
             config.record_queue_size,
         )
         self.state = ProxyState(config, Upstream(config), self.pipeline)
