@@ -3,7 +3,9 @@
 Tables (``PRAGMA user_version`` holds ``DB_VERSION``):
 
 - ``sessions``: one row per conversation or branch (the seed's table plus parent/fork point,
-  client session id, model, system prompt hash and token totals). Owned by the session processor.
+  client session id, model, system prompt hash and token totals). ``last_seq`` numbers the
+  session's exchanges; ``state_seq`` is the last turn that succeeded, whose state
+  (``last_fingerprint``) a continuation must match. Owned by the session processor.
 - ``fingerprints``: ``(fingerprint, session_id, seq)`` — the conversation state after turn
   ``seq``. The seed made ``fingerprint`` the primary key; here it is ``(fingerprint, session_id)``
   because a branch shares its parent's history and two clients may send the same first turn.
@@ -29,6 +31,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     last_activity TEXT NOT NULL,
     last_seq INTEGER NOT NULL,
     last_fingerprint TEXT NOT NULL,
+    state_seq INTEGER NOT NULL DEFAULT 0,
     file_path TEXT NOT NULL,
     parent_id TEXT,
     fork_from_seq INTEGER,

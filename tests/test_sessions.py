@@ -1,0 +1,343 @@
+"""Session and fork detection on traffic from the real anthropic and openai SDKs."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from otelproxy.sessions import conversation, fingerprint, normalise_message, system_fingerprint
+from tests.conftest import RunningProxy
+from tests.fake_upstream import FakeUpstream, Reply, run_claude
+
+MODEL = "claude-test-1"
+KEY = "sk-ant-api03-" + "k" * 40 + "ABCD"
+
+
+def thinking_reply(text: str) -> Reply:
+    return Reply(blocks=[
+        {"type": "thinking", "thinking": f"Let me think about {text}.", "signature": "sig-" + text},
+        {"type": "text", "text": text},
+    ])
+
+
+def tool_reply(name: str, tool_input: dict[str, Any]) -> Reply:
+    return Reply(blocks=[
+        {"type": "thinking", "thinking": "I need a tool.", "signature": "sig-tool"},
+        {"type": "text", "text": "Running it."},
+        {"type": "tool_use", "id": f"toolu_{name}", "name": name, "input": tool_input},
+    ])
+
+
+class Conversation:
+    """A client-side conversation kept the way SDK users keep it (assistant content appended)."""
+
+    def __init__(self, client: anthropic.Anthropic, messages: list[dict[str, Any]] | None = None):
+        self.client = client
+        self.messages: list[dict[str, Any]] = list(messages or [])
+
+    def send(self, content: Any, stream: bool = True) -> anthropic.types.Message:
+        self.messages.append({"role": "user", "content": content})
+        kwargs: dict[str, Any] = {
+            "model": MODEL, "max_tokens": 1024, "messages": self.messages,
+            "system": [{"type": "text", "text": "You are terse.",
+                        "cache_control": {"type": "ephemeral"}}],
+            "thinking": {"type": "enabled", "budget_tokens": 512},
+        }
+        if stream:
+            with self.client.messages.stream(**kwargs) as events:
+                message = events.get_final_message()
+        else:
+            message = self.client.messages.create(**kwargs)
+        self.messages.append({"role": "assistant", "content": message.content})
+        return message
+
+    def fork(self, keep_turns: int) -> Conversation:
+        """A copy of the conversation rewound to just after turn ``keep_turns``."""
+        return Conversation(self.client, self.messages[: 2 * keep_turns])
+
+
+def turns(proxy: RunningProxy) -> list[tuple[str, int]]:
+    with proxy.db() as conn:
+        rows = conn.execute(
+            "SELECT session_id, seq FROM exchanges WHERE session_id IS NOT NULL ORDER BY ts"
+        ).fetchall()
+    return [(row["session_id"], row["seq"]) for row in rows]
+
+
+def session_row(proxy: RunningProxy, session_id: str) -> dict[str, Any]:
+    with proxy.db() as conn:
+        row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    assert row is not None, session_id
+    return dict(row)
+
+
+@pytest.fixture
+def client(proxy: RunningProxy) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=proxy.base("anthropic"), api_key=KEY, max_retries=0)
+
+
+def five_turns(fake: FakeUpstream, client: anthropic.Anthropic) -> Conversation:
+    chat = Conversation(client)
+    fake.replies.append(thinking_reply("one"))
+    chat.send("turn one")
+    fake.replies.append(tool_reply("get_weather", {"city": "Paris", "days": [1, 2]}))
+    chat.send([{"type": "text", "text": "weather?", "cache_control": {"type": "ephemeral"}}])
+    fake.replies.append(thinking_reply("sunny"))
+    chat.send([{"type": "tool_result", "tool_use_id": "toolu_get_weather",
+                "content": "sunny, 21C"}])
+    fake.replies.append(thinking_reply("four"))
+    chat.send("turn four", stream=False)
+    fake.replies.append(thinking_reply("five"))
+    chat.send("turn five")
+    return chat
+
+
+def test_five_turn_tool_loop_is_one_session(proxy, fake, client):
+    """A streamed five-turn conversation with thinking and a tool loop is one session, seq 1..5."""
+    five_turns(fake, client)
+    recorded = turns(proxy)
+    assert len({sid for sid, _ in recorded}) == 1
+    assert [seq for _, seq in recorded] == [1, 2, 3, 4, 5]
+    session_id = recorded[0][0]
+    row = session_row(proxy, session_id)
+    assert row["last_seq"] == 5 and row["parent_id"] is None
+    assert row["model"] == MODEL
+    assert row["output_tokens"] > 0
+    entries = proxy.entries(f"anthropic/{session_id}.jsonl")
+    assert [e["type"] for e in entries] == ["session_start"] + ["request", "response"] * 5
+    assert [e["seq"] for e in entries if e["type"] == "request"] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("from_turn", [1, 2, 3])
+def test_fork_from_earlier_turn_gets_a_branch(proxy, fake, client, from_turn):
+    """Rewinding to turn k and diverging gives branch {parent}_b1 with from_seq k."""
+    chat = five_turns(fake, client)
+    parent_id = turns(proxy)[0][0]
+    branch = chat.fork(from_turn)
+    fake.replies.append(thinking_reply("branched"))
+    branch.send("a different question")
+
+    session_id, seq = turns(proxy)[-1]
+    assert session_id == f"{parent_id}_b1"
+    assert seq == from_turn + 1
+    row = session_row(proxy, session_id)
+    assert row["parent_id"] == parent_id and row["fork_from_seq"] == from_turn
+    entries = proxy.entries(f"anthropic/{session_id}.jsonl")
+    kinds = [e["type"] for e in entries]
+    assert kinds == ["session_start"] + ["request", "response"] * from_turn + [
+        "fork", "request", "response"]
+    fork = entries[kinds.index("fork")]
+    assert fork["from_seq"] == from_turn and fork["parent_session"] == parent_id
+    parent_entries = proxy.entries(f"anthropic/{parent_id}.jsonl")
+    assert entries[: 1 + 2 * from_turn] == parent_entries[: 1 + 2 * from_turn]
+
+
+def test_original_and_branch_each_continue_on_their_own(proxy, fake, client):
+    """After a fork, the original continues on the original and the branch on the branch."""
+    chat = five_turns(fake, client)
+    parent_id = turns(proxy)[0][0]
+    branch = chat.fork(2)
+    fake.replies.append(thinking_reply("b"))
+    branch.send("branch turn")
+    fake.replies.append(thinking_reply("six"))
+    chat.send("turn six")
+    assert turns(proxy)[-1] == (parent_id, 6)
+    fake.replies.append(thinking_reply("b2"))
+    branch.send("branch turn two")
+    assert turns(proxy)[-1] == (f"{parent_id}_b1", 4)
+    second = chat.fork(1)
+    fake.replies.append(thinking_reply("c"))
+    second.send("another rewind")
+    assert turns(proxy)[-1] == (f"{parent_id}_b2", 2)
+
+
+def test_failed_turn_does_not_advance_state(proxy, fake, client):
+    """A 529 then a retry of the same turn continues the session instead of forking it."""
+    chat = Conversation(client)
+    fake.replies.append(thinking_reply("one"))
+    chat.send("hello")
+    fake.replies.append(Reply(status=529))
+    with pytest.raises(anthropic.APIStatusError):
+        chat.send("second")
+    chat.messages.pop()
+    fake.replies.append(thinking_reply("two"))
+    chat.send("second")
+    recorded = turns(proxy)
+    assert len({sid for sid, _ in recorded}) == 1
+    assert [seq for _, seq in recorded] == [1, 2, 3]
+
+
+def test_new_first_turn_always_starts_a_session(proxy, fake, client):
+    """Two identical one-message requests are two sessions (len(messages) == 1 rule)."""
+    for _ in range(2):
+        Conversation(client).send("same opening")
+    recorded = turns(proxy)
+    assert len({sid for sid, _ in recorded}) == 2
+
+
+def test_identical_first_turns_from_two_clients_stay_apart(proxy, fake):
+    """Concurrent conversations with identical turns but different client session ids stay apart."""
+    def run(client_id: str, results: dict[str, list[str]]) -> None:
+        client = anthropic.Anthropic(
+            base_url=proxy.base("anthropic"), api_key=KEY, max_retries=0,
+            default_headers={"X-Claude-Code-Session-Id": client_id})
+        chat = Conversation(client)
+        for text in ("same opening", "same second", "same third"):
+            chat.send(text)
+        results[client_id] = []
+
+    results: dict[str, list[str]] = {}
+    threads = [threading.Thread(target=run, args=(cid, results)) for cid in ("client-a", "client-b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert set(results) == {"client-a", "client-b"}
+    with proxy.db() as conn:
+        rows = conn.execute(
+            "SELECT s.client_session_id AS cid, e.session_id AS sid, e.seq AS seq FROM exchanges e"
+            " JOIN sessions s ON s.id = e.session_id ORDER BY e.ts").fetchall()
+    by_client: dict[str, set[str]] = {}
+    for row in rows:
+        by_client.setdefault(row["cid"], set()).add(row["sid"])
+    assert {cid: len(sids) for cid, sids in by_client.items()} == {"client-a": 1, "client-b": 1}
+    assert by_client["client-a"] != by_client["client-b"]
+    seqs = sorted(row["seq"] for row in rows if row["cid"] == "client-a")
+    assert seqs == [1, 2, 3]
+
+
+def test_restart_continues_the_same_session(fake, tmp_path):
+    """A proxy restarted on the same log dir continues sessions it recorded before."""
+    log_dir = tmp_path / "logs"
+    first = RunningProxy(fake, log_dir)
+    client = anthropic.Anthropic(base_url=first.base(), api_key=KEY, max_retries=0)
+    chat = Conversation(client)
+    chat.send("before restart")
+    session_id = turns(first)[0][0]
+    first.stop()
+    second = RunningProxy(fake, log_dir)
+    try:
+        chat.client = anthropic.Anthropic(base_url=second.base(), api_key=KEY, max_retries=0)
+        chat.send("after restart")
+        assert turns(second)[-1] == (session_id, 2)
+        kinds = [e["type"] for e in second.entries(f"anthropic/{session_id}.jsonl")]
+        assert kinds == ["session_start", "request", "response", "request", "response"]
+    finally:
+        second.stop()
+
+
+def test_openai_chat_streamed_tool_calls_one_session_and_fork(proxy, fake):
+    """OpenAI chat with streamed tool calls stays one session; a rewind forks it."""
+    client = openai.OpenAI(base_url=proxy.base("openai") + "/v1", api_key="sk-proj-" + "p" * 40,
+                           max_retries=0)
+    messages: list[Any] = [{"role": "system", "content": "be brief"},
+                           {"role": "user", "content": "weather in Paris?"}]
+    fake.replies.append(Reply(blocks=[{"type": "tool_use", "id": "call_1", "name": "weather",
+                                       "input": {"city": "Paris"}}]))
+    with client.chat.completions.stream(model="gpt-5", messages=messages) as stream:
+        completion = stream.get_final_completion()
+    assistant = completion.choices[0].message
+    messages.append(assistant.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": assistant.tool_calls[0].id,
+                     "content": "sunny"})
+    fake.replies.append(Reply(blocks=[{"type": "text", "text": "It is sunny."}]))
+    with client.chat.completions.stream(model="gpt-5", messages=messages) as stream:
+        completion = stream.get_final_completion()
+    messages.append(completion.choices[0].message.model_dump(exclude_none=True))
+    messages.append({"role": "user", "content": "and tomorrow?"})
+    client.chat.completions.create(model="gpt-5", messages=messages, stream=False)
+    recorded = turns(proxy)
+    assert [seq for _, seq in recorded] == [1, 2, 3]
+    assert len({sid for sid, _ in recorded}) == 1
+    # Rewind to after turn 2 (the answer to the tool result), with a new system prompt.
+    rewound = [{"role": "system", "content": "a different system prompt"}, *messages[1:5],
+               {"role": "user", "content": "rather Rome?"}]
+    client.chat.completions.create(model="gpt-5", messages=rewound)
+    assert turns(proxy)[-1] == (f"{recorded[0][0]}_b1", 3)
+
+
+def test_openai_responses_chain_by_previous_response_id(proxy, fake):
+    """A Responses API chain linked by previous_response_id is one session, seq 1..3."""
+    client = openai.OpenAI(base_url=proxy.base("openai") + "/v1", api_key="sk-proj-" + "r" * 40,
+                           max_retries=0)
+    first = client.responses.create(model="gpt-5", input="hello")
+    with client.responses.stream(model="gpt-5", input="again",
+                                 previous_response_id=first.id) as stream:
+        second = stream.get_final_response()
+    client.responses.create(model="gpt-5", input=[{"role": "user", "content": "third"}],
+                            previous_response_id=second.id)
+    recorded = turns(proxy)
+    assert [seq for _, seq in recorded] == [1, 2, 3]
+    assert len({sid for sid, _ in recorded}) == 1
+    client.responses.create(model="gpt-5", input="fork", previous_response_id=first.id)
+    assert turns(proxy)[-1] == (f"{recorded[0][0]}_b1", 2)
+
+
+def test_normalisation_rules():
+    """String content equals one text block; cache_control, thinking, empties and SDK keys don't count."""
+    plain = [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]
+    decorated = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": [{"type": "text", "text": "hi",
+                                      "cache_control": {"type": "ephemeral"}}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "s"},
+            {"type": "text", "text": "yo", "citations": None}]},
+    ]
+    assert fingerprint(conversation(plain)) == fingerprint(conversation(decorated))
+    sdk_tool = {"role": "assistant", "content": "", "refusal": None, "tool_calls": [
+        {"index": 0, "id": "c1", "type": "function",
+         "function": {"name": "f", "arguments": "{}"}}]}
+    wire_tool = {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    assert normalise_message(sdk_tool) == normalise_message(wire_tool)
+    assert system_fingerprint("sys", []) == system_fingerprint(
+        [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}], [])
+    assert fingerprint(conversation(plain)) != fingerprint(
+        conversation([*plain[:1], {"role": "assistant", "content": "other"}]))
+
+
+def claude_turn(proxy: RunningProxy, home: str, cwd: str, *args: str) -> str:
+    result = run_claude(["-p", "--dangerously-skip-permissions", *args],
+                        base_url=proxy.base("anthropic"), home=home, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_claude_code_tool_loop_and_continue_is_one_session(proxy, fake, tmp_path):
+    """claude -p with a tool loop, then --continue: one session, consecutive seq, client id kept."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    out = claude_turn(proxy, str(home), str(work), "RUN_TOOL:echo fake-tool-ran")
+    assert "fake-tool-ran" in out
+    out = claude_turn(proxy, str(home), str(work), "--continue", "second question")
+    assert "second question" in out
+    calls = fake.model_calls()
+    assert len(calls) == 3
+    client_id = calls[0].header("X-Claude-Code-Session-Id")
+    assert client_id
+    with proxy.db() as conn:
+        rows = conn.execute(
+            "SELECT session_id, seq FROM exchanges WHERE path = '/v1/messages' ORDER BY ts"
+        ).fetchall()
+        session = conn.execute("SELECT * FROM sessions").fetchall()
+    assert [(r["session_id"], r["seq"]) for r in rows] == [(rows[0]["session_id"], n)
+                                                          for n in (1, 2, 3)]
+    assert len(session) == 1 and session[0]["client_session_id"] == client_id
+    start = proxy.entries(f"anthropic/{rows[0]['session_id']}.jsonl")[0]
+    assert start["type"] == "session_start" and start["client_session_id"] == client_id
+
+    # A second conversation in another directory is another session.
+    other = tmp_path / "other"
+    other.mkdir()
+    claude_turn(proxy, str(home), str(other), "a new conversation")
+    with proxy.db() as conn:
+        sessions = conn.execute("SELECT id, client_session_id FROM sessions").fetchall()
+    assert len(sessions) == 2
+    assert len({s["client_session_id"] for s in sessions}) == 2
