@@ -9,14 +9,18 @@ import argparse
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
+from contextlib import closing
 from typing import Any
+
+import orjson
 
 from otelproxy import __version__, config
 from otelproxy.errors import ConfigError
 
-COMMANDS = ("serve",)
+COMMANDS = ("serve", "sessions", "show")
 
 _ENV_HELP = """\
 environment (flags win over environment, environment over the TOML file):
@@ -55,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"otelproxy {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{serve}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{serve,sessions,show}",
+                                     parser_class=_Parser)
     serve = commands.add_parser(
         "serve", help="run the proxy (the default command)", description=parser.description,
         epilog=_ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -95,11 +100,57 @@ def build_parser() -> argparse.ArgumentParser:
                        "each span event as its own event)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                        help="the proxy's own log verbosity (default info)")
+    sessions = commands.add_parser(
+        "sessions", help="list recorded sessions, newest first",
+        description="List recorded sessions (reads DIR/sessions.db; works while the proxy runs).")
+    _common(sessions)
+    sessions.add_argument("--provider", choices=config.PROVIDERS, help="only this provider")
+    sessions.add_argument("--since", metavar="T",
+                          help="only sessions active since T: 30m, 2h, 3d or an ISO date/time")
+    sessions.add_argument("--json", action="store_true", help="JSON output")
+    show = commands.add_parser(
+        "show", help="print a session's turns and branch tree",
+        description="Print one session's turns and its branch tree with fork points.")
+    _common(show)
+    show.add_argument("session", metavar="SESSION", help="session id (from `otelproxy sessions`)")
+    show.add_argument("--json", action="store_true", help="JSON output")
     return parser
 
 
+def _browse(args: argparse.Namespace, cfg: config.Config) -> int:
+    from otelproxy import browse, db
+
+    if not cfg.db_path.exists():
+        sys.stderr.write(f"otelproxy: error: no record at {cfg.db_path} (is --log-dir right?)\n")
+        return 2
+    try:
+        conn = db.connect(cfg.db_path, readonly=True)
+    except (db.SchemaMismatch, sqlite3.Error) as exc:
+        sys.stderr.write(f"otelproxy: error: {exc}\n")
+        return 2
+    with closing(conn):
+        if args.command == "sessions":
+            since = browse.parse_since(args.since) if args.since else None
+            rows = browse.list_sessions(conn, args.provider, since)
+            text = orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() if args.json \
+                else browse.format_sessions(rows)
+        else:
+            data = browse.show_session(conn, args.session)
+            if data is None:
+                sys.stderr.write(f"otelproxy: error: no session {args.session!r}\n")
+                return 1
+            text = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args.json \
+                else browse.format_show(data)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+_BROWSE_ONLY = ("provider", "since", "json", "session")
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    return {k: v for k, v in vars(args).items()
+            if k != "command" and k not in _BROWSE_ONLY and v is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     try:
         cfg = config.load(_flags(args), os.environ)
+        if args.command in ("sessions", "show"):
+            return _browse(args, cfg)
     except ConfigError as exc:
         sys.stderr.write(f"otelproxy: error: {exc}\n")
         return 2

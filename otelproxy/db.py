@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS exchanges (
     cache_creation_input_tokens INTEGER,
     ttfb_ms REAL,
     total_ms REAL,
+    user_preview TEXT,
+    assistant_preview TEXT,
     file_path TEXT NOT NULL,
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL

@@ -29,6 +29,7 @@ import orjson
 
 from otelproxy import db
 from otelproxy.pipeline import Worker
+from otelproxy.preview import assistant_preview, user_preview
 from otelproxy.record import SCHEMA_VERSION, Outcome, Record
 
 log = logging.getLogger("otelproxy.store")
@@ -193,7 +194,8 @@ class LocalStore(Worker):
     def write(self, record: Record) -> None:
         exchange = record.exchange
         if exchange.outcome is Outcome.REJECTED:
-            self._append(f"rejected-{_day(exchange.started_wall)}.jsonl", [rejected_entry(record)])
+            name = f"rejected-{_day(exchange.started_wall)}.jsonl"
+            self._append(name, [_dumps(rejected_entry(record))])
             return
         session = record.session
         lines: list[bytes] = []
@@ -264,8 +266,9 @@ class LocalStore(Worker):
         self._db.execute(
             "INSERT OR REPLACE INTO exchanges (id, session_id, seq, ts, provider, upstream, method,"
             " path, status, outcome, model, stop_reason, input_tokens, output_tokens,"
-            " cache_read_input_tokens, cache_creation_input_tokens, ttfb_ms, total_ms, file_path,"
-            " offset, length) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " cache_read_input_tokens, cache_creation_input_tokens, ttfb_ms, total_ms,"
+            " user_preview, assistant_preview, file_path, offset, length)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 exchange.id, session.id if session else None, session.seq if session else None,
                 iso(exchange.started_wall), exchange.provider, exchange.upstream_url,
@@ -274,7 +277,10 @@ class LocalStore(Worker):
                 parsed.finish_reasons[0] if parsed.finish_reasons else None,
                 usage.input_tokens, usage.output_tokens, usage.cache_read_input_tokens,
                 usage.cache_creation_input_tokens, exchange.ms_since_start(first_ns),
-                exchange.ms_since_start(exchange.finished_ns), relative, offset, length,
+                exchange.ms_since_start(exchange.finished_ns),
+                user_preview(parsed.messages) if session else None,
+                assistant_preview(parsed.output_message) if session else None,
+                relative, offset, length,
             ),
         )
 

@@ -191,7 +191,8 @@ def test_identical_first_turns_from_two_clients_stay_apart(proxy, fake):
         results[client_id] = []
 
     results: dict[str, list[str]] = {}
-    threads = [threading.Thread(target=run, args=(cid, results)) for cid in ("client-a", "client-b")]
+    threads = [threading.Thread(target=run, args=(cid, results))
+               for cid in ("client-a", "client-b")]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -278,7 +279,7 @@ def test_openai_responses_chain_by_previous_response_id(proxy, fake):
 
 
 def test_normalisation_rules():
-    """String content equals one text block; cache_control, thinking, empties and SDK keys don't count."""
+    """A string equals one text block; cache_control, thinking, empties, SDK keys don't count."""
     plain = [{"role": "user", "content": "hi"},
              {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]
     decorated = [

@@ -1,0 +1,178 @@
+"""``otelproxy sessions`` and ``otelproxy show``: read the SQLite index (never the JSONL files).
+
+Both open the DB read-only, so they work while the proxy runs.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from otelproxy.errors import ConfigError
+
+_RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str, now: datetime | None = None) -> str:
+    """``2h``/``3d``/``30m`` ago, or an ISO date/time → the ISO UTC timestamp to compare with."""
+    now = now or datetime.now(UTC)
+    match = _RELATIVE.match(text.strip())
+    if match:
+        moment = now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    else:
+        try:
+            moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(
+                f"--since: expected e.g. 2h, 3d or 2026-01-13T10:00, got {text!r}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def list_sessions(
+    conn: sqlite3.Connection, provider: str | None = None, since: str | None = None
+) -> list[dict[str, Any]]:
+    """Sessions newest first: id, provider, model, turns, forks, activity, tokens."""
+    where, args = [], []
+    if provider:
+        where.append("provider = ?")
+        args.append(provider)
+    if since:
+        where.append("last_activity >= ?")
+        args.append(since)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    rows = conn.execute(
+        "SELECT id, provider, model, last_seq AS turns, branch_count AS forks, parent_id,"
+        " fork_from_seq, client_session_id, created_at AS first_activity,"
+        " last_activity, input_tokens, output_tokens, cache_read_input_tokens,"
+        f" cache_creation_input_tokens, file_path FROM sessions {clause}"
+        " ORDER BY last_activity DESC", args,
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def _lineage(conn: sqlite3.Connection, session_id: str) -> list[tuple[str, int | None]]:
+    """``[(session, last inherited seq or None)]`` from the session up to its root."""
+    chain: list[tuple[str, int | None]] = [(session_id, None)]
+    current = session_id
+    while True:
+        row = conn.execute("SELECT parent_id, fork_from_seq FROM sessions WHERE id = ?",
+                           (current,)).fetchone()
+        if row is None or row["parent_id"] is None:
+            return chain
+        current = row["parent_id"]
+        chain.append((current, row["fork_from_seq"]))
+
+
+def _turn_rows(conn: sqlite3.Connection, session_id: str) -> list[dict[str, Any]]:
+    """The session's turns including those inherited from its ancestors up to each fork point."""
+    turns: dict[int, dict[str, Any]] = {}
+    limit: int | None = None
+    for sid, fork_point in _lineage(conn, session_id):
+        if fork_point is not None:
+            limit = fork_point if limit is None else min(limit, fork_point)
+        rows = conn.execute(
+            "SELECT session_id, seq, ts, model, stop_reason, status, outcome, input_tokens,"
+            " output_tokens, ttfb_ms, total_ms, user_preview, assistant_preview"
+            " FROM exchanges WHERE session_id = ? ORDER BY seq", (sid,),
+        ).fetchall()
+        for row in rows:
+            if (limit is None or row["seq"] <= limit) and row["seq"] not in turns:
+                turns[row["seq"]] = dict(row)
+    return [turns[seq] for seq in sorted(turns)]
+
+
+def _tree(conn: sqlite3.Connection, root: str) -> dict[str, Any]:
+    row = conn.execute("SELECT id, fork_from_seq, last_seq FROM sessions WHERE id = ?",
+                       (root,)).fetchone()
+    children = conn.execute("SELECT id FROM sessions WHERE parent_id = ? ORDER BY created_at",
+                            (root,)).fetchall()
+    return {
+        "id": root,
+        "fork_from_seq": row["fork_from_seq"] if row else None,
+        "turns": row["last_seq"] if row else None,
+        "branches": [_tree(conn, child["id"]) for child in children],
+    }
+
+
+def show_session(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    if row is None:
+        return None
+    root = _lineage(conn, session_id)[-1][0]
+    related = []
+    if row["client_session_id"]:
+        related = [r["id"] for r in conn.execute(
+            "SELECT id FROM sessions WHERE client_session_id = ? AND id <> ? AND parent_id IS NULL"
+            " ORDER BY created_at", (row["client_session_id"], root)).fetchall()]
+    return {
+        "session": dict(row),
+        "turns": _turn_rows(conn, session_id),
+        "tree": _tree(conn, root),
+        "same_client_sessions": related,
+    }
+
+
+def _short_time(iso: str | None) -> str:
+    return (iso or "")[:19].replace("T", " ")
+
+
+def format_sessions(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no sessions recorded yet"
+    header = f"{'SESSION':<28} {'PROVIDER':<9} {'MODEL':<28} {'TURNS':>5} {'FORKS':>5} " \
+             f"{'FIRST':<19} {'LAST':<19} {'IN':>9} {'OUT':>8}"
+    lines = [header]
+    for row in rows:
+        lines.append(
+            f"{row['id']:<28} {row['provider']:<9} {(row['model'] or '-')[:28]:<28} "
+            f"{row['turns']:>5} {row['forks']:>5} {_short_time(row['first_activity']):<19} "
+            f"{_short_time(row['last_activity']):<19} {row['input_tokens']:>9} "
+            f"{row['output_tokens']:>8}"
+        )
+    return "\n".join(lines)
+
+
+def _format_tree(node: dict[str, Any], current: str, depth: int = 0) -> list[str]:
+    marker = " *" if node["id"] == current else ""
+    fork = f" (forked at seq {node['fork_from_seq']})" if node["fork_from_seq"] else ""
+    lines = [f"{'  ' * depth}{'└─ ' if depth else ''}{node['id']}{fork}, "
+             f"{node['turns']} turn(s){marker}"]
+    for child in node["branches"]:
+        lines.extend(_format_tree(child, current, depth + 1))
+    return lines
+
+
+def format_show(data: dict[str, Any]) -> str:
+    session = data["session"]
+    lines = [
+        f"session {session['id']}  provider {session['provider']}  "
+        f"upstream {session['upstream']}",
+        f"model {session['model'] or '-'}  client session {session['client_session_id'] or '-'}",
+        f"tokens in {session['input_tokens']} out {session['output_tokens']} cache read "
+        f"{session['cache_read_input_tokens']} cache write "
+        f"{session['cache_creation_input_tokens']}",
+        f"file {session['file_path']}",
+        "",
+        f"{'SEQ':>4} {'TIME':<19} {'MODEL':<24} {'STOP':<12} {'IN':>7} {'OUT':>6} {'TTFB':>8}",
+    ]
+    for turn in data["turns"]:
+        ttfb = f"{turn['ttfb_ms']:.0f}ms" if turn["ttfb_ms"] is not None else "-"
+        inherited = "" if turn["session_id"] == session["id"] else f"  (from {turn['session_id']})"
+        stop = turn["stop_reason"] or (turn["outcome"] if turn["outcome"] != "complete" else "-")
+        lines.append(
+            f"{turn['seq']:>4} {_short_time(turn['ts']):<19} {(turn['model'] or '-')[:24]:<24} "
+            f"{stop[:12]:<12} {turn['input_tokens'] or 0:>7} {turn['output_tokens'] or 0:>6} "
+            f"{ttfb:>8}{inherited}"
+        )
+        lines.append(f"     user: {turn['user_preview'] or ''}")
+        lines.append(f"     assistant: {turn['assistant_preview'] or ''}")
+    lines += ["", "branches:", *_format_tree(data["tree"], session["id"])]
+    if data["same_client_sessions"]:
+        lines += ["", "same client session (e.g. subagents):",
+                  *[f"  {sid}" for sid in data["same_client_sessions"]]]
+    return "\n".join(lines)
