@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from otelproxy import __version__
 from otelproxy.config import Config
@@ -117,10 +118,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     try:
         return await _forward(request, state, exchange)
     finally:
-        stats.in_flight -= 1
         if exchange.finished_ns is None:
             exchange.finished_ns = time.monotonic_ns()
         state.pipeline.submit(exchange)
+        stats.in_flight -= 1  # after submit: in_flight == 0 means every exchange is queued
 
 
 def _too_large(config: Config) -> str:
@@ -181,7 +182,7 @@ async def _forward(
             (k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
             for k, v in upstream.raw_headers
         ]
-        response = web.StreamResponse(
+        response = RelayedResponse(
             status=upstream.status, reason=upstream.reason,
             headers=response_headers(exchange.response_headers),
         )
@@ -193,7 +194,7 @@ async def _forward(
             while True:
                 try:
                     data = await reader.readany()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     stats.upstream_aborts += 1
                     exchange.outcome = Outcome.UPSTREAM_ABORTED
                     exchange.error = f"upstream stream broke: {type(exc).__name__}"
@@ -216,6 +217,26 @@ async def _forward(
             raise
     exchange.finished_ns = time.monotonic_ns()
     return response
+
+
+class RelayedResponse(web.StreamResponse):
+    """A response relayed from the upstream: it carries only the headers the upstream sent."""
+
+    def __init__(self, *, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        super().__init__(status=status, reason=reason, headers=headers)
+        self.upstream_names = frozenset(name.lower() for name in headers)
+
+
+# Headers aiohttp fills in when a response lacks them (``StreamResponse._prepare_headers``).
+_AIOHTTP_DEFAULTS = ("Date", "Server", "Content-Type")
+
+
+async def _drop_added_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: take back the defaults aiohttp added to a relayed response."""
+    if isinstance(response, RelayedResponse):
+        for name in _AIOHTTP_DEFAULTS:
+            if name.lower() not in response.upstream_names:
+                response.headers.popall(name, None)
 
 
 def _client_gone(state: ProxyState, exchange: Exchange, why: str) -> None:
@@ -249,6 +270,7 @@ def _upstream_failed(exchange: Exchange, exc: UpstreamError) -> web.Response:
 def build_app(state: ProxyState) -> web.Application:
     app = web.Application(client_max_size=state.config.max_request_bytes + 1)
     app[STATE] = state
+    app.on_response_prepare.append(_drop_added_headers)
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from otelproxy import config as config_module
 from otelproxy.server import Server
 from tests.fake_upstream import FakeUpstream, LoopThread
+from tests.raw_upstream import RawUpstream
 
 
 class RunningProxy:
@@ -41,6 +43,12 @@ class RunningProxy:
         return f"{self.url}/{provider}/{self.fake.host_port}"
 
     def flush(self) -> None:
+        """Wait for handlers still finishing (the client may have its last byte before the
+        handler hands the exchange over), then for the pipeline and every sink."""
+        deadline = time.monotonic() + 10
+        while self.server.state.stats.in_flight and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert self.server.state.stats.in_flight == 0, "requests still in flight after 10 s"
         assert self.server.pipeline.flush(10), "record did not flush in 10 s"
 
     def entries(self, pattern: str = "*/*.jsonl") -> list[dict[str, Any]]:
@@ -71,6 +79,44 @@ def fake() -> Iterator[FakeUpstream]:
 @pytest.fixture
 def proxy(fake: FakeUpstream, tmp_path: Path) -> Iterator[RunningProxy]:
     running = RunningProxy(fake, tmp_path / "logs")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
+    """Start extra proxies with their own settings: ``make_proxy(upstream, **settings)``.
+
+    ``upstream`` is anything with ``url`` and ``host_port`` (a ``FakeUpstream``, a
+    ``RawUpstream``, or ``closed_port_origin()``); it is added to the allowlist.
+    """
+    started: list[RunningProxy] = []
+
+    def start(upstream: Any, **settings: Any) -> RunningProxy:
+        log_dir = tmp_path / f"logs-{len(started)}"
+        running = RunningProxy(upstream, log_dir, **settings)
+        started.append(running)
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.stop()
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[RawUpstream]:
+    with RawUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def raw_proxy(raw_upstream: RawUpstream, tmp_path: Path) -> Iterator[RunningProxy]:
+    """A proxy whose allowlist holds the byte-level ``raw_upstream``."""
+    running = RunningProxy(raw_upstream, tmp_path / "raw-logs")  # type: ignore[arg-type]
     try:
         yield running
     finally:
