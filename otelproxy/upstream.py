@@ -8,7 +8,6 @@ translated into ``otelproxy.errors`` here.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import aiohttp
@@ -46,6 +45,18 @@ def request_headers(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
 
 def response_headers(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
     return end_to_end(headers, HOP_BY_HOP)
+
+
+def _spell_repeats_alike(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """Spell every repeat of a header name like its first occurrence (``X-A``, ``x-a`` → ``X-A``).
+
+    aiohttp's ``ClientSession._prepare_headers`` keeps a repeated header only when the names match
+    case-sensitively; a repeat spelled differently would silently replace the earlier value.
+    """
+    first: dict[str, str] = {}
+    return CIMultiDict(
+        (first.setdefault(name.lower(), name), value) for name, value in headers.items()
+    )
 
 
 class Upstream:
@@ -86,13 +97,13 @@ class Upstream:
             return await self._session.request(
                 method,
                 URL(url, encoded=True),
-                headers=headers,
+                headers=_spell_repeats_alike(headers),
                 data=body if body or method not in ("GET", "HEAD") else None,
                 allow_redirects=False,
                 compress=None,
                 chunked=None,
             )
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout("upstream did not answer in time") from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(
