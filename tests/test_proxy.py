@@ -41,7 +41,8 @@ def openai_client(proxy: RunningProxy) -> openai.OpenAI:
 
 
 def responses(proxy: RunningProxy) -> list[dict[str, Any]]:
-    return [e for e in proxy.entries() if e["type"] == "response"]
+    """Every response entry in the record, oldest first."""
+    return sorted((e for e in proxy.entries() if e["type"] == "response"), key=lambda e: e["ts"])
 
 
 def run_async(coro: Any) -> Any:

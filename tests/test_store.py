@@ -1,0 +1,273 @@
+"""The local record: file layout, request/response entries, the exchanges index, counting."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import httpx2
+import openai
+import orjson
+import pytest
+
+from tests.conftest import RunningProxy
+from tests.fake_upstream import FakeUpstream, Reply
+from tests.raw_upstream import closed_port
+
+USER = [{"role": "user", "content": "hello"}]
+WORDS = "alpha beta gamma delta epsilon zeta"
+
+
+def parse_ts(ts: str) -> datetime:
+    assert ts.endswith("Z"), ts
+    parsed = datetime.fromisoformat(ts[:-1] + "+00:00")
+    assert parsed.utcoffset() is not None
+    return parsed
+
+
+def day(entry: dict[str, Any]) -> str:
+    return str(entry["ts"][:10].replace("-", ""))
+
+
+def by_type(proxy: RunningProxy, kind: str, pattern: str = "*/*.jsonl") -> list[dict[str, Any]]:
+    return sorted((e for e in proxy.entries(pattern) if e["type"] == kind), key=lambda e: e["ts"])
+
+
+def anthropic_client(proxy: RunningProxy, **options: Any) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0,
+                               **options)
+
+
+def test_layout_sessions_db_session_files_and_daily_untracked_files(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """Conversation turns go to {provider}/{session}.jsonl; count_tokens, models and HEAD to
+    {provider}/untracked-YYYYMMDD.jsonl; the index is sessions.db."""
+    client = anthropic_client(proxy)
+    client.messages.create(model="m", max_tokens=5, messages=USER)
+    client.messages.count_tokens(model="m", messages=USER)
+    client.models.list()
+    httpx2.head(proxy.base() + "/api/hello")
+    oclient = openai.OpenAI(base_url=proxy.base("openai") + "/v1", api_key="sk-x", max_retries=0)
+    oclient.chat.completions.create(model="g", messages=USER)  # type: ignore[arg-type]
+    oclient.models.list()
+
+    proxy.flush()
+    log_dir = proxy.log_dir
+    assert (log_dir / "sessions.db").is_file()
+    requests = by_type(proxy, "request")
+    assert len(requests) == 6
+    files: dict[str, list[tuple[str, str]]] = {}
+    for path in sorted(log_dir.glob("*/*.jsonl")):
+        entries = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        files[str(path.relative_to(log_dir))] = [
+            (e["method"], e["path"]) for e in entries if e["type"] == "request"
+        ]
+        if path.stem.startswith("untracked-"):
+            assert all(path.stem == f"untracked-{day(e)}" for e in entries)
+    today = day(requests[0])
+    assert files.pop(f"anthropic/untracked-{today}.jsonl") == [
+        ("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"), ("HEAD", "/api/hello")]
+    assert files.pop(f"openai/untracked-{today}.jsonl") == [("GET", "/v1/models")]
+    sessions = sorted(files.items())
+    assert [(name.split("/")[0], calls) for name, calls in sessions] == [
+        ("anthropic", [("POST", "/v1/messages")]),
+        ("openai", [("POST", "/v1/chat/completions")]),
+    ]
+    for name, _ in sessions:
+        [first] = [e for e in proxy.entries(name) if e["type"] == "request"]
+        assert name == f"{name.split('/')[0]}/{first['session_id']}.jsonl"
+    assert [p.name for p in log_dir.iterdir() if p.suffix == ".jsonl"] == []  # nothing rejected
+
+
+def test_request_entry_has_the_documented_fields(proxy: RunningProxy, fake: FakeUpstream) -> None:
+    """request: ts (ISO 8601 UTC), seq, method, path, query, headers, body (the exact text
+    sent) and size."""
+    body = orjson.dumps({"model": "m", "max_tokens": 5, "messages": USER, "stream": True})
+    answer = httpx2.post(proxy.base() + "/v1/messages?beta=true", content=body,
+                         headers={"content-type": "application/json", "x-app": "cli"})
+    assert answer.status_code == 200
+    [request] = by_type(proxy, "request")
+    parse_ts(request["ts"])
+    assert isinstance(request["seq"], int) and request["seq"] >= 1
+    assert request["method"] == "POST" and request["path"] == "/v1/messages"
+    assert request["query"] == "beta=true"
+    assert request["headers"]["x-app"] == "cli"
+    assert request["headers"]["content-type"] == "application/json"
+    assert request["body"] == body.decode() and request["size"] == len(body)
+    assert request["upstream"] == fake.url
+
+
+def test_stream_response_entry_has_chunks_timing_and_outcome(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """response of a stream: status, headers, chunks [{ts, delta_ms, raw}] whose raws are the
+    bytes the client got, size, timing {ttfb_ms, total_ms}, tokens_per_second, outcome and
+    proxy.overhead_ms."""
+    fake.replies.append(Reply(blocks=[{"type": "text", "text": WORDS}], event_delay=0.02,
+                              usage={"input_tokens": 10, "output_tokens": 12}))
+
+    async def fetch() -> bytes:
+        async with aiohttp.ClientSession() as session, session.post(
+            proxy.base() + "/v1/messages",
+            json={"model": "m", "max_tokens": 5, "messages": USER, "stream": True},
+        ) as answer:
+            return await answer.read()
+
+    wire = asyncio.run(fetch())
+    [request] = by_type(proxy, "request")
+    [response] = by_type(proxy, "response")
+    assert response["status"] == 200 and response["seq"] == request["seq"]
+    assert response["headers"]["content-type"].startswith("text/event-stream")
+    chunks = response["chunks"]
+    assert "".join(c["raw"] for c in chunks).encode() == wire
+    assert all(c["raw"].endswith("\n\n") for c in chunks)
+    assert [c["raw"].split("\n")[0] for c in chunks][:2] == ["event: message_start",
+                                                             "event: ping"]
+    previous = parse_ts(request["ts"])
+    for chunk in chunks:
+        assert chunk["delta_ms"] >= 0
+        stamp = parse_ts(chunk["ts"])
+        assert stamp >= previous
+        previous = stamp
+    assert response["size"] == len(wire)
+    timing = response["timing"]
+    assert 0 <= timing["ttfb_ms"] <= timing["total_ms"]
+    assert timing["total_ms"] >= sum(c["delta_ms"] for c in chunks) - 1
+    assert timing["total_ms"] >= 0.02 * (len(chunks) - 1) * 1000 * 0.8
+    assert response["tokens_per_second"] > 0
+    assert response["usage"]["output_tokens"] == 12
+    assert response["outcome"] == "complete"
+    assert response["proxy"]["overhead_ms"] >= 0
+    parse_ts(response["ts"])
+
+
+def test_whole_response_entry_has_the_body_the_client_got(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """response of a non-streamed call: body is the exact JSON text the client received."""
+    answer = httpx2.post(proxy.base() + "/v1/messages",
+                         json={"model": "m", "max_tokens": 5, "messages": USER})
+    [response] = by_type(proxy, "response")
+    assert response["body"] == answer.text and "chunks" not in response
+    assert response["size"] == len(answer.content)
+    assert response["timing"]["ttfb_ms"] <= response["timing"]["total_ms"]
+    assert response["tokens_per_second"] > 0 and response["stop_reason"] == "end_turn"
+
+
+def test_exchange_rows_point_at_their_request_entries(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """Every exchanges row's file + offset + length is exactly its request line."""
+    client = anthropic_client(proxy)
+    for text in ("one", "two"):
+        client.messages.create(model="m", max_tokens=5, messages=[{"role": "user",
+                                                                   "content": text}])
+    client.models.list()
+    client.messages.count_tokens(model="m", messages=USER)
+    oclient = openai.OpenAI(base_url=proxy.base("openai") + "/v1", api_key="sk-x", max_retries=0)
+    oclient.chat.completions.create(model="g", messages=USER, stream=True)  # type: ignore
+    with proxy.db() as db:
+        rows = db.execute("SELECT * FROM exchanges").fetchall()
+    assert len(rows) == 5
+    for row in rows:
+        data = (proxy.log_dir / row["file_path"]).read_bytes()
+        line = data[row["offset"]: row["offset"] + row["length"]]
+        assert line.endswith(b"\n") and (row["offset"] == 0 or data[row["offset"] - 1] == 10)
+        entry = orjson.loads(line)
+        assert entry["type"] == "request" and entry["exchange_id"] == row["id"]
+        assert (entry["session_id"], entry["seq"]) == (row["session_id"], row["seq"])
+        assert (entry["method"], entry["path"]) == (row["method"], row["path"])
+        assert row["outcome"] == "complete" and row["status"] == 200
+
+
+def test_every_forwarded_request_has_one_request_entry_aborted_ones_too(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """Complete, upstream 500, upstream reset and client abort each leave exactly one request
+    entry (and one exchanges row); refused requests go to rejected-YYYYMMDD.jsonl instead and
+    are not counted as forwarded."""
+    client = anthropic_client(proxy)
+    client.messages.create(model="m", max_tokens=5, messages=USER)
+    fake.replies.append(Reply(status=500))
+    with pytest.raises(anthropic.InternalServerError):
+        client.messages.create(model="m", max_tokens=5, messages=USER)
+    fake.replies.append(Reply(blocks=[{"type": "text", "text": WORDS}], drop_after_events=3))
+    broken = (httpx2.RemoteProtocolError, anthropic.APIConnectionError)
+    with pytest.raises(broken), client.messages.stream(
+        model="m", max_tokens=5, messages=USER
+    ) as stream:
+        stream.get_final_message()
+    fake.replies.append(Reply(first_byte_delay=1.0))
+    with pytest.raises(anthropic.APITimeoutError):
+        anthropic_client(proxy, timeout=0.3).messages.create(model="m", max_tokens=5,
+                                                             messages=USER)
+    client.models.list()
+    # refused: unknown provider, host not allowed, too large
+    assert httpx2.post(f"{proxy.url}/mistral/x/v1/chat", json={}).status_code == 404
+    assert httpx2.post(f"{proxy.url}/anthropic/evil.example/v1/messages",
+                       json={}).status_code == 403
+    too_large = httpx2.post(proxy.base() + "/v1/messages",
+                            content=b"x" * (32 * 1024 * 1024 + 1))
+    assert too_large.status_code == 413
+
+    requests = by_type(proxy, "request")
+    responses = by_type(proxy, "response")
+    assert len(requests) == len(responses) == len(fake.received) == 5
+    assert sorted(r["outcome"] for r in responses) == sorted(
+        ["complete", "complete", "complete", "upstream_aborted", "client_aborted"])
+    assert sorted(r["status"] or 0 for r in responses) == [0, 200, 200, 200, 500]
+    with proxy.db() as db:
+        assert db.execute("SELECT count(*) FROM exchanges").fetchone()[0] == 5
+    rejected = proxy.entries("rejected-*.jsonl")
+    assert [r["status"] for r in rejected] == [404, 403, 413]
+    assert all(r["type"] == "rejected" and r["error"] for r in rejected)
+    assert [p.name for p in proxy.log_dir.glob("rejected-*.jsonl")] == [
+        f"rejected-{day(rejected[0])}.jsonl"]
+    health = httpx2.get(proxy.url + "/healthz").json()
+    assert health["exchanges"] == 5 and health["rejected"] == 3
+
+
+def test_upstream_error_is_recorded_like_any_exchange(make_proxy: Any) -> None:
+    """A 502 for an unreachable upstream still leaves a request entry, a response entry with
+    outcome upstream_error, and an exchanges row."""
+    running = make_proxy(closed_port())
+    with pytest.raises(anthropic.InternalServerError):
+        anthropic_client(running).messages.create(model="m", max_tokens=5, messages=USER)
+    [request] = by_type(running, "request")
+    [response] = by_type(running, "response")
+    assert response["exchange_id"] == request["exchange_id"]
+    assert response["outcome"] == "upstream_error" and response["status"] == 502
+    with running.db() as db:
+        [row] = db.execute("SELECT outcome, status FROM exchanges").fetchall()
+    assert tuple(row) == ("upstream_error", 502)
+
+
+def test_an_unwritable_record_is_reported_but_forwarding_goes_on(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """When the JSONL file cannot be written, the client still gets its answer and /healthz
+    says degraded with the sink error counted."""
+    (proxy.log_dir / "anthropic").write_text("a file where the provider directory should be")
+    client = anthropic_client(proxy)
+    assert client.messages.create(model="m", max_tokens=5, messages=USER).content[0].text == (
+        "Echo: hello")
+    proxy.flush()
+    health = httpx2.get(proxy.url + "/healthz").json()
+    assert health["status"] == "degraded" and health["sink_errors"] >= 1
+    assert client.messages.create(model="m", max_tokens=5, messages=USER).content
+    assert len(fake.model_calls()) == 2
+
+
+def test_sessions_db_is_sqlite_with_the_exchanges_table(proxy: RunningProxy) -> None:
+    """sessions.db is created at start-up under the log dir and is a readable SQLite index."""
+    path: Path = proxy.log_dir / "sessions.db"
+    assert path.is_file()
+    with sqlite3.connect(path) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert {"exchanges", "sessions"} <= tables
