@@ -6,7 +6,8 @@ A secret appears in the record as its public prefix + ``...`` + its last 4 chara
 - the headers in ``SECRET_HEADERS`` are always obfuscated, whatever their value looks like;
   ``Authorization``/``Proxy-Authorization`` keep their scheme word (``Bearer sk-ant-...WXYZ``);
 - any other header value, the query string and bodies are scanned for known key shapes
-  (``sk-ant-…``, ``sk-ant-oat01-…``, ``sk-proj-…``, ``sk-…``) and each match is obfuscated;
+  (``sk-ant-…``, ``sk-ant-oat01-…``, ``sk-proj-…``, ``sk-…``, not glued to a preceding letter
+  or digit, so ``task-…`` or ``disk-…`` stay readable) and each match is obfuscated;
 - values shorter than 16 characters lose their last 4 too (``...``): showing 4 of 8 characters
   would give half the secret away.
 """
@@ -21,7 +22,8 @@ SECRET_HEADERS = frozenset(
      "api-key", "x-goog-api-key", "openai-api-key", "x-seq-apikey"}
 )
 _KNOWN_PREFIXES = ("sk-ant-", "sk-proj-", "sk-")
-_KEY_PATTERN = r"sk-(?:ant-|proj-)?[A-Za-z0-9_\-]{16,}"
+# Not preceded by a letter or digit: "task-…", "disk-usage-…" and "risk-…" are words, not keys.
+_KEY_PATTERN = r"(?<![A-Za-z0-9])sk-(?:ant-|proj-)?[A-Za-z0-9_\-]{16,}"
 _KEY_TEXT = re.compile(_KEY_PATTERN)
 _KEY_BYTES = re.compile(_KEY_PATTERN.encode())
 _MIN_SHOWN = 16
