@@ -77,7 +77,11 @@ class Server:
 async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT, then drain streams in flight, flush the record and return 0."""
     server = Server(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:  # e.g. the port is taken: close what start() opened, then report
+        await server.stop()
+        raise
     log.info("otelproxy listening on http://%s:%d, recording to %s", config.host, server.port,
              config.log_dir)
     stop = asyncio.Event()
