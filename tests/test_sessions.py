@@ -11,7 +11,14 @@ import pytest
 
 from otelproxy.sessions import conversation, fingerprint, normalise_message, system_fingerprint
 from tests.conftest import RunningProxy
-from tests.fake_upstream import FakeUpstream, Reply, run_claude
+from tests.fake_upstream import (
+    FakeUpstream,
+    ReceivedRequest,
+    Reply,
+    _last_user_turn,
+    default_responder,
+    run_claude,
+)
 
 MODEL = "claude-test-1"
 KEY = "sk-ant-api03-" + "k" * 40 + "ABCD"
@@ -342,3 +349,45 @@ def test_claude_code_tool_loop_and_continue_is_one_session(proxy, fake, tmp_path
         sessions = conn.execute("SELECT id, client_session_id FROM sessions").fetchall()
     assert len(sessions) == 2
     assert len({s["client_session_id"] for s in sessions}) == 2
+
+
+def agent_responder(request: ReceivedRequest) -> Reply:
+    """RUN_AGENT:<task> → Claude Code's Agent (Task) tool; its result → a closing text."""
+    texts, tool_result = _last_user_turn(request)
+    if tool_result is not None:
+        return Reply(blocks=[{"type": "text", "text": f"Agent said: {tool_result[:100]}"}])
+    for text in texts:
+        if "RUN_AGENT:" in text:
+            task = text.split("RUN_AGENT:", 1)[1].strip()
+            return Reply(blocks=[{"type": "tool_use", "id": "toolu_agent_1", "name": "Agent",
+                                  "input": {"description": "Echo a task", "prompt": task,
+                                            "subagent_type": "general-purpose"}}])
+    return default_responder(request)
+
+
+def test_claude_code_subagent_is_its_own_session_linked_by_client_id(proxy, fake, tmp_path):
+    """A Task/Agent subagent gets its own session; it shares the main one's client session id."""
+    fake.responder = agent_responder
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    out = claude_turn(proxy, str(home), str(work), "RUN_AGENT: say subagent-was-here")
+    assert "Agent said" in out
+    client_id = fake.model_calls()[0].header("X-Claude-Code-Session-Id")
+    with proxy.db() as conn:
+        sessions = conn.execute(
+            "SELECT id, client_session_id, last_seq FROM sessions ORDER BY created_at").fetchall()
+    assert len(sessions) >= 2
+    assert {s["client_session_id"] for s in sessions} == {client_id}
+    main = sessions[0]
+    assert main["last_seq"] == 2  # Agent tool_use, then the answer to its result
+    sub_previews = [turn["user_preview"] for s in sessions[1:] for turn in
+                    show_session_turns(proxy, s["id"])]
+    assert any("subagent-was-here" in (p or "") for p in sub_previews)
+
+
+def show_session_turns(proxy: RunningProxy, session_id: str) -> list[dict[str, Any]]:
+    with proxy.db() as conn:
+        return [dict(r) for r in conn.execute(
+            "SELECT seq, user_preview FROM exchanges WHERE session_id = ? ORDER BY seq",
+            (session_id,)).fetchall()]
