@@ -57,6 +57,8 @@ class Server:
         self._runner = web.AppRunner(
             self.app, handler_cancellation=True, access_log=None,
             shutdown_timeout=config.grace_period,
+            # A request body with Content-Encoding is forwarded as the client compressed it.
+            auto_decompress=False,
         )
         self.port = config.port
 

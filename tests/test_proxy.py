@@ -596,3 +596,60 @@ def test_gzip_corrupt_body_is_relayed_and_recorded_raw(
     [response] = responses(raw_proxy)
     assert response["decode_error"].startswith("gzip") and response["size"] == len(bogus)
     assert base64.b64decode(response["body"]) == bogus
+
+
+def test_compressed_request_body_is_forwarded_compressed(
+    raw_proxy: RunningProxy, raw_upstream: RawUpstream
+) -> None:
+    """A request body sent with Content-Encoding: gzip reaches the upstream as the same
+    compressed bytes, with the header (the proxy does not inflate it)."""
+    body = zlib.compress(b'{"model": "m", "messages": []}', wbits=31)
+    request = (
+        f"POST /anthropic/{raw_upstream.host_port}/v1/messages HTTP/1.1\r\nHost: p\r\n"
+        f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    assert parse_response(roundtrip(raw_proxy.server.port, request)).status == 200
+    [got] = raw_upstream.requests
+    assert got.body == body and got.values("content-encoding") == ["gzip"]
+
+
+@pytest.mark.parametrize(
+    ("status_line", "extra"),
+    [("204 No Content", "X-A: 1\r\n"), ("304 Not Modified", 'ETag: "v1"\r\n')],
+    ids=["204", "304"],
+)
+def test_bodiless_statuses_are_relayed(
+    raw_proxy: RunningProxy, raw_upstream: RawUpstream, status_line: str, extra: str
+) -> None:
+    """204 and 304 come back with their headers and no body."""
+    raw_upstream.respond(f"HTTP/1.1 {status_line}\r\n{extra}\r\n".encode())
+    request = (f"GET /openai/{raw_upstream.host_port}/v1/x HTTP/1.1\r\nHost: p\r\n"
+               "Connection: close\r\n\r\n").encode()
+    answer = parse_response(roundtrip(raw_proxy.server.port, request))
+    assert answer.status_line == f"HTTP/1.1 {status_line}" and answer.body == b""
+    name, _, value = extra.strip().partition(": ")
+    assert answer.values(name) == [value]
+
+
+def test_silent_upstream_beyond_the_read_timeout_gives_504(
+    make_proxy: Any, fake: FakeUpstream
+) -> None:
+    """No response head within --upstream-read-timeout → 504 in the provider's shape and an
+    upstream_error record; a stream that stalls that long is cut as upstream_aborted."""
+    running = make_proxy(fake, upstream_read_timeout=0.3)
+    fake.replies.append(Reply(first_byte_delay=1.0))
+    client = anthropic_client(running)
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        client.messages.create(model="m", max_tokens=5, messages=USER)
+    assert raised.value.status_code == 504
+    assert raised.value.body["error"]["type"] == "timeout_error"  # type: ignore[index]
+    fake.replies.append(Reply(blocks=[{"type": "text", "text": "a b"}], event_delay=0.6))
+    broken = (httpx2.RemoteProtocolError, anthropic.APIConnectionError)
+    with pytest.raises(broken), client.messages.stream(
+        model="m", max_tokens=5, messages=USER
+    ) as stream:
+        stream.get_final_message()
+    timed_out, stalled = responses(running)
+    assert (timed_out["status"], timed_out["outcome"]) == (504, "upstream_error")
+    assert (stalled["status"], stalled["outcome"]) == (200, "upstream_aborted")
+    assert len(stalled["chunks"]) == 1
