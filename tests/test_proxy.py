@@ -653,3 +653,26 @@ def test_silent_upstream_beyond_the_read_timeout_gives_504(
     assert (timed_out["status"], timed_out["outcome"]) == (504, "upstream_error")
     assert (stalled["status"], stalled["outcome"]) == (200, "upstream_aborted")
     assert len(stalled["chunks"]) == 1
+
+
+def test_proxy_adds_no_trace_headers_when_otlp_export_is_on(
+    make_proxy: Any, raw_upstream: RawUpstream
+) -> None:
+    """With export to Seq configured, the upstream still sees only the client's headers: no
+    traceparent/tracestate injected; a client's own traceparent passes untouched."""
+    with RawUpstream() as seq:
+        running = make_proxy(raw_upstream, seq_url=seq.url)
+        client_trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        for extra in ("", f"traceparent: {client_trace}\r\n"):
+            request = (
+                f"POST /anthropic/{raw_upstream.host_port}/v1/messages HTTP/1.1\r\nHost: p\r\n"
+                f"{extra}Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+            ).encode()
+            roundtrip(running.server.port, request)
+        plain, traced = raw_upstream.requests
+        assert sorted(k.lower() for k, _ in plain.headers) == ["content-length", "host"]
+        assert sorted(k.lower() for k, _ in traced.headers) == [
+            "content-length", "host", "traceparent"]
+        assert traced.values("traceparent") == [client_trace]
+        running.flush()
+        assert seq.requests, "the export was not configured"
