@@ -173,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return asyncio.run(serve(cfg))
+    except ConfigError as exc:  # e.g. an invalid OTEL_EXPORTER_OTLP_* value (otlp.resolve)
+        sys.stderr.write(f"otelproxy: error: {exc}\n")
+        return 2
     except OSError as exc:  # e.g. the port is taken
         sys.stderr.write(f"otelproxy: error: cannot listen on {cfg.host}:{cfg.port}: "
                          f"{exc.strerror or exc}\n")
