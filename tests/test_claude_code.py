@@ -74,8 +74,7 @@ def check_recorded(proxy: RunningProxy, calls: list[ReceivedRequest]) -> str:
 
 
 def test_claude_p_through_the_prefixed_base_url(proxy: RunningProxy, fake: FakeUpstream) -> None:
-    """ANTHROPIC_BASE_URL=proxy/anthropic/{fake}: `claude -p` prints the fake's answer and the
-    call is recorded with its X-Claude-Code-Session-Id."""
+    """`claude -p` via /anthropic/{fake} prints the answer; recorded with its session id header."""
     with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as cwd:
         result = run_claude(proxy.base("anthropic"), home, cwd, "say hello to the proxy")
     assert result.returncode == 0, result.stderr
@@ -98,8 +97,7 @@ def test_claude_p_through_the_default_upstream(make_proxy: Any, fake: FakeUpstre
 def test_claude_tool_loop_and_continue_through_the_proxy(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """A Bash tool turn and a --continue run: every call is recorded, all under the one
-    Claude Code session id, and the tool result reached the upstream through the proxy."""
+    """A Bash tool turn and --continue run through the proxy, all under one recorded session id."""
     with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as cwd:
         first = run_claude(proxy.base(), home, cwd, "RUN_TOOL:echo via-proxy")
         assert first.returncode == 0, first.stderr

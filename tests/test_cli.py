@@ -40,8 +40,7 @@ def flag_for(field: str) -> str:
 
 
 def test_help_documents_every_option() -> None:
-    """`otelproxy --help` lists a described flag and an OTELPROXY_ variable for every setting,
-    the defaults, and the routing form."""
+    """`otelproxy --help` describes a flag and an OTELPROXY_ variable for every setting."""
     result = run_cli(["--help"])
     assert result.returncode == 0 and result.stderr == ""
     text = " ".join(result.stdout.split())  # argparse wraps lines
@@ -126,8 +125,7 @@ def test_a_port_in_use_exits_2_with_one_clear_line(tmp_path: Path, busy_port: in
 def test_flags_beat_environment_beat_toml_beat_defaults(
     tmp_path: Path, fake: FakeUpstream, busy_port: int
 ) -> None:
-    """The running proxy uses the flag's port over OTELPROXY_PORT and the TOML port, the
-    environment's log dir over the TOML one, and TOML's upstream settings."""
+    """The running proxy takes flags over OTELPROXY_* over the TOML file over defaults."""
     toml_logs, env_logs = tmp_path / "toml-logs", tmp_path / "env-logs"
     config = tmp_path / "otelproxy.toml"
     config.write_text(
@@ -169,8 +167,7 @@ def _refused(port: int) -> bool:
 def test_signal_lets_the_stream_in_flight_finish_then_exits_0(
     tmp_path: Path, fake: FakeUpstream, signum: int
 ) -> None:
-    """On SIGTERM/SIGINT new connections are refused at once, the stream in flight runs to its
-    end, its record is written, and the process exits 0."""
+    """On SIGTERM/SIGINT: new connections refused, the stream finishes, record flushed, exit 0."""
     log_dir = tmp_path / "logs"
     fake.replies.append(_slow_reply())
     with ProxyProcess(["--upstream", fake.url, "--log-dir", str(log_dir)]) as running:
@@ -210,8 +207,7 @@ def test_signal_lets_the_stream_in_flight_finish_then_exits_0(
 def test_streams_longer_than_the_grace_period_are_cut_and_recorded(
     tmp_path: Path, fake: FakeUpstream
 ) -> None:
-    """--grace-period 0.2: a stream still running then is cut, recorded as client_aborted
-    (proxy shutting down), and the process still exits 0."""
+    """A stream outlasting --grace-period is cut, recorded client_aborted; exit is still 0."""
     log_dir = tmp_path / "logs"
     fake.replies.append(_slow_reply())
     with ProxyProcess(["--upstream", fake.url, "--log-dir", str(log_dir),

@@ -53,8 +53,7 @@ def test_environment_overrides_the_toml_file(tmp_path: Path) -> None:
 
 
 def test_flags_override_the_environment(tmp_path: Path) -> None:
-    """Command-line flags win over OTELPROXY_* and the TOML file; --config wins over
-    OTELPROXY_CONFIG."""
+    """Flags win over OTELPROXY_* and TOML; --config wins over OTELPROXY_CONFIG."""
     flag_file = write_toml(tmp_path, "port = 9003\n")
     env_file = tmp_path / "env.toml"
     env_file.write_text("port = 9004\nmax_connections = 7\n")
@@ -72,8 +71,7 @@ def test_empty_environment_values_count_as_unset() -> None:
 
 
 def test_upstreams_add_up_from_every_layer(tmp_path: Path) -> None:
-    """The allowlist is the built-ins plus TOML upstreams plus OTELPROXY_UPSTREAMS
-    (comma-separated) plus every --upstream flag."""
+    """The allowlist is built-ins + TOML + OTELPROXY_UPSTREAMS (comma list) + --upstream flags."""
     path = write_toml(tmp_path, 'upstreams = ["http://toml.example:1"]\n')
     config = load(
         {"config": path, "upstreams": ["http://flag.example:3", "https://flag2.example"]},
@@ -92,8 +90,7 @@ def test_a_later_origin_for_the_same_host_and_port_replaces_the_scheme() -> None
 
 
 def test_default_upstream_from_the_environment() -> None:
-    """OTELPROXY_DEFAULT_UPSTREAM + OTELPROXY_DEFAULT_PROVIDER set the unprefixed route, and
-    the default origin is allowed."""
+    """OTELPROXY_DEFAULT_UPSTREAM/_PROVIDER set the unprefixed route and allow that origin."""
     config = load({}, {"OTELPROXY_DEFAULT_UPSTREAM": "http://127.0.0.1:9100/",
                        "OTELPROXY_DEFAULT_PROVIDER": "anthropic"})
     assert config.default_upstream == Origin("http", "127.0.0.1", 9100)

@@ -31,8 +31,7 @@ EVENTS = [
 
 
 def test_split_sse_cuts_at_blank_lines_and_keeps_every_byte() -> None:
-    """Events end at a blank line (\\n\\n or \\r\\n\\r\\n); their bytes concatenate back to the
-    stream exactly, a trailing partial event included."""
+    """SSE events end at a blank line (LF or CRLF) and concatenate back to the exact stream."""
     stream = (b"event: a\ndata: 1\n\n" b"data: 2\r\n\r\n" b": comment\n\n"
               b"event: b\r\ndata: 3\r\n\r\n" b"data: unterminated")
     events = split_sse([(7, stream)])
@@ -45,8 +44,7 @@ def test_split_sse_cuts_at_blank_lines_and_keeps_every_byte() -> None:
 
 
 def test_an_event_is_stamped_when_its_last_byte_arrived() -> None:
-    """An event split over three network chunks carries the third chunk's time; two events in
-    one chunk share its time."""
+    """An event carries the arrival time of the network chunk that completed it."""
     first, second = EVENTS[0], EVENTS[1] + EVENTS[3]
     chunks = [(10, first[:5]), (20, first[5:30]), (30, first[30:] + second[:4]), (40, second[4:])]
     assert split_sse(chunks) == [Event(30, EVENTS[0]), Event(40, EVENTS[1]),
@@ -92,8 +90,7 @@ def _response(proxy: RunningProxy) -> dict[str, Any]:
 def test_sse_record_holds_one_chunk_per_event_not_per_network_write(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
-    """Events split mid-way across network writes 0.05 s apart are recorded whole, each with the
-    time its last part arrived."""
+    """Events split across network writes are recorded whole, stamped when complete."""
     halves = [part for event in EVENTS for part in (event[:9], event[9:])]
     raw_upstream.respond(Slow([_head("text/event-stream"), *map(_chunk, halves),
                                b"0\r\n\r\n"], delay=0.05))
@@ -118,8 +115,7 @@ def _compress(encoding: str, data: bytes) -> bytes:
 def test_compressed_sse_is_relayed_as_is_and_recorded_decoded(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream, encoding: str
 ) -> None:
-    """A compressed event stream cut at arbitrary byte positions: the client gets the
-    compressed bytes untouched; the record holds the decoded events, one chunk each."""
+    """A compressed SSE stream is relayed untouched and recorded as decoded events."""
     compressed = _compress(encoding, b"".join(EVENTS))
     pieces = [compressed[i:i + 7] for i in range(0, len(compressed), 7)]
     raw_upstream.respond(Slow([_head("text/event-stream", encoding), *map(_chunk, pieces),
@@ -149,8 +145,7 @@ def test_compressed_json_body_is_recorded_decoded(
 def test_unknown_content_encoding_is_kept_raw_with_a_note(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
-    """content-encoding: zstd (not decodable here): relayed as is, recorded as the raw bytes
-    with decode_error saying why."""
+    """An undecodable content-encoding is relayed as is and recorded raw with decode_error."""
     blob = b"\x28\xb5\x2f\xfd\x00\x58\x89\x00\x00" + bytes(range(200, 256))
     raw_upstream.respond(Slow([_head("application/json", "zstd"), _chunk(blob),
                                b"0\r\n\r\n"], delay=0.001))

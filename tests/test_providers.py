@@ -124,9 +124,7 @@ def response_entry(proxy: RunningProxy) -> dict[str, Any]:
 def test_anthropic_stream_reassembles_to_the_non_streamed_message(
     capturing: CapturingProxy, fake: FakeUpstream
 ) -> None:
-    """thinking (+signature), redacted_thinking, text with citations, server_tool_use with its
-    result, tool_use (input JSON from fragments, {} without any): the reassembled message is the
-    one a non-streamed call returns, and matches what the SDK assembled."""
+    """A rich Messages stream reassembles to the non-streamed message and the SDK's result."""
     reply = Reply(blocks=RICH_BLOCKS, usage=USAGE, model="claude-test-1")
     fake.replies.append(reply)
     with anthropic_client(capturing).messages.stream(
@@ -171,8 +169,7 @@ def test_anthropic_non_streamed_message_is_parsed(
 def test_anthropic_error_event_mid_stream_is_kept(
     capturing: CapturingProxy, fake: FakeUpstream
 ) -> None:
-    """event: error (overloaded) after some text: the SDK raises, the record keeps the text so
-    far and the error, without a stop reason."""
+    """An error event mid-stream: the SDK raises; the record keeps the partial text and error."""
     fake.replies.append(Reply(blocks=[{"type": "text", "text": "partial answer"}],
                               error_event={"type": "overloaded_error", "message": "Overloaded"}))
     with pytest.raises(anthropic.APIStatusError), anthropic_client(capturing).messages.stream(
@@ -202,8 +199,7 @@ def _scripted_stream(events: list[bytes]) -> Slow:
 def test_anthropic_unknown_events_and_deltas_are_tolerated_and_kept(
     capturing_raw: CapturingProxy, raw_upstream: RawUpstream
 ) -> None:
-    """An unknown event type and an unknown delta type do not break reassembly; both are kept
-    (x_unknown_events, x_deltas) and noted; tool input that is not valid JSON stays as text."""
+    """Unknown events/deltas and bad tool JSON are kept and noted, never dropped or fatal."""
     start = {"type": "message_start", "message": {
         "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
         "stop_reason": None, "usage": {"input_tokens": 3, "output_tokens": 1}}}
@@ -267,8 +263,7 @@ TOOL_BLOCKS: list[dict[str, Any]] = [
 def test_openai_chat_stream_reassembles_text_tool_calls_and_usage(
     capturing: CapturingProxy, fake: FakeUpstream
 ) -> None:
-    """Chat deltas (content pieces, tool_calls by index with argument fragments) and the
-    include_usage chunk reassemble to the non-streamed completion's message and usage."""
+    """Chat deltas and the usage chunk reassemble to the non-streamed message and usage."""
     reply = Reply(blocks=TOOL_BLOCKS, usage=USAGE, model="gpt-test")
     fake.replies.append(reply)
     with openai_client(capturing).chat.completions.stream(
@@ -330,8 +325,7 @@ def test_openai_chat_non_streamed_completion_is_parsed(
 def test_openai_responses_stream_yields_the_final_response(
     capturing: CapturingProxy, fake: FakeUpstream
 ) -> None:
-    """Responses API events: the record takes the final response object from
-    response.completed — output items, usage, id, status."""
+    """A Responses stream is recorded as the final response from response.completed."""
     fake.replies.append(Reply(blocks=[{"type": "thinking", "thinking": "plan it"},
                                       *TOOL_BLOCKS[:2]], usage=USAGE))
     with openai_client(capturing).responses.stream(model="gpt-test", input="hello") as stream:

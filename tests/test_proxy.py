@@ -96,8 +96,7 @@ def test_chunked_request_body_arrives_whole(
 def test_hop_by_hop_headers_are_dropped_and_everything_else_passes(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
-    """Hop-by-hop headers (and those Connection names) are dropped, Host is rewritten, the rest
-    arrives unchanged and in order: anthropic-beta/-version, auth headers, duplicates."""
+    """Hop-by-hop and Connection-named headers are dropped, Host rewritten, the rest kept as is."""
     end_to_end = [
         ("anthropic-beta", "claude-code-20250219,interleaved-thinking-2025-05-14"),
         ("anthropic-version", "2023-06-01"),
@@ -157,8 +156,7 @@ def test_upgrade_header_is_not_forwarded(
 def test_proxy_adds_no_headers_upstream(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream, method: str, body: bytes
 ) -> None:
-    """A client that sends only Host (and Content-Length) gets exactly that upstream: no
-    traceparent, no aiohttp User-Agent/Accept/Accept-Encoding/Content-Type."""
+    """A client sending only Host gets only Host (+Content-Length) upstream: no aiohttp defaults."""
     framing = f"Content-Length: {len(body)}\r\n" if body else ""
     request = (
         f"{method} /anthropic/{raw_upstream.host_port}/v1/messages HTTP/1.1\r\n"
@@ -174,8 +172,7 @@ def test_proxy_adds_no_headers_upstream(
 def test_sdk_request_arrives_with_its_own_headers(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """The anthropic SDK's headers (key, version, user-agent, stainless) reach the upstream as
-    sent; the recorded copy matches them except for the redacted key."""
+    """The anthropic SDK's headers reach the upstream as sent; the record matches, key redacted."""
     client = anthropic_client(proxy)
     client.messages.create(model="claude-x", max_tokens=5, messages=USER,
                            extra_headers={"anthropic-beta": "b1,b2"})
@@ -260,8 +257,7 @@ def test_request_limit_is_configurable_and_counts_chunked_bodies(
 def test_response_status_headers_and_body_come_back_unmodified(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
-    """Status line, end-to-end headers (order, case, duplicates) and body bytes are relayed as
-    the upstream sent them; the proxy adds none of its own (no Date, Server, Content-Type)."""
+    """Status line, end-to-end headers and body bytes come back as sent; no Date/Server added."""
     body = b"\x00\xffnot json at all\r\n"
     upstream_headers = [
         ("X-Request-Id", "req_123"), ("set-cookie", "a=1"), ("Set-Cookie", "b=2"),
@@ -355,8 +351,7 @@ def test_gzip_response_stays_gzip_and_the_record_holds_the_decoded_copy(
 def test_each_stream_chunk_reaches_the_client_as_soon_as_it_arrives(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """With 0.2 s between upstream events, the SDK sees the first event long before the last
-    one is sent, and the events arrive spread out as they were sent."""
+    """With 0.2 s between events the SDK sees the first event long before the last is sent."""
     fake.replies.append(Reply(blocks=[{"type": "text", "text": "one two"}], event_delay=0.2))
     client = anthropic_client(proxy)
     started = time.monotonic()
@@ -423,8 +418,7 @@ def test_unreachable_upstream_gives_502_in_the_provider_shape(
 def test_upstream_reset_mid_stream_breaks_the_sdk_stream(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """The upstream dies after 4 events: the SDK raises instead of seeing a clean end, and the
-    record says upstream_aborted with the 4 events that did arrive."""
+    """An upstream reset mid-stream makes the SDK raise; record: upstream_aborted, events so far."""
     fake.replies.append(Reply(blocks=[{"type": "text", "text": WORDS}], drop_after_events=4))
     client = anthropic_client(proxy)
     seen: list[str] = []
@@ -489,8 +483,7 @@ def _slow_sse(events: int, delay: float) -> Slow:
 def test_client_gone_mid_stream_cancels_the_upstream_request(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
-    """The client hangs up after 3 events: the proxy closes the upstream connection at once
-    and records client_aborted with the events relayed so far."""
+    """A client gone mid-stream: the upstream connection is closed; record says client_aborted."""
     raw_upstream.respond(_slow_sse(events=50, delay=0.05))
     request = (
         f"POST /openai/{raw_upstream.host_port}/v1/chat/completions HTTP/1.1\r\n"
@@ -511,8 +504,7 @@ def test_client_gone_mid_stream_cancels_the_upstream_request(
 def test_client_gone_before_the_upstream_answers_cancels_it(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """A client that gives up while the upstream is still silent: the upstream connection is
-    closed and the exchange is recorded as client_aborted."""
+    """A client gone before the response head: the upstream call is cancelled, client_aborted."""
     fake.replies.append(Reply(first_byte_delay=1.0))
     client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0,
                                  timeout=0.3)
@@ -578,8 +570,7 @@ def test_head_request_is_relayed_without_a_body(proxy: RunningProxy, fake: FakeU
 def test_gzip_corrupt_body_is_relayed_and_recorded_raw(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
-    """A body that claims gzip but is not: the client still gets the exact bytes, the record
-    notes the decode error and keeps what arrived."""
+    """A body claiming gzip but corrupt is relayed as is; the record keeps it with decode_error."""
     bogus = b"\x1f\x8b\x08\x00" + b"\xff" * 12
     raw_upstream.respond(
         b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n"
@@ -601,8 +592,7 @@ def test_gzip_corrupt_body_is_relayed_and_recorded_raw(
 def test_compressed_request_body_is_forwarded_compressed(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
-    """A request body sent with Content-Encoding: gzip reaches the upstream as the same
-    compressed bytes, with the header (the proxy does not inflate it)."""
+    """A gzip-encoded request body reaches the upstream as the same compressed bytes."""
     body = zlib.compress(b'{"model": "m", "messages": []}', wbits=31)
     request = (
         f"POST /anthropic/{raw_upstream.host_port}/v1/messages HTTP/1.1\r\nHost: p\r\n"
@@ -634,8 +624,7 @@ def test_bodiless_statuses_are_relayed(
 def test_silent_upstream_beyond_the_read_timeout_gives_504(
     make_proxy: Any, fake: FakeUpstream
 ) -> None:
-    """No response head within --upstream-read-timeout → 504 in the provider's shape and an
-    upstream_error record; a stream that stalls that long is cut as upstream_aborted."""
+    """Silence beyond the read timeout: 504 before the head, upstream_aborted mid-stream."""
     running = make_proxy(fake, upstream_read_timeout=0.3)
     fake.replies.append(Reply(first_byte_delay=1.0))
     client = anthropic_client(running)
@@ -658,8 +647,7 @@ def test_silent_upstream_beyond_the_read_timeout_gives_504(
 def test_proxy_adds_no_trace_headers_when_otlp_export_is_on(
     make_proxy: Any, raw_upstream: RawUpstream
 ) -> None:
-    """With export to Seq configured, the upstream still sees only the client's headers: no
-    traceparent/tracestate injected; a client's own traceparent passes untouched."""
+    """With OTLP export on no traceparent is injected; the client's own passes untouched."""
     with RawUpstream() as seq:
         running = make_proxy(raw_upstream, seq_url=seq.url)
         client_trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -48,8 +48,7 @@ def test_a_secret_shows_its_prefix_and_last_four(secret: str, shown: str) -> Non
 
 
 def test_secret_headers_are_obfuscated_whatever_they_hold() -> None:
-    """x-api-key, authorization (scheme kept), proxy-authorization, cookie, set-cookie are always
-    obfuscated; other headers only where a key shape appears; names and order are kept."""
+    """Secret headers are always obfuscated (scheme kept); others only where a key shape appears."""
     key = "sk-ant-api03-" + token(60) + "WXYZ"
     headers = [
         ("X-Api-Key", key),
@@ -76,8 +75,7 @@ def test_secret_headers_are_obfuscated_whatever_they_hold() -> None:
 
 
 def test_key_shapes_in_text_and_bytes_are_obfuscated_and_words_are_not() -> None:
-    """Every sk-… key in a body or query is obfuscated; words such as task-…/disk-… are left as
-    they are."""
+    """Every sk-… key in text or bytes is obfuscated; words like task-…/disk-… are left alone."""
     api, oat = "sk-ant-api03-" + token(90) + "AP03", "sk-ant-oat01-" + token(90) + "OA01"
     proj, plain = "sk-proj-" + token(120) + "PROJ", "sk-" + token(48) + "PLAN"
     text = (f'{{"a": "{api}", "b": "use {oat}!", "c": ["{proj}"], "d": "key={plain}&x=1", '
@@ -120,9 +118,7 @@ def _all_text_in(entries: list[dict[str, Any]]) -> str:
 def test_no_full_key_reaches_the_record_or_the_log_but_all_reach_the_upstream(
     fake: FakeUpstream, tmp_path: Path
 ) -> None:
-    """Keys in headers, query, request and response bodies, streams, gzip and binary bodies:
-    the upstream receives them whole; the JSONL, the SQLite files and the proxy's stderr hold
-    only prefix...last4."""
+    """Keys reach the upstream whole but never the JSONL, the SQLite files or the proxy's stderr."""
     ant = "sk-ant-api03-" + token(86) + "-AAAAWXYZ"
     oat = "sk-ant-oat01-" + token(86) + "OAUT"
     proj = "sk-proj-" + token(120) + "PROJ"

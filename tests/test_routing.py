@@ -44,8 +44,7 @@ def test_route_without_a_path_goes_to_the_upstream_root(
 
 
 def test_the_scheme_comes_from_the_allowlist() -> None:
-    """Built-in origins are https on 443, named with or without the port; a listed http origin
-    stays http; the client never chooses the scheme."""
+    """The scheme comes from the allowlist entry (https for the APIs), never from the client."""
     config = build({}, [*DEFAULT_UPSTREAMS, "http://127.0.0.1:9100"])
     route = resolve("/anthropic/api.anthropic.com/v1/messages", config)
     assert (route.provider, route.origin.url, route.path) == (
@@ -80,8 +79,7 @@ def test_unknown_provider_is_404_naming_the_known_ones(
 def test_host_not_on_the_allowlist_is_403_and_nothing_is_sent(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream, authority: str
 ) -> None:
-    """A route to an origin that is not allowed → 403 in the provider's shape; no connection
-    is made to it (a listening server on that port sees nothing) nor to any other upstream."""
+    """A host off the allowlist gets 403 in the provider shape and no connection at all."""
     with RawUpstream() as bystander:
         target = authority.format(other=bystander.port)
         answer = httpx2.post(f"{raw_proxy.url}/anthropic/{target}/v1/messages", json={})
@@ -106,8 +104,7 @@ def test_403_for_openai_routes_uses_the_openai_error_shape(raw_proxy: RunningPro
 def test_default_upstream_forwards_unprefixed_paths(
     make_proxy: Any, fake: FakeUpstream
 ) -> None:
-    """With --default-upstream/--default-provider, ANTHROPIC_BASE_URL=proxy root works, and the
-    prefixed form still works beside it."""
+    """With a default upstream the proxy root works as base URL, beside the prefixed form."""
     running = make_proxy(fake, default_upstream=fake.url, default_provider="anthropic")
     root = anthropic.Anthropic(base_url=running.url, api_key="sk-ant-x", max_retries=0)
     assert root.messages.create(model="m", max_tokens=5, messages=USER).content[0].text == (

@@ -46,8 +46,7 @@ def anthropic_client(proxy: RunningProxy, **options: Any) -> anthropic.Anthropic
 def test_layout_sessions_db_session_files_and_daily_untracked_files(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """Conversation turns go to {provider}/{session}.jsonl; count_tokens, models and HEAD to
-    {provider}/untracked-YYYYMMDD.jsonl; the index is sessions.db."""
+    """Turns go to {provider}/{session}.jsonl, side calls to untracked-YYYYMMDD.jsonl."""
     client = anthropic_client(proxy)
     client.messages.create(model="m", max_tokens=5, messages=USER)
     client.messages.count_tokens(model="m", messages=USER)
@@ -86,8 +85,7 @@ def test_layout_sessions_db_session_files_and_daily_untracked_files(
 
 
 def test_request_entry_has_the_documented_fields(proxy: RunningProxy, fake: FakeUpstream) -> None:
-    """request: ts (ISO 8601 UTC), seq, method, path, query, headers, body (the exact text
-    sent) and size."""
+    """A request entry has ts (ISO 8601), seq, method, path, query, headers, body and size."""
     body = orjson.dumps({"model": "m", "max_tokens": 5, "messages": USER, "stream": True})
     answer = httpx2.post(proxy.base() + "/v1/messages?beta=true", content=body,
                          headers={"content-type": "application/json", "x-app": "cli"})
@@ -106,9 +104,7 @@ def test_request_entry_has_the_documented_fields(proxy: RunningProxy, fake: Fake
 def test_stream_response_entry_has_chunks_timing_and_outcome(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """response of a stream: status, headers, chunks [{ts, delta_ms, raw}] whose raws are the
-    bytes the client got, size, timing {ttfb_ms, total_ms}, tokens_per_second, outcome and
-    proxy.overhead_ms."""
+    """A stream's response entry has chunks {ts, delta_ms, raw}, size, timing, rate and outcome."""
     fake.replies.append(Reply(blocks=[{"type": "text", "text": WORDS}], event_delay=0.02,
                               usage={"input_tokens": 10, "output_tokens": 12}))
 
@@ -189,9 +185,7 @@ def test_exchange_rows_point_at_their_request_entries(
 def test_every_forwarded_request_has_one_request_entry_aborted_ones_too(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """Complete, upstream 500, upstream reset and client abort each leave exactly one request
-    entry (and one exchanges row); refused requests go to rejected-YYYYMMDD.jsonl instead and
-    are not counted as forwarded."""
+    """One request entry per forwarded request, aborted ones too; refusals go to rejected-*."""
     client = anthropic_client(proxy)
     client.messages.create(model="m", max_tokens=5, messages=USER)
     fake.replies.append(Reply(status=500))
@@ -234,8 +228,7 @@ def test_every_forwarded_request_has_one_request_entry_aborted_ones_too(
 
 
 def test_upstream_error_is_recorded_like_any_exchange(make_proxy: Any) -> None:
-    """A 502 for an unreachable upstream still leaves a request entry, a response entry with
-    outcome upstream_error, and an exchanges row."""
+    """A 502 for an unreachable upstream leaves request, response and index entries."""
     running = make_proxy(closed_port())
     with pytest.raises(anthropic.InternalServerError):
         anthropic_client(running).messages.create(model="m", max_tokens=5, messages=USER)
@@ -251,8 +244,7 @@ def test_upstream_error_is_recorded_like_any_exchange(make_proxy: Any) -> None:
 def test_an_unwritable_record_is_reported_but_forwarding_goes_on(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """When the JSONL file cannot be written, the client still gets its answer and /healthz
-    says degraded with the sink error counted."""
+    """An unwritable record makes /healthz degraded while forwarding goes on."""
     (proxy.log_dir / "anthropic").write_text("a file where the provider directory should be")
     client = anthropic_client(proxy)
     assert client.messages.create(model="m", max_tokens=5, messages=USER).content[0].text == (
