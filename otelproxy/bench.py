@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import math
@@ -577,10 +578,8 @@ class Child:
     def close(self) -> None:
         """Make sure the process is gone (it normally exits by itself after "stop")."""
         if self.process.is_alive():
-            try:
+            with contextlib.suppress(OSError):
                 self.conn.send("stop")  # a no-op when "stop" was sent already
-            except OSError:
-                pass
             self.process.join(15)
         if self.process.is_alive():
             self.process.terminate()
