@@ -82,6 +82,11 @@ class Upstream:
             trust_env=False,
             skip_auto_headers=_SKIP_AUTO_HEADERS,
         )
+        # aiohttp re-sends an idempotent request (GET, HEAD, ...) once when the upstream hangs up
+        # before answering. There is no public switch; aiohttp's own test client turns it off
+        # the same way. A transparent proxy sends each request exactly once.
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
 
     async def close(self) -> None:
         if self._session is not None:

@@ -301,6 +301,20 @@ def test_upstream_4xx_and_5xx_are_passed_through_once_without_retry(
     assert all(e["outcome"] == "complete" for e in responses(proxy))
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST"])
+def test_upstream_hanging_up_before_answering_is_502_and_not_retried(
+    raw_proxy: RunningProxy, raw_upstream: RawUpstream, method: str
+) -> None:
+    """An upstream that closes without answering gets the request once; the client gets 502."""
+    raw_upstream.respond(b"", b"")
+    answer = httpx2.request(method, raw_proxy.base() + "/v1/models",
+                            content=b"{}" if method == "POST" else None)
+    assert answer.status_code == 502
+    assert len(raw_upstream.requests) == 1
+    [response] = responses(raw_proxy)
+    assert response["outcome"] == "upstream_error"
+
+
 def test_redirect_is_relayed_not_followed(
     raw_proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
