@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from typing import Any
 
@@ -148,13 +149,11 @@ class ProviderParse:
             parsed.tracked = False
             return
         module.parse_request(parsed, body)
-        if exchange.status is not None and exchange.status < 400 or record.events:
+        if (exchange.status is not None and exchange.status < 400) or record.events:
             module.parse_response(record)
         elif record.response_body and _looks_json(record.response_body):
-            try:
+            with contextlib.suppress(orjson.JSONDecodeError):
                 parsed.response_json = orjson.loads(record.response_body)
-            except orjson.JSONDecodeError:
-                pass
         usage = parsed.usage
         if usage.output_tokens and exchange.finished_ns is not None:
             first = record.events[0].ns if record.events else exchange.headers_ns

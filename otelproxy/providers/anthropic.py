@@ -115,7 +115,8 @@ def reassemble(events: list[bytes], notes: list[str]) -> dict[str, Any] | None:
             index = as_int(payload.get("index"))
             delta = payload.get("delta")
             if index is not None and isinstance(delta, dict):
-                _apply_delta(blocks.setdefault(index, {}), delta, partial_json.setdefault(index, []))
+                fragments = partial_json.setdefault(index, [])
+                _apply_delta(blocks.setdefault(index, {}), delta, fragments)
         elif kind == "content_block_stop":
             index = as_int(payload.get("index"))
             if index is not None and index in blocks:
