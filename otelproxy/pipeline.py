@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,6 +72,9 @@ _STOP = object()
 class Worker:
     """A bounded queue drained by one daemon thread; the base of the pipeline and of sinks."""
 
+    max_batch = 256
+    """At most this many queued items are handed to ``handle_batch`` at once."""
+
     def __init__(self, name: str, maxsize: int) -> None:
         self.name = name
         self._queue: queue.Queue[object] = queue.Queue(maxsize)
@@ -98,21 +102,48 @@ class Worker:
     def handle(self, item: object) -> None:
         raise NotImplementedError
 
+    def handle_batch(self, items: list[object]) -> None:
+        """Handle items taken from the queue together (a sink may write them in one go)."""
+        for item in items:
+            try:
+                self.handle(item)
+            except Exception as exc:
+                self.failures.record(self.name, exc)
+
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                if isinstance(item, threading.Event):
-                    item.set()
-                    continue
+            items = [self._queue.get()]
+            while len(items) < self.max_batch:
                 try:
-                    self.handle(item)
-                except Exception as exc:
-                    self.failures.record(self.name, exc)
-            finally:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = False
+            segment: list[object] = []
+            for item in items:
+                if item is _STOP or isinstance(item, threading.Event):
+                    self._handle_segment(segment)
+                    segment = []
+                    if item is _STOP:
+                        stop = True
+                    else:
+                        assert isinstance(item, threading.Event)
+                        item.set()
+                else:
+                    segment.append(item)
+            self._handle_segment(segment)
+            for _ in items:
                 self._queue.task_done()
+            if stop:
+                return
+
+    def _handle_segment(self, segment: list[object]) -> None:
+        if not segment:
+            return
+        try:
+            self.handle_batch(segment)
+        except Exception as exc:
+            self.failures.record(self.name, exc)
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued before this call is handled."""
@@ -157,6 +188,15 @@ class Pipeline(Worker):
     def submit(self, exchange: Exchange) -> None:
         self.submitted += 1
         self.put(exchange)
+
+    def handle_batch(self, items: list[object]) -> None:
+        """Processors with a ``batch()`` context (the session tracker) wrap the whole batch."""
+        with ExitStack() as stack:
+            for processor in self.processors:
+                batch = getattr(processor, "batch", None)
+                if batch is not None:
+                    stack.enter_context(batch())
+            super().handle_batch(items)
 
     def handle(self, item: object) -> None:
         assert isinstance(item, Exchange)

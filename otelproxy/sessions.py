@@ -47,6 +47,8 @@ import hashlib
 import re
 import secrets
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -210,9 +212,21 @@ class SessionTracker:
 
     def __init__(self, db_path: Path) -> None:
         self._db: sqlite3.Connection = db.connect(db_path)
+        self._in_batch = False
 
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One write transaction for a batch of records (each record in its own savepoint)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        self._in_batch = True
+        try:
+            yield
+        finally:
+            self._in_batch = False
+            self._db.execute("COMMIT")
 
     def __call__(self, record: Record) -> None:
         parsed = record.parsed
@@ -220,13 +234,26 @@ class SessionTracker:
             return
         messages = conversation(parsed.messages)
         client_id = client_session_id(record)
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            info = self._place(record, messages, client_id)
-            info.client_session_id = client_id
-            info.system_sha256 = system_fingerprint(parsed.system, parsed.messages)
-            record.session = info
-            self._save(record, info, messages)
+        if not self._in_batch:
+            with self.batch():
+                self._track(record, messages, client_id)
+            return
+        self._db.execute("SAVEPOINT record")
+        try:
+            self._track(record, messages, client_id)
+        except BaseException:
+            self._db.execute("ROLLBACK TO record")
+            raise
+        finally:
+            self._db.execute("RELEASE record")
+
+    def _track(self, record: Record, messages: list[Any], client_id: str | None) -> None:
+        parsed = record.parsed
+        info = self._place(record, messages, client_id)
+        info.client_session_id = client_id
+        info.system_sha256 = system_fingerprint(parsed.system, parsed.messages or [])
+        record.session = info
+        self._save(record, info, messages)
 
     # -- deciding where the turn belongs ---------------------------------------------------------
 

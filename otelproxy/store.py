@@ -156,11 +156,15 @@ def _dumps(entry: dict[str, Any]) -> bytes:
 class LocalStore(Worker):
     """Sink writing JSONL files and the ``exchanges`` table."""
 
+    max_open_files = 64
+
     def __init__(self, log_dir: Path, maxsize: int = 10_000) -> None:
         super().__init__("local-store", maxsize)
         self.log_dir = log_dir
         self.written = 0
         self._db: sqlite3.Connection | None = None
+        self._open: dict[str, int] = {}
+        self._dirs: set[Path] = set()
 
     def open(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -179,9 +183,11 @@ class LocalStore(Worker):
 
     def shutdown(self, timeout: float) -> bool:
         done = super().shutdown(timeout)
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        if not self._thread.is_alive():
+            self._close_files()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
         return done
 
     # -- writing, on the worker thread ---------------------------------------------------------
@@ -190,6 +196,17 @@ class LocalStore(Worker):
         assert isinstance(item, Record)
         self.write(item)
         self.written += 1
+
+    def handle_batch(self, items: list[object]) -> None:
+        """All index rows of a batch in one transaction; JSONL lines are written as they come."""
+        if self._db is None:
+            super().handle_batch(items)
+            return
+        self._db.execute("BEGIN")
+        try:
+            super().handle_batch(items)
+        finally:
+            self._db.execute("COMMIT")
 
     def write(self, record: Record) -> None:
         exchange = record.exchange
@@ -240,20 +257,38 @@ class LocalStore(Worker):
         }
         self._append(session.file, [*copied, _dumps(fork)])
 
+    def _fd(self, relative: str) -> int:
+        """An append-only descriptor for a record file, kept open (least recently used closed)."""
+        fd = self._open.pop(relative, None)
+        if fd is None:
+            path = self.log_dir / relative
+            if path.parent not in self._dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._dirs.add(path.parent)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            while len(self._open) >= self.max_open_files:
+                os.close(self._open.pop(next(iter(self._open))))
+        self._open[relative] = fd
+        return fd
+
     def _append(self, relative: str, lines: list[bytes]) -> tuple[int, int]:
-        path = self.log_dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = b"".join(lines)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = self._fd(relative)
         try:
             offset = os.fstat(fd).st_size
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-        finally:
-            os.close(fd)
+        except OSError:
+            os.close(self._open.pop(relative))
+            raise
         return offset, len(data)
+
+    def _close_files(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
 
     def _index(self, record: Record, relative: str, offset: int, length: int) -> None:
         if self._db is None:
