@@ -79,7 +79,6 @@ CREATE TABLE IF NOT EXISTS exchanges (
 CREATE INDEX IF NOT EXISTS idx_fingerprints_session ON fingerprints(session_id);
 CREATE INDEX IF NOT EXISTS idx_sessions_provider ON sessions(provider);
 CREATE INDEX IF NOT EXISTS idx_sessions_client ON sessions(client_session_id);
-CREATE INDEX IF NOT EXISTS idx_sessions_response ON sessions(last_response_id);
 CREATE INDEX IF NOT EXISTS idx_exchanges_session ON exchanges(session_id, seq);
 CREATE INDEX IF NOT EXISTS idx_exchanges_ts ON exchanges(ts);
 """

@@ -13,10 +13,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 SCHEMA_VERSION = 1
+
+_second_cache: dict[int, str] = {}
+
+
+def iso(ts: float) -> str:
+    """ISO 8601 UTC with microseconds: ``2026-01-13T10:23:45.123456Z``."""
+    second = int(ts)
+    prefix = _second_cache.get(second)
+    if prefix is None:
+        if len(_second_cache) > 64:
+            _second_cache.clear()
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second_cache[second] = prefix
+    micros = min(999_999, round((ts - second) * 1e6))
+    return f"{prefix}.{micros:06d}Z"
 
 
 class Outcome(StrEnum):

@@ -56,7 +56,7 @@ from typing import Any
 import orjson
 
 from otelproxy import db
-from otelproxy.record import Outcome, Record, SessionInfo
+from otelproxy.record import Outcome, Record, SessionInfo, iso
 
 CLIENT_SESSION_HEADER = "x-claude-code-session-id"
 _SYSTEM_ROLES = ("system", "developer")
@@ -201,10 +201,6 @@ def _succeeded(record: Record) -> bool:
     )
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 class SessionTracker:
     """The session processor: assigns ``record.session`` and keeps the state in SQLite."""
 
@@ -324,46 +320,47 @@ class SessionTracker:
         exchange = record.exchange
         parsed = record.parsed
         usage = parsed.usage
-        now = _iso(exchange.wall_time(exchange.finished_ns or exchange.started_ns))
+        now = iso(exchange.wall_time(exchange.finished_ns or exchange.started_ns))
         model = parsed.response_model or parsed.model
         succeeded = _succeeded(record)
-        state_key = fingerprint(messages + output_messages(parsed.output_message))
+        state_key = fingerprint(messages + output_messages(parsed.output_message)) \
+            if succeeded else None
+        tokens = (usage.input_tokens or 0, usage.output_tokens or 0,
+                  usage.cache_read_input_tokens or 0, usage.cache_creation_input_tokens or 0)
         if info.new_session:
             self._db.execute(
                 "INSERT INTO sessions (id, provider, upstream, created_at, last_activity,"
-                " last_seq, last_fingerprint, file_path, parent_id, fork_from_seq,"
-                " client_session_id, model, system_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (info.id, exchange.provider, exchange.upstream_url,
-                 _iso(exchange.started_wall), now, info.seq, "", info.file, info.parent_id,
-                 info.fork_from_seq, info.client_session_id, model, info.system_sha256),
+                " last_seq, last_fingerprint, state_seq, file_path, parent_id, fork_from_seq,"
+                " client_session_id, model, system_sha256, last_response_id, input_tokens,"
+                " output_tokens, cache_read_input_tokens, cache_creation_input_tokens)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (info.id, exchange.provider, exchange.upstream_url, iso(exchange.started_wall),
+                 now, info.seq, state_key or "", info.seq if succeeded else 0, info.file,
+                 info.parent_id, info.fork_from_seq, info.client_session_id, model,
+                 info.system_sha256, parsed.response_id if succeeded else None, *tokens),
             )
         else:
             self._db.execute(
                 "UPDATE sessions SET last_activity = ?, last_seq = ?, model = COALESCE(?, model),"
                 " system_sha256 = COALESCE(?, system_sha256),"
-                " client_session_id = COALESCE(client_session_id, ?) WHERE id = ?",
-                (now, info.seq, model, info.system_sha256, info.client_session_id, info.id),
+                " client_session_id = COALESCE(client_session_id, ?),"
+                " input_tokens = input_tokens + ?, output_tokens = output_tokens + ?,"
+                " cache_read_input_tokens = cache_read_input_tokens + ?,"
+                " cache_creation_input_tokens = cache_creation_input_tokens + ?,"
+                " last_fingerprint = COALESCE(?, last_fingerprint),"
+                " state_seq = CASE WHEN ? THEN ? ELSE state_seq END,"
+                " last_response_id = COALESCE(?, last_response_id) WHERE id = ?",
+                (now, info.seq, model, info.system_sha256, info.client_session_id, *tokens,
+                 state_key, succeeded, info.seq, parsed.response_id if succeeded else None,
+                 info.id),
             )
-        self._db.execute(
-            "UPDATE sessions SET input_tokens = input_tokens + ?, output_tokens = output_tokens"
-            " + ?, cache_read_input_tokens = cache_read_input_tokens + ?,"
-            " cache_creation_input_tokens = cache_creation_input_tokens + ? WHERE id = ?",
-            (usage.input_tokens or 0, usage.output_tokens or 0,
-             usage.cache_read_input_tokens or 0, usage.cache_creation_input_tokens or 0, info.id),
-        )
         if not succeeded:
             return
-        self._db.execute(
-            "UPDATE sessions SET last_fingerprint = ?, state_seq = ?, last_response_id ="
-            " COALESCE(?, last_response_id) WHERE id = ?",
-            (state_key, info.seq, parsed.response_id, info.id),
-        )
-        self._db.execute(
+        keys = [(state_key, info.id, info.seq)]
+        if parsed.response_id and exchange.path.rstrip("/").endswith("/responses"):
+            # Responses API turns are chained by previous_response_id.
+            keys.append(("resp:" + parsed.response_id, info.id, info.seq))
+        self._db.executemany(
             "INSERT OR REPLACE INTO fingerprints (fingerprint, session_id, seq) VALUES (?,?,?)",
-            (state_key, info.id, info.seq),
+            keys,
         )
-        if parsed.response_id:
-            self._db.execute(
-                "INSERT OR REPLACE INTO fingerprints (fingerprint, session_id, seq)"
-                " VALUES (?,?,?)", ("resp:" + parsed.response_id, info.id, info.seq),
-            )

@@ -30,14 +30,11 @@ import orjson
 from otelproxy import db
 from otelproxy.pipeline import Worker
 from otelproxy.preview import assistant_preview, user_preview
-from otelproxy.record import SCHEMA_VERSION, Outcome, Record
+from otelproxy.record import SCHEMA_VERSION, Outcome, Record, iso
 
 log = logging.getLogger("otelproxy.store")
 
 
-def iso(ts: float) -> str:
-    """ISO 8601 UTC with microseconds: ``2026-01-13T10:23:45.123456Z``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def body_fields(data: bytes, key: str = "body") -> dict[str, Any]:
@@ -164,7 +161,7 @@ class LocalStore(Worker):
         self.written = 0
         self._db: sqlite3.Connection | None = None
         self._open: dict[str, int] = {}
-        self._dirs: set[Path] = set()
+        self._dirs: set[str] = set()
 
     def open(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -261,10 +258,11 @@ class LocalStore(Worker):
         """An append-only descriptor for a record file, kept open (least recently used closed)."""
         fd = self._open.pop(relative, None)
         if fd is None:
-            path = self.log_dir / relative
-            if path.parent not in self._dirs:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._dirs.add(path.parent)
+            path = os.path.join(self.log_dir, relative)
+            folder = os.path.dirname(path)
+            if folder not in self._dirs:
+                os.makedirs(folder, exist_ok=True)
+                self._dirs.add(folder)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             while len(self._open) >= self.max_open_files:
                 os.close(self._open.pop(next(iter(self._open))))

@@ -24,6 +24,7 @@ import pytest
 from otelproxy import config as config_module
 from otelproxy import otlp
 from otelproxy.errors import ConfigError
+from otelproxy.pipeline import Worker
 from tests.conftest import RunningProxy
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.otlp_receiver import LogData, OtlpReceiver, SpanData, unused_url
@@ -163,8 +164,9 @@ def wait_health(proxy: RunningProxy, key: str, timeout: float = 20) -> dict[str,
 def local_entries(proxy: RunningProxy) -> list[dict[str, Any]]:
     """The JSONL record, flushing only the local store (the OTLP sink may be stuck)."""
     deadline = time.monotonic() + 10
-    while proxy.server.pipeline.pending and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while proxy.server.state.stats.in_flight and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert Worker.flush(proxy.server.pipeline, 10)  # the processors, not the sinks
     assert proxy.server.store.flush(10)
     out: list[dict[str, Any]] = []
     for path in sorted(proxy.log_dir.glob("*/*.jsonl")):
