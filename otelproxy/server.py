@@ -40,9 +40,8 @@ class Server:
     def __init__(self, config: Config, extra_sinks: Sequence[Sink] = ()) -> None:
         self.config = config
         config.log_dir.mkdir(parents=True, exist_ok=True)
-        self.store = LocalStore(config.log_dir, config.record_queue_size)
-        self.store.open()
         self.sessions = SessionTracker(config.db_path)
+        self.store = LocalStore(config.log_dir, self.sessions.db)
         exporter = otlp.build_sink(config, os.environ)
         self.otlp = exporter
         sinks: list[Sink] = [self.store, *([exporter] if exporter is not None else []),

@@ -210,6 +210,11 @@ class SessionTracker:
         self._db: sqlite3.Connection = db.connect(db_path)
         self._in_batch = False
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The one writer connection; the local store writes its index rows through it too."""
+        return self._db
+
     def close(self) -> None:
         self._db.close()
 

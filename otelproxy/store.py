@@ -10,9 +10,9 @@ Layout (under ``log_dir``)::
     rejected-{YYYYMMDD}.jsonl                 requests the proxy refused (403/404/413)
 
 Entries are one JSON object per line (see README "The local record"). Bodies that are UTF-8 are
-stored as text, anything else as base64 with ``"body_encoding": "base64"``. This sink runs on its
-own thread behind a bounded queue; if it cannot write, it logs loudly and counts the failure
-(visible on ``/healthz``) while the proxy keeps forwarding.
+stored as text, anything else as base64 with ``"body_encoding": "base64"``. This sink runs inline
+on the pipeline's thread (off the request path); if it cannot write, it logs loudly and counts
+the failure (visible on ``/healthz``) while the proxy keeps forwarding.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from typing import Any
 
 import orjson
 
-from otelproxy import db
-from otelproxy.pipeline import Worker
+from otelproxy.pipeline import Failures
 from otelproxy.preview import assistant_preview, user_preview
 from otelproxy.record import SCHEMA_VERSION, Outcome, Record, iso
 
@@ -150,60 +149,44 @@ def _dumps(entry: dict[str, Any]) -> bytes:
     return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
 
 
-class LocalStore(Worker):
-    """Sink writing JSONL files and the ``exchanges`` table."""
+class LocalStore:
+    """The local record: writes JSONL lines and ``exchanges`` rows, inline on the pipeline thread.
 
+    It shares the session tracker's SQLite connection, so a batch's session state and index rows
+    commit in one transaction and the JSONL files never disagree with the DB; a second writer
+    connection would also make the two wait on SQLite's write lock. Failures are counted and
+    logged (``Failures``) and shown on ``/healthz``; they never reach the proxy.
+    """
+
+    name = "local-store"
     max_open_files = 64
 
-    def __init__(self, log_dir: Path, maxsize: int = 10_000) -> None:
-        super().__init__("local-store", maxsize)
+    def __init__(self, log_dir: Path, conn: sqlite3.Connection | None = None) -> None:
         self.log_dir = log_dir
         self.written = 0
-        self._db: sqlite3.Connection | None = None
+        self.failures = Failures()
+        self._db = conn
         self._open: dict[str, int] = {}
         self._dirs: set[str] = set()
-
-    def open(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._db = db.connect(self.log_dir / "sessions.db")
-        self.start()
+        log_dir.mkdir(parents=True, exist_ok=True)
 
     def submit(self, record: Record) -> None:
-        self.put(record)
-
-    def counters(self) -> dict[str, int]:
-        return {
-            "records_written": self.written,
-            "records_dropped": self.dropped,
-            "sink_errors": self.failures.total,
-        }
-
-    def shutdown(self, timeout: float) -> bool:
-        done = super().shutdown(timeout)
-        if not self._thread.is_alive():
-            self._close_files()
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-        return done
-
-    # -- writing, on the worker thread ---------------------------------------------------------
-
-    def handle(self, item: object) -> None:
-        assert isinstance(item, Record)
-        self.write(item)
+        try:
+            self.write(record)
+        except Exception as exc:
+            self.failures.record(self.name, exc)
+            return
         self.written += 1
 
-    def handle_batch(self, items: list[object]) -> None:
-        """All index rows of a batch in one transaction; JSONL lines are written as they come."""
-        if self._db is None:
-            super().handle_batch(items)
-            return
-        self._db.execute("BEGIN")
-        try:
-            super().handle_batch(items)
-        finally:
-            self._db.execute("COMMIT")
+    def counters(self) -> dict[str, int]:
+        return {"records_written": self.written, "sink_errors": self.failures.total}
+
+    def flush(self, timeout: float) -> bool:
+        return True  # every line is written by the time submit() returns
+
+    def shutdown(self, timeout: float) -> bool:
+        self._close_files()
+        return True
 
     def write(self, record: Record) -> None:
         exchange = record.exchange
