@@ -167,20 +167,73 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
-def _memory_mb() -> dict[str, float]:
-    """This process's resident set now and at its peak (``VmRSS``/``VmHWM``), in MB."""
-    out: dict[str, float] = {}
+def _proc_stat(pid: int | str) -> list[str]:
+    """Fields of ``/proc/PID/stat`` after the command name (state, ppid, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def descendants() -> list[int]:
+    """Every live process below this one (a recorder subprocess, say); empty without /proc."""
+    children: dict[int, list[int]] = {}
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = round(
-                    int(value.split()[0]) / 1024, 1)
+        entries = [entry.name for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    except OSError:
+        return []
+    for name in entries:
+        try:
+            children.setdefault(int(_proc_stat(name)[1]), []).append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found: list[int] = []
+    todo = [os.getpid()]
+    while todo and len(found) < 1000:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds (user + system, every thread) of this process and its descendants."""
+    times = os.times()
+    total = times.user + times.system + times.children_user + times.children_system
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in descendants():
+        try:
+            fields = _proc_stat(pid)
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _status_kb(pid: int | str, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0])
     except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _memory_mb() -> dict[str, float]:
+    """Resident set now and at its peak (``VmRSS``/``VmHWM``) in MB, of this process and of
+    this process plus its live descendants (``tree_*``)."""
+    rss, peak = _status_kb("self", "VmRSS"), _status_kb("self", "VmHWM")
+    if rss is None or peak is None:
         import resource
 
-        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    return out
+        mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        return {"peak_rss_mb": mb, "tree_peak_rss_mb": mb}
+    tree_rss, tree_peak = rss, peak
+    for pid in descendants():
+        tree_rss += _status_kb(pid, "VmRSS") or 0
+        tree_peak += _status_kb(pid, "VmHWM") or 0
+    return {"rss_mb": round(rss / 1024, 1), "peak_rss_mb": round(peak / 1024, 1),
+            "tree_rss_mb": round(tree_rss / 1024, 1),
+            "tree_peak_rss_mb": round(tree_peak / 1024, 1)}
 
 
 class Role:
@@ -398,7 +451,7 @@ class ProxyRole(Role):
         if name != "flush":
             return {}
         pipeline = self.server.pipeline
-        pending = pipeline.pending
+        pending = int(getattr(pipeline, "pending", 0))
         began = time.perf_counter()
         flushed = await asyncio.to_thread(pipeline.flush, 120.0)
         return {"flushed": flushed, "flush_s": round(time.perf_counter() - began, 3),
@@ -406,13 +459,18 @@ class ProxyRole(Role):
 
     async def stop(self) -> Json:
         server = self.server
+        memory = _memory_mb()  # before a recorder subprocess, if any, goes away
         await server.stop()
+        memory.update({key: max(value, memory.get(key, 0.0))
+                       for key, value in _memory_mb().items() if "peak" in key})
+        counters = server.pipeline.counters()
         return {
-            "submitted": server.pipeline.submitted,
+            "submitted": getattr(server.pipeline, "submitted", None),
             "exchanges": server.state.stats.exchanges,
-            "counters": server.pipeline.counters(),
-            "otlp_sink_active": server.otlp is not None,
-            **_memory_mb(),
+            "counters": counters,
+            "otlp_sink_active": getattr(server, "otlp", None) is not None
+            or any(key.startswith("otlp_") for key in counters),
+            **memory,
         }
 
 
@@ -532,8 +590,7 @@ async def _serve_child(role: Role, conn: Connection) -> None:
         if name == "stop":
             break
         if name == "cpu":
-            times = os.times()
-            conn.send({"cpu_s": times.user + times.system})
+            conn.send({"cpu_s": tree_cpu_s()})
             continue
         conn.send(await role.command(name))
     loop.remove_reader(conn.fileno())
@@ -551,7 +608,8 @@ class Child:
         self.name = name
         self.conn, theirs = ctx.Pipe()
         self.process = ctx.Process(target=child_main, args=(name, theirs, dict(options)),
-                                   name=f"otelproxy-bench-{name}", daemon=True)
+                                   name=f"otelproxy-bench-{name}", daemon=False)
+        # not a daemon: a server may start processes of its own (a recorder); close() ends it
         self.process.start()
         theirs.close()
         self.started: Json = {}
@@ -1009,8 +1067,9 @@ def bench(settings: Settings, progress: Callable[[str], None]) -> Json:
                    "records_written": counters.get("records_written", 0)},
         "errors": targets.errors,
         "requests_sent": targets.sent,
-        "memory": {"otelproxy_peak_rss_mb": proxy_stats.get("peak_rss_mb"),
-                   "otelproxy_start_rss_mb": proxy.started.get("rss_mb"),
+        "memory": {"otelproxy_peak_rss_mb": proxy_stats.get("tree_peak_rss_mb"),
+                   "otelproxy_main_peak_rss_mb": proxy_stats.get("peak_rss_mb"),
+                   "otelproxy_start_rss_mb": proxy.started.get("tree_rss_mb"),
                    "bare_peak_rss_mb": bare_stats.get("peak_rss_mb")},
         "otlp": None if sink_stats is None else {
             "seq_url": seq_url, "sink_active": proxy_stats["otlp_sink_active"],
@@ -1083,8 +1142,9 @@ def format_report(r: Json) -> str:
         f"Record: {rec['sent']} requests sent to otelproxy; {rec['jsonl_requests']} JSONL "
         f"request entries in {rec['jsonl_files']} file(s); {rec['sqlite_exchanges']} SQLite rows; "
         f"dropped {rec['records_dropped']}, sink errors {rec['sink_errors']}",
-        f"otelproxy process: peak RSS {mem['otelproxy_peak_rss_mb']} MB "
-        f"(at start {mem['otelproxy_start_rss_mb']} MB; bare pass-through peak "
+        f"otelproxy process: peak RSS {mem['otelproxy_peak_rss_mb']} MB with its subprocesses, "
+        f"{mem['otelproxy_main_peak_rss_mb']} MB the main process (at start "
+        f"{mem['otelproxy_start_rss_mb']} MB; bare pass-through peak "
         f"{mem['bare_peak_rss_mb']} MB)",
         f"Events lost: otelproxy {r['events_lost']}; by target {r['events_lost_by_target']}",
     ]
