@@ -1,3 +1,4 @@
 from otelproxy.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # guarded: the recorder process is spawned and re-imports __main__
+    raise SystemExit(main())

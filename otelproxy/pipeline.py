@@ -122,7 +122,7 @@ class Worker:
             segment: list[object] = []
             for item in items:
                 if item is _STOP or isinstance(item, threading.Event):
-                    self._handle_segment(segment)
+                    self.handle_segment(segment)
                     segment = []
                     if item is _STOP:
                         stop = True
@@ -131,13 +131,14 @@ class Worker:
                         item.set()
                 else:
                     segment.append(item)
-            self._handle_segment(segment)
+            self.handle_segment(segment)
             for _ in items:
                 self._queue.task_done()
             if stop:
                 return
 
-    def _handle_segment(self, segment: list[object]) -> None:
+    def handle_segment(self, segment: list[object]) -> None:
+        """``handle_batch`` for a run of items, failures counted instead of raised."""
         if not segment:
             return
         try:
@@ -213,19 +214,33 @@ class Pipeline(Worker):
             except Exception as exc:
                 self.failures.record(f"sink {sink.name}", exc)
 
-    def flush(self, timeout: float) -> bool:
+    def flush(self, timeout: float, sinks: bool = True) -> bool:
+        """Wait until everything submitted is processed (and, with ``sinks``, every sink has
+        flushed)."""
         deadline = time.monotonic() + timeout
-        done = super().flush(timeout)
+        done = Worker.flush(self, timeout)
+        if sinks:
+            for sink in self.sinks:
+                done = sink.flush(max(0.0, deadline - time.monotonic())) and done
+        return done
+
+    def close(self, timeout: float) -> bool:
+        """Shut every sink down, then close processors that hold resources (the session DB)."""
+        deadline = time.monotonic() + timeout
+        done = True
         for sink in self.sinks:
-            done = sink.flush(max(0.0, deadline - time.monotonic())) and done
+            done = sink.shutdown(max(0.1, deadline - time.monotonic())) and done
+        for processor in self.processors:
+            close = getattr(processor, "close", None)
+            if close is not None:
+                close()
         return done
 
     def shutdown(self, timeout: float) -> bool:
+        """Process what is queued, stop the thread, then ``close``."""
         deadline = time.monotonic() + timeout
-        done = super().shutdown(timeout)
-        for sink in self.sinks:
-            done = sink.shutdown(max(0.1, deadline - time.monotonic())) and done
-        return done
+        done = Worker.shutdown(self, timeout)
+        return self.close(max(0.1, deadline - time.monotonic())) and done
 
     def counters(self) -> dict[str, int]:
         out = {"records_dropped": self.dropped, "sink_errors": self.failures.total}

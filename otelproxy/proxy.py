@@ -24,6 +24,7 @@ from otelproxy.errors import RequestTooLarge, RouteError, UpstreamError
 from otelproxy.pipeline import Pipeline
 from otelproxy.providers import error_body
 from otelproxy.record import Exchange, Outcome
+from otelproxy.recorder import Recorder
 from otelproxy.routing import resolve
 from otelproxy.upstream import Upstream, request_headers, response_headers
 
@@ -48,7 +49,7 @@ class Stats:
 class ProxyState:
     config: Config
     upstream: Upstream
-    pipeline: Pipeline
+    pipeline: Recorder | Pipeline
     stats: Stats = field(default_factory=Stats)
     extra_health: dict[str, object] = field(default_factory=dict)
 

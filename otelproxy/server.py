@@ -1,22 +1,18 @@
-"""Assembling and running the proxy: app, upstream seam, pipeline, sinks, graceful shutdown."""
+"""Assembling and running the proxy: app, upstream seam, recorder process, graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from otelproxy import otlp
 from otelproxy.config import Config
-from otelproxy.pipeline import Pipeline, Sink
-from otelproxy.processors import default_processors
+from otelproxy.pipeline import Pipeline
 from otelproxy.proxy import STATE, ProxyState, build_app
-from otelproxy.sessions import SessionTracker
-from otelproxy.store import LocalStore
+from otelproxy.recorder import Recorder
 from otelproxy.upstream import Upstream
 
 log = logging.getLogger("otelproxy")
@@ -26,7 +22,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: open the long-lived resources, and close them after the last handler."""
     state = app[STATE]
     await state.upstream.start()
-    state.pipeline.start()
+    await asyncio.to_thread(state.pipeline.start)
     yield
     await state.upstream.close()
     flushed = await asyncio.to_thread(state.pipeline.shutdown, max(5.0, state.config.grace_period))
@@ -37,19 +33,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 class Server:
     """A running otelproxy: ``await start()``, ``port``, ``await stop()``."""
 
-    def __init__(self, config: Config, extra_sinks: Sequence[Sink] = ()) -> None:
+    def __init__(self, config: Config, recorder: Recorder | Pipeline | None = None) -> None:
+        """``recorder``: where finished exchanges go; by default a ``Recorder`` process. An
+        in-process ``Pipeline`` (``recorder.build_pipeline``) also works, e.g. to add a sink."""
         self.config = config
         config.log_dir.mkdir(parents=True, exist_ok=True)
-        self.sessions = SessionTracker(config.db_path)
-        self.store = LocalStore(config.log_dir, self.sessions.db)
-        exporter = otlp.build_sink(config, os.environ)
-        self.otlp = exporter
-        sinks: list[Sink] = [self.store, *([exporter] if exporter is not None else []),
-                             *extra_sinks]
-        self.pipeline = Pipeline(
-            [*default_processors(), self.sessions], sinks,
-            config.record_queue_size,
-        )
+        self.pipeline = recorder if recorder is not None else Recorder(config)
         self.state = ProxyState(config, Upstream(config), self.pipeline)
         self.app = build_app(self.state)
         self.app.cleanup_ctx.append(_lifecycle)
@@ -72,7 +61,6 @@ class Server:
     async def stop(self) -> None:
         self.state.stats.shutting_down = True
         await self._runner.cleanup()
-        self.sessions.close()
 
 
 async def serve(config: Config) -> int:

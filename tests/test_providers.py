@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from otelproxy.record import Record
+from otelproxy.recorder import build_pipeline
 from otelproxy.server import Server
 from tests.conftest import RunningProxy
 from tests.fake_upstream import (
@@ -70,14 +71,16 @@ class CaptureSink:
 
 
 class CapturingProxy(RunningProxy):
-    """The real proxy with one extra sink that keeps the finished records."""
+    """The real proxy with one extra sink that keeps the finished records (the pipeline runs
+    in-process here, so the sink's records can be read back)."""
 
     def __init__(self, upstream: Any, log_dir: Path) -> None:
         self.sink = CaptureSink()
         super().__init__(upstream, log_dir)
 
     async def _make(self) -> Server:
-        server = Server(self.config, extra_sinks=[self.sink])
+        pipeline = build_pipeline(self.config, {}, extra_sinks=[self.sink])
+        server = Server(self.config, recorder=pipeline)
         await server.start()
         return server
 
