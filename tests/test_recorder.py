@@ -1,0 +1,104 @@
+"""The recorder process: never blocks the proxy, counts what it drops, outlives nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+from otelproxy import config as config_module
+from otelproxy.record import Exchange
+from otelproxy.recorder import Recorder
+
+
+def make_config(log_dir: Path, **values: object):
+    return config_module.build({"log_dir": str(log_dir), **values},
+                               list(config_module.DEFAULT_UPSTREAMS))
+
+
+def exchange(n: int) -> Exchange:
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": f"hi {n}"}]})
+    ex = Exchange(id=uuid.uuid4().hex, provider="anthropic", upstream_url="https://api.anthropic.com",
+                  method="POST", path="/v1/messages", query="",
+                  request_headers=[("content-type", "application/json")], request_body=body)
+    now = time.monotonic_ns()
+    ex.status, ex.headers_ns, ex.finished_ns = 200, now, now
+    ex.response_headers = [("content-type", "application/json")]
+    ex.chunks = [(now, b'{"type":"message","role":"assistant","content":[]}')]
+    return ex
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_records_in_another_process_and_flushes(tmp_path):
+    """Submitted exchanges are written by the recorder process; flush waits for them."""
+    recorder = Recorder(make_config(tmp_path / "logs"), env={})
+    recorder.start()
+    try:
+        assert recorder._process.pid != os.getpid()
+        for n in range(20):
+            recorder.submit(exchange(n))
+        assert recorder.flush(10)
+        assert recorder.counters()["records_written"] == 20
+        assert recorder.pending == 0
+        files = list((tmp_path / "logs" / "anthropic").glob("*.jsonl"))
+        assert len(files) == 20
+    finally:
+        assert recorder.shutdown(10)
+    assert not recorder._process.is_alive()
+
+
+def test_full_queue_drops_and_counts_without_blocking(tmp_path):
+    """With the queue full, submit returns at once and the drop is counted."""
+    recorder = Recorder(make_config(tmp_path / "logs", record_queue_size=1), env={})
+    started = time.monotonic()
+    for n in range(5):  # not started: nothing drains the queue
+        recorder.submit(exchange(n))
+    assert time.monotonic() - started < 1.0
+    assert recorder.dropped == 4
+    assert recorder.counters()["records_dropped"] == 4
+
+
+def test_dead_recorder_shows_as_an_error(tmp_path):
+    """If the recorder process dies, the counters report a sink error (/healthz degrades)."""
+    recorder = Recorder(make_config(tmp_path / "logs"), env={})
+    recorder.start()
+    recorder._process.kill()
+    recorder._process.join(10)
+    assert recorder.counters()["sink_errors"] >= 1
+    assert recorder.shutdown(1) is False
+
+
+def test_recorder_exits_when_the_proxy_process_dies(tmp_path):
+    """A recorder whose proxy process vanished flushes and exits on its own."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        from otelproxy import config
+        from otelproxy.recorder import Recorder
+        cfg = config.build({{"log_dir": {str(tmp_path / "logs")!r}}},
+                           list(config.DEFAULT_UPSTREAMS))
+        recorder = Recorder(cfg, env={{}})
+        recorder.start()
+        print(recorder._process.pid, flush=True)
+        os._exit(0)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.strip())
+    deadline = time.monotonic() + 15
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(pid)
