@@ -590,7 +590,8 @@ async def _serve_child(role: Role, conn: Connection) -> None:
         if name == "stop":
             break
         if name == "cpu":
-            conn.send({"cpu_s": tree_cpu_s()})
+            times = os.times()
+            conn.send({"cpu_s": tree_cpu_s(), "main_cpu_s": times.user + times.system})
             continue
         conn.send(await role.command(name))
     loop.remove_reader(conn.fileno())
@@ -766,12 +767,13 @@ class LoadGenerator:
         """Wait until otelproxy has recorded everything sent so far."""
         return await asyncio.to_thread(self.control["otelproxy"], "flush")
 
-    async def _cpu(self, target: str) -> float:
-        """CPU seconds (user + system, all threads) the target's process has used so far."""
+    async def _cpu(self, target: str) -> tuple[float, float]:
+        """CPU seconds (user + system, all threads) the target's process tree and its main
+        process have used so far."""
         if target not in self.control:
-            return 0.0
+            return 0.0, 0.0
         answer = await asyncio.to_thread(self.control[target], "cpu")
-        return float(answer["cpu_s"])
+        return float(answer["cpu_s"]), float(answer["main_cpu_s"])
 
     async def run(self) -> Json:
         width = max(self.settings.rps_concurrency, self.settings.sse_concurrency)
@@ -821,6 +823,7 @@ class LoadGenerator:
         s = self.settings
         samples: dict[str, list[int]] = {t: [] for t in TARGETS}
         cpu = dict.fromkeys(TARGETS, 0.0)
+        main_cpu = dict.fromkeys(TARGETS, 0.0)
         body = _request_body(False)
         per_round = max(1, s.requests // s.latency_rounds)
         for round_no in range(s.latency_rounds):
@@ -828,13 +831,15 @@ class LoadGenerator:
             last = round_no == s.latency_rounds - 1
             count = s.requests - per_round * (s.latency_rounds - 1) if last else per_round
             for target in order:
-                cpu_before = await self._cpu(target)
+                cpu_before, main_before = await self._cpu(target)
                 for _ in range(count):
                     samples[target].append(await asyncio.wait_for(
                         _post(self.singles[target], self.targets, target, body), 30))
                 if target == "otelproxy":
                     await self._flush()  # its recording work is part of its cost
-                cpu[target] += await self._cpu(target) - cpu_before
+                cpu_after, main_after = await self._cpu(target)
+                cpu[target] += cpu_after - cpu_before
+                main_cpu[target] += main_after - main_before
         out: Json = {"requests": s.requests}
         for target in TARGETS:
             out[target] = {"p50_ms": _ms(percentile(samples[target], 0.5)),
@@ -845,6 +850,8 @@ class LoadGenerator:
             out[target]["added_p99_ms"] = round(
                 out[target]["p99_ms"] - out["direct"]["p99_ms"], 3)
             out[target]["cpu_ms_per_request"] = round(cpu[target] * 1000 / s.requests, 3)
+            out[target]["main_cpu_ms_per_request"] = round(
+                main_cpu[target] * 1000 / s.requests, 3)
         out["otelproxy"]["over_bare_p50_ms"] = round(
             out["otelproxy"]["p50_ms"] - out["bare"]["p50_ms"], 3)
         return out
@@ -921,9 +928,10 @@ class LoadGenerator:
         served = dict.fromkeys(TARGETS, 0.0)
         recording = dict.fromkeys(TARGETS, 0.0)
         cpu = dict.fromkeys(TARGETS, 0.0)
+        main_cpu = dict.fromkeys(TARGETS, 0.0)
         backlog = 0
         for target in ("direct", "bare", "otelproxy", "otelproxy", "bare"):
-            cpu_before = await self._cpu(target)
+            cpu_before, main_before = await self._cpu(target)
             count, seconds = await self._throughput(target, half)
             done[target] += count
             served[target] += seconds
@@ -931,13 +939,17 @@ class LoadGenerator:
                 began = time.perf_counter()
                 backlog = max(backlog, int((await self._flush())["pending"]))
                 recording[target] += time.perf_counter() - began
-            cpu[target] += await self._cpu(target) - cpu_before
+            cpu_after, main_after = await self._cpu(target)
+            cpu[target] += cpu_after - cpu_before
+            main_cpu[target] += main_after - main_before
         out: Json = {"concurrency": s.rps_concurrency, "duration_s": s.duration}
         for target in TARGETS:
             out[target] = {"requests": done[target],
                            "rps": round(done[target] / served[target], 1)}
         for target in PROXIES:
             out[target]["cpu_ms_per_request"] = round(cpu[target] * 1000 / done[target], 3)
+            out[target]["main_cpu_ms_per_request"] = round(
+                main_cpu[target] * 1000 / done[target], 3)
         proxy = out["otelproxy"]
         proxy["rps_served"] = proxy["rps"]
         proxy["record_backlog"] = backlog
@@ -1103,7 +1115,8 @@ def format_report(r: Json) -> str:
                  f"{row['cpu_ms_per_request']:>10.3f}")
         lines.append(f"  {target:<10} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}{added}")
     lines.append(f"  recording's share (otelproxy p50 - bare p50): "
-                 f"{lat['otelproxy']['over_bare_p50_ms']:.3f} ms")
+                 f"{lat['otelproxy']['over_bare_p50_ms']:.3f} ms; otelproxy's main process "
+                 f"{lat['otelproxy']['main_cpu_ms_per_request']:.3f} CPU ms/req")
     for key, sse in r["sse"].items():
         lines += [
             "",
@@ -1131,7 +1144,8 @@ def format_report(r: Json) -> str:
         f"  {'bare':<10} {rps['bare']['rps']:>9.1f} req/s ({rps['bare']['requests']} requests, "
         f"{rps['bare']['cpu_ms_per_request']:.3f} CPU ms/req)",
         f"  {'otelproxy':<10} {proxy['rps']:>9.1f} req/s ({proxy['requests']} requests, "
-        f"{proxy['cpu_ms_per_request']:.3f} CPU ms/req; served at {proxy['rps_served']:.1f} "
+        f"{proxy['cpu_ms_per_request']:.3f} CPU ms/req, {proxy['main_cpu_ms_per_request']:.3f} "
+        f"in the main process; served at {proxy['rps_served']:.1f} "
         f"req/s, then {proxy['record_flush_s']:.2f} s to record a backlog of up to "
         f"{proxy['record_backlog']})",
         f"  otelproxy / bare = {rps['ratio']:.3f} (served only: {rps['ratio_served']:.3f})",
