@@ -10,6 +10,7 @@ Upstream origins are additive: the built-in allowlist plus every origin named by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -85,13 +86,17 @@ class Config:
     def db_path(self) -> Path:
         return self.log_dir / "sessions.db"
 
+    @functools.cached_property
+    def _origins_by_authority(self) -> dict[str, Origin]:
+        table: dict[str, Origin] = {}
+        for origin in self.upstreams:
+            table[origin.authority] = origin
+            table[f"{origin.host}:{origin.port}"] = origin
+        return table
+
     def origin_for(self, authority: str) -> Origin | None:
         """The allowed origin a route's ``host[:port]`` names, or None when it is not allowed."""
-        wanted = authority.lower()
-        for origin in self.upstreams:
-            if wanted in (origin.authority, f"{origin.host}:{origin.port}"):
-                return origin
-        return None
+        return self._origins_by_authority.get(authority.lower())
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

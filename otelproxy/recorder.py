@@ -17,6 +17,7 @@ own, after flushing, if the proxy process disappears.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import multiprocessing
@@ -73,6 +74,9 @@ class Recorder:
         self._counters: dict[str, int] = {}
         self.submitted = 0
         self.dropped = 0
+        self._drop_logs = 0
+        self._outbox: list[Exchange] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._processed = 0
 
     def start(self, timeout: float = 60.0) -> None:
@@ -86,13 +90,55 @@ class Recorder:
     # -- used on the proxy's event loop: must never block -------------------------------------
 
     def submit(self, exchange: Exchange) -> None:
+        """Queue a finished exchange. On an event loop, the exchanges finished in one loop
+        iteration go onto the queue together (one pickle, one pipe write)."""
         self.submitted += 1
         try:
-            self._queue.put_nowait(exchange)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._put([exchange])
+            return
+        self._loop = loop
+        self._outbox.append(exchange)
+        if len(self._outbox) == 1:
+            loop.call_soon(self._put_outbox)
+
+    def _put_outbox(self) -> None:
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self._put(batch)
+
+    def _push_outbox(self, timeout: float) -> None:
+        """From another thread: make sure exchanges submitted so far are on the queue."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                self._put_outbox()
+                return
+        except RuntimeError:
+            pass
+        pushed = threading.Event()
+
+        def push() -> None:
+            self._put_outbox()
+            pushed.set()
+
+        try:
+            loop.call_soon_threadsafe(push)
+        except RuntimeError:  # the loop closed meanwhile
+            return
+        pushed.wait(timeout)
+
+    def _put(self, batch: list[Exchange]) -> None:
+        try:
+            self._queue.put_nowait(batch)
         except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 100 == 0:
+            self.dropped += len(batch)
+            if self._drop_logs == 0 or self._drop_logs % 100 == 0:
                 log.error("record queue full: %d exchange(s) dropped so far", self.dropped)
+            self._drop_logs += 1
 
     @property
     def pending(self) -> int:
@@ -115,6 +161,7 @@ class Recorder:
         answer: list[bool] = []
         with self._lock:
             self._acks[token] = (done, answer)
+        self._push_outbox(timeout)
         try:
             self._queue.put((_FLUSH, token, sinks, timeout), timeout=timeout)
         except queue.Full:
@@ -129,6 +176,7 @@ class Recorder:
         if not self._process.is_alive():
             return False
         deadline = time.monotonic() + timeout
+        self._push_outbox(timeout)
         try:
             self._queue.put((_STOP, 0, True, timeout), timeout=timeout)
         except queue.Full:
@@ -218,8 +266,8 @@ def recorder_main(config: Config, env: dict[str, str], inbox: Any, results: Conn
                 break
         batch: list[object] = []
         for item in items:
-            if isinstance(item, Exchange):
-                batch.append(item)
+            if isinstance(item, list):
+                batch.extend(item)
                 continue
             pipeline.handle_segment(batch)
             processed += len(batch)

@@ -26,37 +26,35 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def end_to_end(headers: Sequence[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
-    """Headers minus the hop-by-hop set and every header ``Connection`` names."""
-    named = {
-        token.strip().lower()
-        for name, value in headers if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    return CIMultiDict(
-        (name, value) for name, value in headers
-        if name.lower() not in drop and name.lower() not in named
-    )
+def end_to_end(
+    headers: Sequence[tuple[str, str]], drop: frozenset[str], unify_case: bool = False
+) -> CIMultiDict[str]:
+    """Headers minus the hop-by-hop set and every header ``Connection`` names.
+
+    ``unify_case`` spells every repeat of a name like its first occurrence (``X-A``, ``x-a`` →
+    ``X-A``): aiohttp's ``ClientSession._prepare_headers`` keeps a repeated header only when the
+    names match case-sensitively, so a repeat spelled differently would replace the earlier value.
+    """
+    lowered = [(name.lower(), name, value) for name, value in headers]
+    named: set[str] = set()
+    for lower, _, value in lowered:
+        if lower == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+    out: CIMultiDict[str] = CIMultiDict()
+    first: dict[str, str] = {}
+    for lower, name, value in lowered:
+        if lower in drop or lower in named:
+            continue
+        out.add(first.setdefault(lower, name) if unify_case else name, value)
+    return out
 
 
 def request_headers(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
-    return end_to_end(headers, _REQUEST_DROP)
+    return end_to_end(headers, _REQUEST_DROP, unify_case=True)
 
 
 def response_headers(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
     return end_to_end(headers, HOP_BY_HOP)
-
-
-def _spell_repeats_alike(headers: CIMultiDict[str]) -> CIMultiDict[str]:
-    """Spell every repeat of a header name like its first occurrence (``X-A``, ``x-a`` → ``X-A``).
-
-    aiohttp's ``ClientSession._prepare_headers`` keeps a repeated header only when the names match
-    case-sensitively; a repeat spelled differently would silently replace the earlier value.
-    """
-    first: dict[str, str] = {}
-    return CIMultiDict(
-        (first.setdefault(name.lower(), name), value) for name, value in headers.items()
-    )
 
 
 class Upstream:
@@ -102,7 +100,7 @@ class Upstream:
             return await self._session.request(
                 method,
                 URL(url, encoded=True),
-                headers=_spell_repeats_alike(headers),
+                headers=headers,
                 data=body if body or method not in ("GET", "HEAD") else None,
                 allow_redirects=False,
                 compress=None,
