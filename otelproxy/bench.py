@@ -85,7 +85,9 @@ class Settings:
     sse_interval_ms: float = 10.0
     sse_concurrency: int = 50
     sse_single_repeats: int = 3
-    """Sequential single streams per target (their gaps are pooled)."""
+    """Rounds of one stream per target (targets interleaved; their gaps are pooled)."""
+    sse_concurrent_repeats: int = 2
+    """Rounds of ``sse_concurrency`` streams per target (targets interleaved)."""
     rps_concurrency: int = 32
     duration: float = 10.0
     """Seconds of the throughput phase per target (split in two slices, ABBA)."""
@@ -94,7 +96,8 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         base = cls(quick=True, requests=150, latency_rounds=5, warmup=30, sse_events=60,
-                   sse_single_repeats=1, duration=1.0) if args.quick else cls()
+                   sse_single_repeats=1, sse_concurrent_repeats=1,
+                   duration=1.0) if args.quick else cls()
         values: dict[str, Any] = {"otlp": args.otlp}
         if args.requests is not None:
             values["requests"] = args.requests
@@ -858,19 +861,21 @@ class LoadGenerator:
 
     async def sse(self, streams: int) -> Json:
         s = self.settings
-        repeats = s.sse_single_repeats if streams == 1 else 1
+        repeats = s.sse_single_repeats if streams == 1 else s.sse_concurrent_repeats
         out: Json = {"streams": streams, "repeats": repeats, "events": s.sse_events,
                      "interval_ms": s.sse_interval_ms}
         bound = 60 + s.sse_events * s.sse_interval_ms / 1000 * 3
-        for target in TARGETS:
-            results: list[StreamResult] = []
-            session = self.pools[target]
-            for _ in range(repeats):
-                results.extend(await asyncio.wait_for(asyncio.gather(*(
-                    _stream(session, self.targets, target, s.sse_events, s.sse_interval_ms)
+        pooled: dict[str, list[StreamResult]] = {t: [] for t in TARGETS}
+        for round_no in range(repeats):  # rounds interleave the targets: noise hits all alike
+            for target in TARGETS[round_no % 3:] + TARGETS[:round_no % 3]:
+                pooled[target].extend(await asyncio.wait_for(asyncio.gather(*(
+                    _stream(self.pools[target], self.targets, target, s.sse_events,
+                            s.sse_interval_ms)
                     for _ in range(streams))), bound))
                 if target == "otelproxy":
-                    await self._flush()  # each repeat starts with nothing left to record
+                    await self._flush()  # each round starts with nothing left to record
+        for target in TARGETS:
+            results = pooled[target]
             gaps = [gap for r in results for gap in r.gaps_ns]
             firsts = [r.first_event_ns for r in results if r.first_event_ns is not None]
             expected = len(results) * s.sse_events
