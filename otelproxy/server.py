@@ -65,6 +65,10 @@ class Server:
 
 async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT, then drain streams in flight, flush the record and return 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before anything can announce the port
+        loop.add_signal_handler(sig, stop.set)
     server = Server(config)
     try:
         await server.start()
@@ -73,12 +77,8 @@ async def serve(config: Config) -> int:
         raise
     log.info("otelproxy listening on http://%s:%d, recording to %s", config.host, server.port,
              config.log_dir)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: waiting up to %.0f s for %d stream(s) in flight",
+    log.info("shutting down: waiting up to %g s for %d stream(s) in flight",
              config.grace_period, server.state.stats.in_flight)
     await server.stop()
     log.info("stopped")
