@@ -88,6 +88,8 @@ class Settings:
     """Rounds of one stream per target (targets interleaved; their gaps are pooled)."""
     sse_concurrent_repeats: int = 2
     """Rounds of ``sse_concurrency`` streams per target (targets interleaved)."""
+    first_event_probes: int = 40
+    """Short streams per target (targets interleaved) to time the first SSE event."""
     rps_concurrency: int = 32
     duration: float = 10.0
     """Seconds of the throughput phase per target (split in two slices, ABBA)."""
@@ -96,7 +98,7 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         base = cls(quick=True, requests=150, latency_rounds=5, warmup=30, sse_events=60,
-                   sse_single_repeats=1, sse_concurrent_repeats=1,
+                   sse_single_repeats=1, sse_concurrent_repeats=1, first_event_probes=10,
                    duration=1.0) if args.quick else cls()
         values: dict[str, Any] = {"otlp": args.otlp}
         if args.requests is not None:
@@ -796,6 +798,9 @@ class LoadGenerator:
         self.progress("latency: 1 connection, sequential")
         results["latency"] = await self.latency()
         await self._flush()
+        self.progress("SSE: first-event delay")
+        results["first_event"] = await self.first_event()
+        await self._flush()
         sse: Json = {}
         for streams in (1, self.settings.sse_concurrency):
             self.progress(f"SSE: {streams} concurrent stream(s)")
@@ -857,6 +862,25 @@ class LoadGenerator:
                 main_cpu[target] * 1000 / s.requests, 3)
         out["otelproxy"]["over_bare_p50_ms"] = round(
             out["otelproxy"]["p50_ms"] - out["bare"]["p50_ms"], 3)
+        return out
+
+    async def first_event(self) -> Json:
+        """Request sent -> first SSE event received, over short single streams."""
+        s = self.settings
+        delays: dict[str, list[int]] = {t: [] for t in TARGETS}
+        for probe in range(s.first_event_probes):
+            for target in TARGETS[probe % 3:] + TARGETS[:probe % 3]:
+                result = await asyncio.wait_for(
+                    _stream(self.singles[target], self.targets, target, 3, 1.0), 30)
+                if result.first_event_ns is not None:
+                    delays[target].append(result.first_event_ns)
+        out: Json = {"probes": s.first_event_probes}
+        for target in TARGETS:
+            out[target] = {"p50_ms": _ms(percentile(delays[target], 0.5)),
+                           "p99_ms": _ms(percentile(delays[target], 0.99))}
+        for target in PROXIES:
+            out[target]["added_p50_ms"] = round(
+                out[target]["p50_ms"] - out["direct"]["p50_ms"], 3)
         return out
 
     async def sse(self, streams: int) -> Json:
@@ -1122,6 +1146,13 @@ def format_report(r: Json) -> str:
     lines.append(f"  recording's share (otelproxy p50 - bare p50): "
                  f"{lat['otelproxy']['over_bare_p50_ms']:.3f} ms; otelproxy's main process "
                  f"{lat['otelproxy']['main_cpu_ms_per_request']:.3f} CPU ms/req")
+    first = r["first_event"]
+    lines += ["", f"SSE first-event delay (request sent -> first event), {first['probes']} short "
+              "streams per target, 1 connection:"]
+    for target in TARGETS:
+        added = "" if target == "direct" else f", added p50 {first[target]['added_p50_ms']:.3f}"
+        lines.append(f"  {target:<10} p50 {first[target]['p50_ms']:.3f} ms, "
+                     f"p99 {first[target]['p99_ms']:.3f} ms{added}")
     for key, sse in r["sse"].items():
         lines += [
             "",

@@ -41,6 +41,9 @@ def test_quick_run_reports_every_figure(quick: dict[str, Any]) -> None:
         assert _number(latency[target]["added_p50_ms"])
         assert _number(latency[target]["added_p99_ms"])
         assert _number(latency[target]["cpu_ms_per_request"])
+    first = quick["first_event"]
+    for target in ("direct", "bare", "otelproxy"):
+        assert _number(first[target]["p50_ms"]) and _number(first[target]["p99_ms"])
     assert set(quick["sse"]) == {"1", "50"}
     for sse in quick["sse"].values():
         for target in ("direct", "bare", "otelproxy"):
