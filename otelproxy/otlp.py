@@ -614,53 +614,25 @@ class _Tally:
             return self.dropped, sum(self.failed.values())
 
 
-class _CountingSpanExporter(SpanExporter):
-    """Wraps the OTLP exporter to count what was delivered and what was lost."""
+class _Counting:
+    """What both counting exporters share: delegate to the OTLP exporter, count what was
+    delivered and what was lost, report losses, and stop only once."""
 
-    def __init__(self, inner: OTLPSpanExporter, tally: _Tally, report: Callable[[], None]) -> None:
+    def __init__(self, inner: OTLPSpanExporter | OTLPLogExporter, signal: str, tally: _Tally,
+                 report: Callable[[], None]) -> None:
         self.inner = inner
+        self._signal = signal
         self._tally = tally
         self._report = report
         self._closed = False
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        result = SpanExportResult.FAILURE
-        try:
-            result = self.inner.export(spans)
-        finally:
-            self._tally.done("traces", len(spans), result is SpanExportResult.SUCCESS)
-            if result is not SpanExportResult.SUCCESS:
-                self._report()
-        return result
-
-    def shutdown(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.inner.shutdown()  # type: ignore[no-untyped-call]
-
-    abort = shutdown
-    """Stop now: pending retries give up, later exports fail at once."""
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
-class _CountingLogExporter(LogRecordExporter):
-    """Wraps the OTLP exporter to count what was delivered and what was lost."""
-
-    def __init__(self, inner: OTLPLogExporter, tally: _Tally, report: Callable[[], None]) -> None:
-        self.inner = inner
-        self._tally = tally
-        self._report = report
-        self._closed = False
-
-    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        result = LogRecordExportResult.FAILURE
+    def _export(self, batch: Sequence[Any], success: Any, failure: Any) -> Any:
+        result = failure
         try:
             result = self.inner.export(batch)
         finally:
-            self._tally.done("logs", len(batch), result is LogRecordExportResult.SUCCESS)
-            if result is not LogRecordExportResult.SUCCESS:
+            self._tally.done(self._signal, len(batch), result is success)
+            if result is not success:
                 self._report()
         return result
 
@@ -674,6 +646,26 @@ class _CountingLogExporter(LogRecordExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+class _CountingSpanExporter(_Counting, SpanExporter):
+    def __init__(self, inner: OTLPSpanExporter, tally: _Tally, report: Callable[[], None]) -> None:
+        super().__init__(inner, "traces", tally, report)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result: SpanExportResult = self._export(
+            spans, SpanExportResult.SUCCESS, SpanExportResult.FAILURE)
+        return result
+
+
+class _CountingLogExporter(_Counting, LogRecordExporter):
+    def __init__(self, inner: OTLPLogExporter, tally: _Tally, report: Callable[[], None]) -> None:
+        super().__init__(inner, "logs", tally, report)
+
+    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
+        result: LogRecordExportResult = self._export(
+            batch, LogRecordExportResult.SUCCESS, LogRecordExportResult.FAILURE)
+        return result
 
 
 class _OncePerInterval(logging.Filter):
