@@ -44,8 +44,8 @@ sessions.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-import secrets
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,9 +65,16 @@ _TEXT_TYPES = ("text", "input_text", "output_text")
 _USER_ID_SESSION = re.compile(r"session_([0-9a-fA-F-]{8,})")
 
 
+_id_prefix: tuple[int, str] = (-1, "")
+
+
 def new_session_id(ts: float) -> str:
     """``{YYYYMMDD-HHMMSS}-{4 hex}`` as in the seed."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    global _id_prefix
+    second = int(ts)
+    if _id_prefix[0] != second:
+        _id_prefix = (second, datetime.fromtimestamp(second, UTC).strftime("%Y%m%d-%H%M%S-"))
+    return _id_prefix[1] + os.urandom(2).hex()
 
 
 def _empty(value: Any) -> bool:
