@@ -53,17 +53,12 @@ class Recorder:
         self.config = config
         self._env = dict(os.environ if env is None else env)
         otlp.resolve(config, self._env)  # a bad OTLP setting fails here, as a ConfigError
-        context = multiprocessing.get_context("spawn")
-        self._queue: Any = context.Queue(config.record_queue_size)
-        receive, send = context.Pipe(duplex=False)
-        self._results: Connection = receive
-        self._process = context.Process(
-            target=recorder_main, args=(config, self._env, self._queue, send),
-            name="otelproxy-recorder",
-            # A daemonic process may not have children; then shutdown() must stop it.
-            daemon=not multiprocessing.current_process().daemon,
-        )
-        self._child_end = send
+        self._context = multiprocessing.get_context("spawn")
+        self._queue: Any = self._context.Queue(config.record_queue_size)
+        self._results, self._child_end, self._process = self._make_process()
+        self._stopping = False
+        self.restarts = 0
+        self._earlier: dict[str, int] = {}  # counters of recorder processes that have died
         self._tokens = itertools.count(1)
         self._acks: dict[int, tuple[threading.Event, list[bool]]] = {}
         self._lock = threading.Lock()
@@ -78,6 +73,39 @@ class Recorder:
         self._outbox: list[Exchange] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._processed = 0
+
+    def _make_process(self) -> tuple[Connection, Connection, Any]:
+        receive, send = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=recorder_main, args=(self.config, self._env, self._queue, send),
+            name="otelproxy-recorder",
+            # A daemonic process may not have children; then shutdown() must stop it.
+            daemon=not multiprocessing.current_process().daemon,
+        )
+        return receive, send, process
+
+    def _restart(self) -> None:
+        """The recorder died (killed, out of memory): start another so recording goes on.
+
+        The exchanges still on the old queue are lost with it, and counted as dropped: a
+        process killed while it held the queue's reader lock leaves the queue unusable, so the
+        new recorder gets a new queue."""
+        self._process.join(5)
+        self.restarts += 1
+        for key, value in self._counters.items():
+            self._earlier[key] = self._earlier.get(key, 0) + value
+        self._earlier["processed"] = self._earlier.get("processed", 0) + self._processed
+        self._counters, self._processed = {}, 0
+        lost = self.pending
+        self.dropped += lost
+        log.error("the recorder process exited (status %s) with %d exchange(s) unrecorded; "
+                  "starting a new one (restart %d)", self._process.exitcode, lost, self.restarts)
+        old, self._queue = self._queue, self._context.Queue(self.config.record_queue_size)
+        old.cancel_join_thread()
+        old.close()
+        self._results, self._child_end, self._process = self._make_process()
+        self._process.start()
+        self._child_end.close()
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the recorder process and wait until it has opened the record."""
@@ -142,13 +170,20 @@ class Recorder:
 
     @property
     def pending(self) -> int:
-        return max(0, self.submitted - self.dropped - self._processed)
+        processed = self._processed + self._earlier.get("processed", 0)
+        return max(0, self.submitted - self.dropped - processed)
 
     def counters(self) -> dict[str, int]:
         out = dict(self._counters)
+        for key, value in self._earlier.items():
+            if key != "processed":
+                out[key] = out.get(key, 0) + value
         out["records_dropped"] = out.get("records_dropped", 0) + self.dropped
+        out["recorder_restarts"] = self.restarts
+        # A recorder that died counts as a sink error: /healthz turns "degraded".
+        out["sink_errors"] = out.get("sink_errors", 0) + self.restarts
         if not self._process.is_alive() and not self._stopped.is_set():
-            out["sink_errors"] = out.get("sink_errors", 0) + 1
+            out["sink_errors"] += 1
         return out
 
     # -- blocking calls, for shutdown and tests ------------------------------------------------
@@ -173,6 +208,7 @@ class Recorder:
 
     def shutdown(self, timeout: float) -> bool:
         """Record everything submitted, flush the sinks, stop the process."""
+        self._stopping = True
         if not self._process.is_alive():
             return False
         deadline = time.monotonic() + timeout
@@ -196,8 +232,11 @@ class Recorder:
             try:
                 kind, payload = self._results.recv()
             except (EOFError, OSError):
-                self._ready.set()
-                return
+                if self._stopping or self._stopped.is_set() or not self._ready.is_set():
+                    self._ready.set()
+                    return
+                self._restart()
+                continue
             if kind == "counters":
                 self._processed = payload.pop("processed", self._processed)
                 self._counters = payload

@@ -71,14 +71,31 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path):
     assert recorder.counters()["records_dropped"] == 4
 
 
-def test_dead_recorder_shows_as_an_error(tmp_path):
-    """If the recorder process dies, the counters report a sink error (/healthz degrades)."""
+def test_dead_recorder_is_replaced_and_reported(tmp_path):
+    """A killed recorder is replaced: later exchanges are recorded; /healthz counts the error
+    and the exchanges that were lost with it."""
     recorder = Recorder(make_config(tmp_path / "logs"), env={})
     recorder.start()
-    recorder._process.kill()
-    recorder._process.join(10)
-    assert recorder.counters()["sink_errors"] >= 1
-    assert recorder.shutdown(1) is False
+    try:
+        recorder.submit(exchange(0))
+        assert recorder.flush(10)
+        first = recorder._process
+        first.kill()
+        first.join(10)
+        deadline = time.monotonic() + 30
+        while recorder._process is first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert recorder._process is not first
+        for n in range(1, 4):
+            recorder.submit(exchange(n))
+        assert recorder.flush(30)
+        counters = recorder.counters()
+        assert counters["recorder_restarts"] == 1 and counters["sink_errors"] >= 1
+        assert counters["records_written"] == 4 and counters["records_dropped"] == 0
+        assert recorder.pending == 0
+        assert len(list((tmp_path / "logs" / "anthropic").glob("*.jsonl"))) == 4
+    finally:
+        assert recorder.shutdown(10)
 
 
 def test_recorder_exits_when_the_proxy_process_dies(tmp_path):
