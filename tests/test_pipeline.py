@@ -1,0 +1,91 @@
+"""The in-process pipeline: failures are counted, never raised; queues never block."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from otelproxy.pipeline import Pipeline
+from otelproxy.record import Exchange, Record
+
+
+def exchange(n: int) -> Exchange:
+    return Exchange(id=str(n), provider="anthropic", upstream_url="https://api.anthropic.com",
+                    method="GET", path="/v1/models", query="", request_headers=[])
+
+
+class Boom:
+    name = "boom"
+
+    def __call__(self, record: Record) -> None:
+        raise ValueError("processor bug")
+
+
+class Collect:
+    name = "collect"
+
+    def __init__(self, fail_on: str | None = None, gate: threading.Event | None = None) -> None:
+        self.records: list[Record] = []
+        self.fail_on = fail_on
+        self.gate = gate
+
+    def submit(self, record: Record) -> None:
+        if self.gate is not None:
+            self.gate.wait(10)
+        if record.exchange.id == self.fail_on:
+            raise OSError("disk full")
+        self.records.append(record)
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def shutdown(self, timeout: float) -> bool:
+        return True
+
+    def counters(self) -> dict[str, int]:
+        return {"records_written": len(self.records)}
+
+
+def test_failing_processor_is_noted_and_the_record_still_reaches_sinks():
+    """A processor that raises leaves a note on the record and a count; sinks still get it."""
+    sink = Collect()
+    pipeline = Pipeline([Boom()], [sink])
+    pipeline.start()
+    for n in range(3):
+        pipeline.submit(exchange(n))
+    assert pipeline.flush(5)
+    assert [r.exchange.id for r in sink.records] == ["0", "1", "2"]
+    assert sink.records[0].notes == ["processor boom failed: ValueError"]
+    assert pipeline.counters()["sink_errors"] == 3
+    assert pipeline.shutdown(5)
+
+
+def test_failing_sink_is_counted_and_others_continue():
+    """A sink that raises on one record is counted; later records are written."""
+    sink = Collect(fail_on="1")
+    pipeline = Pipeline([], [sink])
+    pipeline.start()
+    for n in range(3):
+        pipeline.submit(exchange(n))
+    assert pipeline.flush(5)
+    assert [r.exchange.id for r in sink.records] == ["0", "2"]
+    assert pipeline.counters()["sink_errors"] == 1
+    assert pipeline.shutdown(5)
+
+
+def test_full_queue_drops_without_blocking_and_counts():
+    """With the worker stuck and the queue full, submit returns at once and counts the drop."""
+    gate = threading.Event()
+    sink = Collect(gate=gate)
+    pipeline = Pipeline([], [sink], maxsize=2)
+    pipeline.start()
+    started = time.monotonic()
+    for n in range(10):
+        pipeline.submit(exchange(n))
+    assert time.monotonic() - started < 0.5
+    gate.set()
+    assert pipeline.flush(5)
+    counters = pipeline.counters()
+    assert counters["records_dropped"] >= 7
+    assert counters["records_dropped"] + len(sink.records) == 10
+    assert pipeline.shutdown(5)
