@@ -52,7 +52,6 @@ class ProxyState:
     upstream: Upstream
     pipeline: Recorder | Pipeline
     stats: Stats = field(default_factory=Stats)
-    extra_health: dict[str, object] = field(default_factory=dict)
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -90,7 +89,6 @@ async def healthz(request: web.Request) -> web.Response:
         "upstream_aborts": stats.upstream_aborts,
         "records_pending": state.pipeline.pending,
         **counters,
-        **state.extra_health,
     }
     return web.json_response(body)
 
