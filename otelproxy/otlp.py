@@ -1,9 +1,10 @@
 """OpenTelemetry export (to Seq): one span and two log records per exchange.
 
 The local JSONL + SQLite record is the complete copy; this sink is the live, searchable view.
-It is built *after* the exchange, from the finished ``Record``, on this sink's own worker thread:
+It is built *after* the exchange, from the finished ``Record``, on this sink's own worker thread
+inside the recorder process (``otelproxy.recorder``), never in the proxy's process:
 
-    pipeline thread ──submit()──► [bounded queue] ──otlp thread──► span + 2 log records
+    pipeline ──submit()──► [bounded queue] ──otlp thread──► span + 2 log records
                                                                     │ SDK batch processors
                                                                     ▼ (own threads, bounded)
                                                      OTLP/HTTP protobuf ──► Seq /ingest/otlp/v1/…
