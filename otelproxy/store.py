@@ -140,6 +140,8 @@ def response_entry(record: Record) -> dict[str, Any]:
     if exchange.generated_response:
         entry["generated_by_proxy"] = True
     entry["proxy"] = {"overhead_ms": round(exchange.proxy_ns / 1e6, 3)}
+    if parsed.parse_error:
+        entry["parse_error"] = parsed.parse_error
     if record.notes:
         entry["notes"] = record.notes
     return entry

@@ -525,9 +525,9 @@ def test_loop_thread_runs_coroutines_and_stops() -> None:
     assert loop_thread.loop.is_closed()
 
 
-@pytest.mark.skipif(CLAUDE_BIN is None, reason="Claude Code CLI not installed")
 def test_claude_code_runs_against_fake(fake: FakeUpstream) -> None:
     """The real Claude Code CLI runs the Bash tool loop against the fake; --continue resumes it."""
+    assert CLAUDE_BIN is not None, "Claude Code CLI not found: scripts/test.sh installs it"
     with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as cwd:
         first = run_claude(
             ["-p", "RUN_TOOL:echo fake-tool-ran", "--dangerously-skip-permissions"],

@@ -263,3 +263,21 @@ def test_sessions_db_is_sqlite_with_the_exchanges_table(proxy: RunningProxy) -> 
     with sqlite3.connect(path) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     assert {"exchanges", "sessions"} <= tables
+
+
+def test_unparseable_json_body_is_recorded_with_its_parse_error(proxy: RunningProxy) -> None:
+    """A body that looks like JSON but is not is forwarded as is; the record says why it could
+    not be parsed."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(proxy.base() + "/v1/messages", data=b'{"model": oops',
+                                     headers={"content-type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=10).read()
+    except urllib.error.HTTPError as exc:
+        exc.read()
+    responses = [e for e in proxy.entries("anthropic/untracked-*.jsonl")
+                 if e["type"] == "response"]
+    assert len(responses) == 1
+    assert responses[0]["parse_error"].startswith("request body is not JSON")
