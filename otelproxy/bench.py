@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import math
 import multiprocessing
@@ -39,7 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
@@ -49,6 +48,8 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 from aiohttp import web
+
+from otelproxy.server import loop_name, run
 
 T = TypeVar("T")
 Json = dict[str, Any]
@@ -152,24 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- event loops and child processes -------------------------------------------------------------
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        module = importlib.import_module("uvloop")
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = module.new_event_loop
-    return factory
-
-
-def loop_name() -> str:
-    return "uvloop" if _loop_factory() is not None else "asyncio"
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(coro)
 
 
 def _proc_stat(pid: int | str) -> list[str]:

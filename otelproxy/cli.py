@@ -6,7 +6,6 @@ Configuration errors print one line on stderr and exit with status 2, never a tr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sqlite3
@@ -169,10 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=cfg.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from otelproxy.server import serve
+    from otelproxy.server import run, serve
 
     try:
-        return asyncio.run(serve(cfg))
+        return run(serve(cfg))
     except ConfigError as exc:  # e.g. an invalid OTEL_EXPORTER_OTLP_* value (otlp.resolve)
         sys.stderr.write(f"otelproxy: error: {exc}\n")
         return 2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -16,6 +18,30 @@ from otelproxy.recorder import Recorder
 from otelproxy.upstream import Upstream
 
 log = logging.getLogger("otelproxy")
+
+T = TypeVar("T")
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (a dependency wherever it builds: Linux, macOS),
+    else None: asyncio's own. On loopback uvloop took about a third off the proxy's CPU time per
+    request (README "Benchmark")."""
+    try:
+        module = importlib.import_module("uvloop")
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = module.new_event_loop
+    return factory
+
+
+def loop_name() -> str:
+    return "uvloop" if loop_factory() is not None else "asyncio"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on the loop ``loop_factory`` picks."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(coro)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

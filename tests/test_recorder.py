@@ -14,7 +14,7 @@ import orjson
 
 from otelproxy import config as config_module
 from otelproxy.record import Exchange
-from otelproxy.recorder import Recorder
+from otelproxy.recorder import Channel, Recorder, frame, unframe
 
 
 def make_config(log_dir: Path, **values: object):
@@ -119,3 +119,73 @@ def test_recorder_exits_when_the_proxy_process_dies(tmp_path):
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_alive(pid)
+
+
+def test_frames_split_anywhere_are_reassembled_in_order():
+    """The pipe delivers bytes, not messages: frames cut at any byte come out whole, in order."""
+    stream = b"".join(frame(["item", n, b"x" * n]) for n in range(50))
+    buffer = bytearray()
+    out = []
+    for cut in range(0, len(stream), 7):
+        buffer += stream[cut:cut + 7]
+        out.extend(unframe(buffer))
+    assert out == [["item", n, b"x" * n] for n in range(50)]
+    assert buffer == bytearray()
+
+
+def test_channel_buffers_when_the_pipe_is_full_and_the_loop_drains_it():
+    """With the recorder not reading, sends never block; once it reads, the event loop writes
+    the buffered rest (add_writer) and every frame arrives, in order."""
+    import asyncio
+    import multiprocessing
+    import threading
+
+    receive, feed = multiprocessing.Pipe(duplex=False)
+    channel = Channel(feed)
+    payload = b"y" * 100_000
+    count = 60  # ~6 MB: far more than any pipe buffer
+
+    async def produce() -> float:
+        started = time.monotonic()
+        for n in range(count):
+            assert channel.send((n, payload))
+        elapsed = time.monotonic() - started
+        assert channel.buffered > 0  # the pipe is full: the rest waits in the buffer
+        received: list[object] = []
+
+        def consume() -> None:
+            buffer = bytearray()
+            while len(received) < count:
+                buffer += os.read(receive.fileno(), 1 << 20)
+                received.extend(unframe(buffer))
+
+        reader = threading.Thread(target=consume, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 20
+        while len(received) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the loop runs the writer callback meanwhile
+        assert [item[0] for item in received] == list(range(count))
+        assert all(item[1] == payload for item in received)
+        assert channel.buffered == 0
+        return elapsed
+
+    elapsed = asyncio.run(produce())
+    assert elapsed < 2.0  # 60 sends into a full pipe returned without waiting for a reader
+    channel.close()
+    receive.close()
+
+
+def test_channel_refuses_beyond_its_limit_and_after_the_reader_is_gone():
+    import multiprocessing
+
+    receive, feed = multiprocessing.Pipe(duplex=False)
+    channel = Channel(feed, limit=300_000)
+    sent = 0
+    while channel.send(b"z" * 100_000):
+        sent += 1
+        assert sent < 1000
+    assert channel.buffered <= 300_000
+    receive.close()
+    assert channel.wait_sent(5) is False  # EPIPE: broken, the buffer is given up
+    assert channel.broken and not channel.send(b"more")
+    channel.close()
