@@ -11,8 +11,9 @@ Bump ``SCHEMA_VERSION`` whenever the JSONL entry shape or the SQLite schema chan
 
 from __future__ import annotations
 
+import operator
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -91,6 +92,11 @@ class Exchange:
     generated_response: bool = False
     """True when the proxy wrote the response itself (502/504 on upstream failure)."""
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled as the constructor's arguments, in field order: the proxy pickles every
+        exchange for the recorder, and this is about three times cheaper than the default."""
+        return (Exchange, _exchange_fields(self))
+
     @property
     def response_size(self) -> int:
         return sum(len(chunk) for _, chunk in self.chunks)
@@ -100,6 +106,9 @@ class Exchange:
 
     def wall_time(self, ns: int) -> float:
         return self.started_wall + (ns - self.started_ns) / 1e9
+
+
+_exchange_fields = operator.attrgetter(*(item.name for item in fields(Exchange)))
 
 
 @dataclass(slots=True)

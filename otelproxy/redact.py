@@ -50,7 +50,11 @@ def obfuscate_header(name: str, value: str) -> str:
 
 
 def redact_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(name, obfuscate_header(name, value)) for name, value in headers]
+    return [
+        (name, value) if "sk-" not in value and name.lower() not in SECRET_HEADERS
+        else (name, obfuscate_header(name, value))
+        for name, value in headers
+    ]
 
 
 def redact_text(text: str) -> str:
