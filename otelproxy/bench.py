@@ -19,7 +19,8 @@ time, bare and otelproxy alternated ABBA); then the record is flushed, the proxy
 JSONL ``request`` entries and SQLite ``exchanges`` rows are counted against what was sent.
 
 Every loop is bounded in count and in time; only 127.0.0.1 is contacted. uvloop is used in every
-process when it is installed, in none otherwise.
+process when it is installed (it is a dependency of otelproxy on Linux and macOS, and otelproxy
+itself runs on it), in none otherwise.
 """
 
 from __future__ import annotations

@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-connections", metavar="N",
                        help="concurrent upstream connections (default 1000)")
     serve.add_argument("--record-queue-size", metavar="N",
-                       help="batches of finished exchanges waiting for the recorder before new "
-                       "ones are dropped and counted (default 10000)")
+                       help="finished exchanges not yet recorded before new ones are dropped "
+                       "from the record and counted (default 10000)")
     serve.add_argument("--seq-url", metavar="URL",
                        help="export OTLP to Seq at URL (sets the endpoint to URL/ingest/otlp)")
     serve.add_argument("--seq-api-key", metavar="KEY",

@@ -14,7 +14,7 @@ import orjson
 
 from otelproxy import config as config_module
 from otelproxy.record import Exchange
-from otelproxy.recorder import Channel, Recorder, frame, unframe
+from otelproxy.recorder import RECORDER_NICE, Channel, Recorder, frame, unframe
 
 
 def make_config(log_dir: Path, **values: object):
@@ -58,6 +58,18 @@ def test_records_in_another_process_and_flushes(tmp_path):
     finally:
         assert recorder.shutdown(10)
     assert not recorder._process.is_alive()
+
+
+def test_recorder_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path):
+    """Under CPU contention the proxy's event loop runs first; the record catches up."""
+    recorder = Recorder(make_config(tmp_path / "logs"), env={})
+    recorder.start()
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        theirs = os.getpriority(os.PRIO_PROCESS, recorder._process.pid)
+        assert theirs == min(19, mine + RECORDER_NICE) and theirs > mine
+    finally:
+        assert recorder.shutdown(10)
 
 
 def test_full_queue_drops_and_counts_without_blocking(tmp_path):
