@@ -164,18 +164,20 @@ def test_channel_buffers_when_the_pipe_is_full_and_the_loop_drains_it():
         elapsed = time.monotonic() - started
         assert channel.buffered > 0  # the pipe is full: the rest waits in the buffer
         received: list[object] = []
+        loop = asyncio.get_running_loop()
+        all_received = asyncio.Event()
 
         def consume() -> None:
             buffer = bytearray()
             while len(received) < count:
                 buffer += os.read(receive.fileno(), 1 << 20)
                 received.extend(unframe(buffer))
+            loop.call_soon_threadsafe(all_received.set)
 
         reader = threading.Thread(target=consume, daemon=True)
         reader.start()
-        deadline = time.monotonic() + 20
-        while len(received) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # the loop runs the writer callback meanwhile
+        # Meanwhile only the loop's writer callback can move the buffered rest into the pipe.
+        await asyncio.wait_for(all_received.wait(), 20)
         assert [item[0] for item in received] == list(range(count))
         assert all(item[1] == payload for item in received)
         assert channel.buffered == 0
