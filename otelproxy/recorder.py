@@ -181,13 +181,25 @@ class Channel:
             select.select([], [self._fd], [], min(remaining, 0.1))
 
     def close(self) -> None:
+        """Give up what is buffered and close the pipe (after the loop stopped watching it)."""
         with self._lock:
             loop, self._watching = self._watching, None
-            if loop is not None and not loop.is_closed():
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(loop.remove_writer, self._fd)
             self.broken = True
             self._buffer.clear()
+        if loop is not None and not loop.is_closed():
+            def finish() -> None:
+                loop.remove_writer(self._fd)
+                self._connection.close()
+
+            try:
+                if asyncio.get_running_loop() is loop:
+                    finish()
+                    return
+            except RuntimeError:
+                pass
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(finish)
+                return
         self._connection.close()
 
 
