@@ -202,13 +202,17 @@ def _messages_body(size: int) -> bytes:
 
 
 def test_request_of_exactly_32_mib_is_forwarded(proxy: RunningProxy, fake: FakeUpstream) -> None:
-    """A 32 MiB request body (the API's own limit) passes the proxy whole."""
+    """A 32 MiB request body (the API's own limit) passes the proxy whole, and reaches the
+    record whole: 32 times the recorder pipe's buffer, so the proxy's loop drains it in parts."""
     body = _messages_body(32 * MiB)
     answer = httpx2.post(proxy.base() + "/v1/messages", content=body,
                          headers={"content-type": "application/json"}, timeout=60)
     assert answer.status_code == 200
     [call] = fake.model_calls()
     assert len(call.body) == 32 * MiB and call.body == body
+    proxy.flush()
+    [request] = [e for e in proxy.entries() if e["type"] == "request"]
+    assert request["size"] == 32 * MiB and request["body"].encode() == body
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])

@@ -75,6 +75,14 @@ def turns(proxy: RunningProxy) -> list[tuple[str, int]]:
     return [(row["session_id"], row["seq"]) for row in rows]
 
 
+def exchanges_summary(proxy: RunningProxy) -> list[tuple[Any, ...]]:
+    """What an assertion on turns shows when it fails: every exchange, in arrival order."""
+    with proxy.db() as conn:
+        rows = conn.execute("SELECT ts, session_id, seq, status, outcome, stop_reason"
+                            " FROM exchanges ORDER BY ts").fetchall()
+    return [tuple(row) for row in rows]
+
+
 def session_row(proxy: RunningProxy, session_id: str) -> dict[str, Any]:
     with proxy.db() as conn:
         row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
@@ -259,8 +267,8 @@ def test_openai_chat_streamed_tool_calls_one_session_and_fork(proxy, fake):
     messages.append({"role": "user", "content": "and tomorrow?"})
     client.chat.completions.create(model="gpt-5", messages=messages, stream=False)
     recorded = turns(proxy)
-    assert [seq for _, seq in recorded] == [1, 2, 3]
-    assert len({sid for sid, _ in recorded}) == 1
+    assert [seq for _, seq in recorded] == [1, 2, 3], exchanges_summary(proxy)
+    assert len({sid for sid, _ in recorded}) == 1, exchanges_summary(proxy)
     # Rewind to after turn 2 (the answer to the tool result), with a new system prompt.
     rewound = [{"role": "system", "content": "a different system prompt"}, *messages[1:5],
                {"role": "user", "content": "rather Rome?"}]
