@@ -120,16 +120,12 @@ class Channel:
         with self._lock:
             if self.broken or len(self._buffer) + len(data) > self._limit:
                 return False
-            if self._buffer:
-                self._buffer += data
-                self._drain()
-            else:
-                written = self._write(data)
-                if written == len(data):
-                    return True
+            written = 0 if self._buffer else self._write(data)  # keep frames in order
+            if written < len(data):
                 self._buffer += memoryview(data)[written:]
-            if self._buffer:
-                self._watch()
+                self._drain()
+                if self._buffer:
+                    self._watch()
         return True
 
     def _write(self, data: bytes | bytearray | memoryview) -> int:
@@ -446,12 +442,7 @@ class _Inbox:
         ready, _, _ = select.select([self._fd], [], [], max(0.0, timeout))
         if not ready:
             return []
-        while True:
-            try:
-                data = os.read(self._fd, _PIPE_SIZE)
-            except InterruptedError:
-                continue
-            break
+        data = os.read(self._fd, _PIPE_SIZE)  # EINTR is retried by Python itself (PEP 475)
         if not data:
             self.closed = True
             return []

@@ -24,8 +24,7 @@ T = TypeVar("T")
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when it is installed (a dependency wherever it builds: Linux, macOS),
-    else None: asyncio's own. On loopback uvloop took about a third off the proxy's CPU time per
-    request (README "Benchmark")."""
+    else None: asyncio's own."""
     try:
         module = importlib.import_module("uvloop")
     except ImportError:

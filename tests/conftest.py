@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,9 +13,40 @@ import orjson
 import pytest
 
 from otelproxy import config as config_module
+from otelproxy.record import Record
 from otelproxy.server import Server
 from tests.fake_upstream import FakeUpstream, LoopThread
 from tests.raw_upstream import RawUpstream
+
+
+class Collect:
+    """A sink keeping every finished record (what OTLP and the store read). ``fail_on`` makes it
+    raise for one exchange id; with a ``gate`` it holds each record until the gate opens."""
+
+    name = "collect"
+
+    def __init__(self, fail_on: str | None = None, gate: threading.Event | None = None) -> None:
+        self.records: list[Record] = []
+        self.fail_on = fail_on
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def submit(self, record: Record) -> None:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        if record.exchange.id == self.fail_on:
+            raise OSError("disk full")
+        self.records.append(record)
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def shutdown(self, timeout: float) -> bool:
+        return True
+
+    def counters(self) -> dict[str, int]:
+        return {}
 
 
 class RunningProxy:

@@ -7,6 +7,7 @@ import time
 
 from otelproxy.pipeline import Pipeline
 from otelproxy.record import Exchange, Record
+from tests.conftest import Collect
 
 
 def exchange(n: int) -> Exchange:
@@ -19,33 +20,6 @@ class Boom:
 
     def __call__(self, record: Record) -> None:
         raise ValueError("processor bug")
-
-
-class Collect:
-    name = "collect"
-
-    def __init__(self, fail_on: str | None = None, gate: threading.Event | None = None) -> None:
-        self.records: list[Record] = []
-        self.fail_on = fail_on
-        self.gate = gate
-        self.entered = threading.Event()
-
-    def submit(self, record: Record) -> None:
-        self.entered.set()
-        if self.gate is not None:
-            self.gate.wait(10)
-        if record.exchange.id == self.fail_on:
-            raise OSError("disk full")
-        self.records.append(record)
-
-    def flush(self, timeout: float) -> bool:
-        return True
-
-    def shutdown(self, timeout: float) -> bool:
-        return True
-
-    def counters(self) -> dict[str, int]:
-        return {"records_written": len(self.records)}
 
 
 def test_failing_processor_is_noted_and_the_record_still_reaches_sinks():

@@ -17,7 +17,7 @@ import pytest
 from otelproxy.record import Record
 from otelproxy.recorder import build_pipeline
 from otelproxy.server import Server
-from tests.conftest import RunningProxy
+from tests.conftest import Collect, RunningProxy
 from tests.fake_upstream import (
     FakeUpstream,
     Reply,
@@ -49,33 +49,12 @@ USAGE = {"input_tokens": 120, "output_tokens": 45, "cache_read_input_tokens": 30
          "cache_creation_input_tokens": 8}
 
 
-class CaptureSink:
-    """A sink keeping every finished record (what OTLP and the store read)."""
-
-    name = "capture"
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def submit(self, record: Record) -> None:
-        self.records.append(record)
-
-    def flush(self, timeout: float) -> bool:
-        return True
-
-    def shutdown(self, timeout: float) -> bool:
-        return True
-
-    def counters(self) -> dict[str, int]:
-        return {}
-
-
 class CapturingProxy(RunningProxy):
     """The real proxy with one extra sink that keeps the finished records (the pipeline runs
     in-process here, so the sink's records can be read back)."""
 
     def __init__(self, upstream: Any, log_dir: Path) -> None:
-        self.sink = CaptureSink()
+        self.sink = Collect()
         super().__init__(upstream, log_dir)
 
     async def _make(self) -> Server:
