@@ -4,10 +4,17 @@ The local JSONL + SQLite record is the complete copy; this sink is the live, sea
 It is built *after* the exchange, from the finished ``Record``, on this sink's own worker thread
 inside the recorder process (``otelproxy.recorder``), never in the proxy's process:
 
-    pipeline ──submit()──► [bounded queue] ──otlp thread──► span + 2 log records
-                                                                    │ SDK batch processors
-                                                                    ▼ (own threads, bounded)
+    pipeline ──submit()──► [bounded queue] ──otlp thread──► span(s) + 2 log records, encoded
+                                                                    │ (otelproxy.otlp_wire)
+                                                                    ▼ one exporter thread per
+                                                                      signal, bounded, batched
                                                      OTLP/HTTP protobuf ──► Seq /ingest/otlp/v1/…
+
+The wire format is written directly (``otelproxy.otlp_wire``) instead of through the SDK's span
+and log objects and its encoder: the same messages for about an eighth of the CPU (measured
+in-process on benchmark-shaped exchanges: ~0.12 ms against ~0.94 ms per exchange). The SDK
+still gives the resource (``Resource.create``: ``OTEL_RESOURCE_ATTRIBUTES``, ``telemetry.sdk.*``)
+and the W3C propagator; the exporters follow its batch processor and OTLP/HTTP exporter.
 
 Per exchange:
 
@@ -51,16 +58,18 @@ Propagation. A ``traceparent`` sent by the client is extracted with the W3C prop
 span joins the client's trace. Nothing is ever injected: the proxy forwards the client's bytes
 and headers unchanged, so the aiohttp-client instrumentation is deliberately *not* enabled on
 the upstream session (it injects ``traceparent`` into every outgoing request through the global
-propagator), and no global tracer/logger provider or propagator is installed. This module uses
-its own ``TracerProvider`` and ``LoggerProvider``.
+propagator), and no global tracer/logger provider or propagator is installed: this module
+writes its spans and log records itself.
 
-Never in the way. ``submit`` only enqueues (drops counted when full). The SDK's batch
-processors export; before handing telemetry over, the sink checks that their queues have room
-(counting what is in flight) and otherwise drops the exchange and counts it, so nothing is
-evicted silently. Failed exports (Seq down, slow, 5xx — the exporter retries 429/502/503/504
-until its timeout) are counted too. Counters appear on ``/healthz`` (``otlp_*``), losses are
-reported as one WARN line at most once a minute, and the SDK's own per-batch error lines are
-rate-limited to one per minute per logger. ``flush``/``shutdown`` are bounded by their timeout.
+Never in the way. ``submit`` only enqueues (drops counted when full). Each signal's exporter
+has a bounded queue of encoded items; before queueing, the sink checks that both have room
+and otherwise drops the exchange and counts it, so nothing is evicted silently. A batch leaves
+when ``max_export_batch_size`` items wait, ``schedule_delay`` after the first, on flush and at
+shutdown; a POST is retried on 429/502/503/504 and connection errors with exponential backoff
+(``Retry-After`` honoured) until the export timeout. Failed exports (Seq down, slow, 5xx) are
+counted. Counters appear on ``/healthz`` (``otlp_*``), losses are reported as one WARN line at
+most once a minute (with the last error), and ``flush``/``shutdown`` are bounded by their
+timeout.
 
 Configuration (``resolve``): ``--seq-url URL`` → ``URL/ingest/otlp/v1/{traces,logs}`` (it wins
 over every ``OTEL_EXPORTER_OTLP_*ENDPOINT``), ``--seq-api-key`` → header ``X-Seq-ApiKey`` (wins
@@ -69,7 +78,9 @@ over the same header from ``OTEL_EXPORTER_OTLP_HEADERS``). Otherwise the standar
 ``OTEL_EXPORTER_OTLP_{TRACES,LOGS}_ENDPOINT`` (used as given), ``…[_{SIGNAL}]_HEADERS``,
 ``…[_{SIGNAL}]_PROTOCOL`` (only ``http/protobuf``: Seq accepts nothing else),
 ``OTEL_EXPORTER_OTLP_TIMEOUT`` (seconds, as the Python SDK reads it; default 10, which bounds
-every export), ``OTEL_EXPORTER_OTLP_COMPRESSION``, ``OTEL_SERVICE_NAME`` (default ``otelproxy``),
+every export), ``OTEL_EXPORTER_OTLP_COMPRESSION``, ``…[_{SIGNAL}]_CERTIFICATE`` (CA file for
+an https endpoint), ``…[_{SIGNAL}]_CLIENT_CERTIFICATE`` + ``…_CLIENT_KEY`` (mutual TLS),
+``OTEL_SERVICE_NAME`` (default ``otelproxy``),
 ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_BSP_*`` / ``OTEL_BLRP_*`` (the log batch size defaults to
 64 instead of 512 so a batch of records with 64 KiB bodies stays under Seq's request limit),
 ``OTEL_{TRACES,LOGS}_EXPORTER=none`` and ``OTEL_SDK_DISABLED=true``. Nothing configured → no
@@ -79,39 +90,32 @@ sink, nothing tried. Header values (the API key) are never logged.
 from __future__ import annotations
 
 import codecs
+import gzip
 import json
 import logging
+import math
 import queue
+import random
 import threading
 import time
+import zlib
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import orjson
+import requests
 from opentelemetry import trace
-from opentelemetry._logs import Logger, SeverityNumber
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http import Compression
-from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits, ReadableLogRecord
-from opentelemetry.sdk._logs.export import (
-    BatchLogRecordProcessor,
-    LogRecordExporter,
-    LogRecordExportResult,
-)
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.re import parse_env_headers
 from opentelemetry.util.types import AttributeValue
 
-from otelproxy import __version__
+from otelproxy import __version__, otlp_wire
 from otelproxy.config import PROVIDERS, Config
 from otelproxy.errors import ConfigError
 from otelproxy.pipeline import Sink, Worker
@@ -132,12 +136,14 @@ _ABORTS: Final = frozenset({Outcome.CLIENT_ABORTED, Outcome.UPSTREAM_ABORTED,
                             Outcome.UPSTREAM_ERROR})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
-_SDK_LOGGERS: Final = (
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http._log_exporter",
-    "opentelemetry.exporter.otlp.common.http",
-    "opentelemetry.sdk._shared_internal",
-)
+COMPRESSIONS: Final = ("none", "gzip", "deflate")
+RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
+EXPORT_ATTEMPTS: Final = 6
+"""A batch is sent at most this many times (and never past the export timeout)."""
+SEVERITY_INFO: Final = 9
+SEVERITY_WARN: Final = 13
+SEVERITY_ERROR: Final = 17
+"""OTLP ``SeverityNumber`` values."""
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -154,6 +160,15 @@ class BatchSettings:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """``OTEL_EXPORTER_OTLP[_{SIGNAL}]_CERTIFICATE`` / ``_CLIENT_CERTIFICATE`` / ``_CLIENT_KEY``."""
+
+    ca_file: str | None = None
+    client_certificate: str | None = None
+    client_key: str | None = None
+
+
+@dataclass(frozen=True)
 class ExportSettings:
     """Where and how to export; built once by ``resolve``. ``headers`` hold the API key."""
 
@@ -162,7 +177,10 @@ class ExportSettings:
     traces_headers: Mapping[str, str] = field(repr=False)
     logs_headers: Mapping[str, str] = field(repr=False)
     timeout_s: float = DEFAULT_TIMEOUT_S
-    compression: Compression = Compression.NoCompression
+    compression: str = "none"
+    """``none``, ``gzip`` or ``deflate``."""
+    tls: Mapping[str, TlsFiles] = field(default_factory=dict)
+    """Per signal, when an ``…CERTIFICATE`` / ``…CLIENT_*`` variable names files."""
     resource: Mapping[str, str] = field(default_factory=dict)
     spans: BatchSettings = BatchSettings(5000, 2048, 512, 30000)
     logs: BatchSettings = BatchSettings(1000, 2048, 64, 30000)
@@ -193,6 +211,7 @@ def resolve(config: Config, env: Mapping[str, str]) -> ExportSettings | None:
         logs_headers=headers["logs"],
         timeout_s=_timeout(env),
         compression=_compression(env),
+        tls={signal: tls for signal in SIGNALS if (tls := _tls(env, signal)) is not None},
         resource=_resource(env),
         spans=_batch(env, "OTEL_BSP", BatchSettings(5000, 2048, 512, 30000)),
         logs=_batch(env, "OTEL_BLRP", BatchSettings(1000, 2048, 64, 30000)),
@@ -260,13 +279,24 @@ def _timeout(env: Mapping[str, str]) -> float:
     return value
 
 
-def _compression(env: Mapping[str, str]) -> Compression:
+def _tls(env: Mapping[str, str], signal: str) -> TlsFiles | None:
+    files = TlsFiles(_signal_env(env, signal, "CERTIFICATE"),
+                     _signal_env(env, signal, "CLIENT_CERTIFICATE"),
+                     _signal_env(env, signal, "CLIENT_KEY"))
+    if files == TlsFiles():
+        return None
+    if bool(files.client_certificate) != bool(files.client_key):
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_{signal.upper()}_CLIENT_CERTIFICATE and "
+                          "…_CLIENT_KEY go together (mutual TLS needs both)")
+    return files
+
+
+def _compression(env: Mapping[str, str]) -> str:
     raw = (env.get("OTEL_EXPORTER_OTLP_COMPRESSION", "").strip() or "none").lower()
-    try:
-        return Compression(raw)
-    except ValueError:
+    if raw not in COMPRESSIONS:
         raise ConfigError(f"OTEL_EXPORTER_OTLP_COMPRESSION: expected gzip|deflate|none, "
-                          f"got {raw!r}") from None
+                          f"got {raw!r}")
+    return raw
 
 
 def _resource(env: Mapping[str, str]) -> dict[str, str]:
@@ -370,13 +400,13 @@ def is_error(record: Record) -> bool:
     return exchange.outcome in _ABORTS or (exchange.status or 0) >= 500
 
 
-def severity(record: Record) -> tuple[SeverityNumber, str]:
-    """INFO; WARN for 4xx; ERROR for 5xx, upstream errors and aborts."""
+def severity(record: Record) -> tuple[int, str]:
+    """INFO; WARN for 4xx; ERROR for 5xx, upstream errors and aborts (OTLP severity numbers)."""
     if is_error(record):
-        return SeverityNumber.ERROR, "ERROR"
+        return SEVERITY_ERROR, "ERROR"
     if 400 <= (record.exchange.status or 0) < 500:
-        return SeverityNumber.WARN, "WARN"
-    return SeverityNumber.INFO, "INFO"
+        return SEVERITY_WARN, "WARN"
+    return SEVERITY_INFO, "INFO"
 
 
 def error_type(record: Record) -> str | None:
@@ -576,23 +606,119 @@ def _client_carrier(record: Record) -> dict[str, list[str]]:
     return carrier
 
 
-# -- the sink -------------------------------------------------------------------------------------
+def _client_parent(record: Record) -> tuple[bytes, bytes, str] | None:
+    """The client's ``traceparent`` (and ``tracestate``), extracted with the W3C propagator, as
+    (trace id, parent span id, trace state): our span joins that trace as a child of the
+    client's span. None without a valid one."""
+    carrier = _client_carrier(record)
+    if not carrier:
+        return None
+    parent = trace.get_current_span(_PROPAGATOR.extract(carrier, context=Context()))
+    context = parent.get_span_context()
+    if not context.is_valid:
+        return None
+    state = context.trace_state.to_header() if context.trace_state else ""
+    return context.trace_id.to_bytes(16, "big"), context.span_id.to_bytes(8, "big"), state
+
+
+def _new_id(bits: int) -> bytes:
+    """A random non-zero trace (128 bits) or span (64 bits) id, as the SDK generates them."""
+    while not (value := random.getrandbits(bits)):
+        pass
+    return value.to_bytes(bits // 8, "big")
+
+
+def encode(record: Record, settings: ExportSettings) -> tuple[list[bytes], list[bytes]]:
+    """One exchange as OTLP: its spans (SERVER, then the upstream CLIENT span when the request
+    was forwarded) and its two log records, each encoded and framed for ``Envelope.request``."""
+    exchange = record.exchange
+    common = otlp_wire.key_values(common_attributes(record))
+    start_ns = wall_ns(record, exchange.started_ns)
+    end_ns = wall_ns(record, exchange.finished_ns)
+    client = _client_parent(record)
+    if client is None:
+        server = otlp_wire.SpanContext(_new_id(128), _new_id(64))
+        parent_id = None
+    else:
+        trace_id, parent_id, trace_state = client
+        server = otlp_wire.SpanContext(trace_id, _new_id(64), trace_state)
+    events: list[bytes] = []
+    if settings.chunk_events and record.streaming:
+        for index, event in enumerate(record.events[:MAX_CHUNK_OFFSETS]):
+            events.append(otlp_wire.event(wall_ns(record, event.ns), "stream.chunk",
+                                          otlp_wire.key_values({
+                                              "stream.chunk.index": index,
+                                              "stream.chunk.offset_ms": _ms(
+                                                  event.ns - exchange.started_ns),
+                                              "stream.chunk.size": len(event.raw)})))
+    error = (exchange.error or f"HTTP {exchange.status}") if is_error(record) else None
+    spans = [otlp_wire.span(server, parent_id, span_name(record), otlp_wire.SPAN_KIND_SERVER,
+                            start_ns, end_ns, otlp_wire.span_attributes(common), events, error,
+                            parent_is_remote=client is not None)]
+    if exchange.forwarded_ns is not None and exchange.outcome is not Outcome.REJECTED:
+        spans.append(_client_span(record, server))
+
+    number, text = severity(record)
+    now = time.time_ns()
+    shared = otlp_wire.log_attributes(common)
+    request = shared + otlp_wire.log_attributes(otlp_wire.key_values(
+        {"proxy.record": "request", **request_record_attributes(record, settings.max_body)}))
+    response = shared + otlp_wire.log_attributes(otlp_wire.key_values(
+        {"proxy.record": "response", **response_record_attributes(record, settings.max_body)}))
+    logs = [otlp_wire.log_record(server, start_ns, now, number, text, request_summary(record),
+                                 request, "request"),
+            otlp_wire.log_record(server, end_ns, now, number, text, response_summary(record),
+                                 response, "response")]
+    item = otlp_wire.Envelope.item
+    return [item(span) for span in spans], [item(log) for log in logs]
+
+
+def _client_span(record: Record, server: otlp_wire.SpanContext) -> bytes:
+    """The upstream call, as a child CLIENT span (nothing was injected into it)."""
+    exchange = record.exchange
+    host, port = _origin(exchange.upstream_url)
+    query = f"?{exchange.query}" if exchange.query else ""
+    attributes: Attributes = {
+        "http.request.method": exchange.method,
+        "url.full": f"{exchange.upstream_url}{exchange.path}{query}",
+        "proxy.exchange.id": exchange.id,
+    }
+    _put(attributes, "server.address", host)
+    _put(attributes, "server.port", port)
+    if not exchange.generated_response:
+        _put(attributes, "http.response.status_code", exchange.status)
+    upstream_failed = exchange.outcome in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_ABORTED)
+    failed = upstream_failed or (not exchange.generated_response
+                                 and (exchange.status or 0) >= 500)
+    error = None
+    if failed:
+        attributes["error.type"] = (str(exchange.outcome) if upstream_failed
+                                    else str(exchange.status))
+        error = exchange.error or f"HTTP {exchange.status}"
+    context = otlp_wire.SpanContext(server.trace_id, _new_id(64), server.trace_state)
+    return otlp_wire.span(context, server.span_id, f"{exchange.method} {route(exchange.path)}",
+                          otlp_wire.SPAN_KIND_CLIENT, wall_ns(record, exchange.forwarded_ns),
+                          wall_ns(record, exchange.finished_ns),
+                          otlp_wire.span_attributes(otlp_wire.key_values(attributes)), (), error)
+
+
+# -- export: batches of encoded telemetry over OTLP/HTTP ------------------------------------------
 
 
 @dataclass
 class _Tally:
-    """Telemetry handed to the SDK and not yet through an export, per signal; and the losses."""
+    """Telemetry queued for export and not yet through it, per signal; and the losses."""
 
     capacity: dict[str, int]
     outstanding: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 0))
     exported: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 0))
     failed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 0))
     dropped: int = 0
-    """Exchanges not handed to the SDK: our queue or the SDK's queues were full."""
+    """Exchanges never queued for export: the sink's queue or an exporter's queue was full."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reserve(self, wanted: Mapping[str, int]) -> bool:
-        """Claim room in the SDK queues for one exchange's telemetry, or count a drop."""
+        """Claim room in the exporters' queues for one exchange's telemetry, or count a drop."""
         with self.lock:
             if any(self.outstanding[s] + n > self.capacity[s] for s, n in wanted.items()):
                 self.dropped += 1
@@ -615,106 +741,186 @@ class _Tally:
             return self.dropped, sum(self.failed.values())
 
 
-class _Counting:
-    """What both counting exporters share: delegate to the OTLP exporter, count what was
-    delivered and what was lost, report losses, and stop only once."""
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (a number or an HTTP date), None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
-    def __init__(self, inner: OTLPSpanExporter | OTLPLogExporter, signal: str, tally: _Tally,
-                 report: Callable[[], None]) -> None:
-        self.inner = inner
-        self._signal = signal
+
+def _compress(data: bytes, compression: str) -> bytes:
+    if compression == "gzip":
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    if compression == "deflate":
+        return zlib.compress(data)
+    return data
+
+
+class _Exporter:
+    """One signal's export, in the manner of the SDK's batch processor + OTLP/HTTP exporter,
+    for telemetry that is already encoded: a queue (bounded through ``_Tally.reserve``) drained
+    by one daemon thread, which sends a batch when ``max_export_batch_size`` items wait, when
+    ``schedule_delay`` has passed since the first one arrived, on ``flush`` and on ``stop``.
+    A POST is retried on 429/502/503/504 and on connection errors, with exponential backoff
+    (``Retry-After`` honoured), until the export timeout; then the batch counts as failed."""
+
+    def __init__(self, signal: str, endpoint: str, headers: Mapping[str, str],
+                 batch: BatchSettings, settings: ExportSettings, envelope: otlp_wire.Envelope,
+                 tally: _Tally, report: Callable[[], None]) -> None:
+        self.signal = signal
+        self.endpoint = endpoint
+        self.last_error: str | None = None
+        self._headers = {"Content-Type": "application/x-protobuf", **headers}
+        if settings.compression != "none":
+            self._headers["Content-Encoding"] = settings.compression
+        self._compression = settings.compression
+        self._timeout = settings.timeout_s
+        self._batch = batch
+        self._envelope = envelope
         self._tally = tally
         self._report = report
-        self._closed = False
+        self._items: deque[bytes] = deque()
+        self._sending = 0
+        self._flushing = False
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._abort = threading.Event()
+        self._session = requests.Session()
+        # Given on every request: a session's own ``verify`` loses to REQUESTS_CA_BUNDLE.
+        tls = settings.tls.get(signal, TlsFiles())
+        self._verify: str | bool = tls.ca_file or True
+        self._cert = ((tls.client_certificate, tls.client_key)
+                      if tls.client_certificate and tls.client_key else None)
+        self._thread = threading.Thread(target=self._run, name=f"otelproxy-otlp-{signal}",
+                                        daemon=True)
 
-    def _export(self, batch: Sequence[Any], success: Any, failure: Any) -> Any:
-        result = failure
-        try:
-            result = self.inner.export(batch)
-        finally:
-            self._tally.done(self._signal, len(batch), result is success)
-            if result is not success:
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, items: Sequence[bytes]) -> None:
+        """Queue encoded items (their room was reserved in the tally)."""
+        with self._cond:
+            was_empty = not self._items
+            self._items.extend(items)
+            if was_empty or len(self._items) >= self._batch.max_export_batch_size:
+                self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Send everything queued now; True once it is through (exported or failed)."""
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: not self._items and not self._sending,
+                                       max(0.0, timeout))
+
+    def stop(self, timeout: float) -> bool:
+        """Send what is queued and stop within ``timeout``; past it, abandon what is left."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(max(0.0, timeout))
+        if self._thread.is_alive():
+            self.abort()
+            self._thread.join(0.5)
+        self._session.close()
+        return not self._thread.is_alive()
+
+    def abort(self) -> None:
+        """Stop now: a retry waiting for its backoff gives up, queued items count as failed."""
+        self._abort.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _next_batch(self) -> list[bytes] | None:
+        """The next batch to send, once one is due; None once stopped (or aborted) and empty."""
+        size = self._batch.max_export_batch_size
+        delay = self._batch.schedule_delay_ms / 1000
+        due = time.monotonic() + delay
+        with self._cond:
+            while not self._abort.is_set():
+                waiting = len(self._items)
+                now = time.monotonic()
+                if waiting and (waiting >= size or self._flushing or self._stopping
+                                or now >= due):
+                    self._sending = min(size, waiting)
+                    return [self._items.popleft() for _ in range(self._sending)]
+                if waiting:
+                    self._cond.wait(due - now)
+                    continue
+                if self._stopping:
+                    return None
+                if self._flushing:
+                    self._flushing = False
+                    self._cond.notify_all()
+                self._cond.wait()
+                due = time.monotonic() + delay
+            return None
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            ok = self._send(self._envelope.request(batch))
+            self._tally.done(self.signal, len(batch), ok)
+            with self._cond:
+                self._sending = 0
+                self._cond.notify_all()
+            if not ok:
                 self._report()
-        return result
+        with self._cond:  # aborted: what is left will not be sent
+            left = len(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+        if left:
+            self._tally.done(self.signal, left, False)
 
-    def shutdown(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.inner.shutdown()  # type: ignore[no-untyped-call]
-
-    abort = shutdown
-    """Stop now: pending retries give up, later exports fail at once."""
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
-class _CountingSpanExporter(_Counting, SpanExporter):
-    def __init__(self, inner: OTLPSpanExporter, tally: _Tally, report: Callable[[], None]) -> None:
-        super().__init__(inner, "traces", tally, report)
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        result: SpanExportResult = self._export(
-            spans, SpanExportResult.SUCCESS, SpanExportResult.FAILURE)
-        return result
-
-
-class _CountingLogExporter(_Counting, LogRecordExporter):
-    def __init__(self, inner: OTLPLogExporter, tally: _Tally, report: Callable[[], None]) -> None:
-        super().__init__(inner, "logs", tally, report)
-
-    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        result: LogRecordExportResult = self._export(
-            batch, LogRecordExportResult.SUCCESS, LogRecordExportResult.FAILURE)
-        return result
-
-
-class _OncePerInterval(logging.Filter):
-    """Lets one record per logger and level through per interval (the SDK logs every batch)."""
-
-    def __init__(self, interval: float = WARN_INTERVAL_S) -> None:
-        super().__init__()
-        self.interval = interval
-        self._last: dict[tuple[str, int], float] = {}
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno)
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self.interval:
-                return False
-            self._last[key] = now
-            return True
-
-
-def _quiet_sdk_loggers() -> None:
-    for name in _SDK_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _OncePerInterval) for f in logger.filters):
-            logger.addFilter(_OncePerInterval())
-
-
-def _run_bounded(what: str, action: Callable[[], bool], timeout: float) -> bool:
-    """Run ``action`` on a daemon thread; its result if it finished in time, else False."""
-    outcome: list[bool] = []
-
-    def target() -> None:
+    def _send(self, body: bytes) -> bool:
         try:
-            outcome.append(action())
-        except Exception as exc:
-            log.error("OTLP %s failed: %s", what, exc)
-            outcome.append(False)
+            data = _compress(body, self._compression)
+            deadline = time.monotonic() + self._timeout
+            for attempt in range(EXPORT_ATTEMPTS):
+                problem, retryable, backoff = self._post(data, deadline)
+                if problem is None:
+                    return True
+                self.last_error = problem
+                if backoff is None:
+                    backoff = 2 ** attempt * random.uniform(0.8, 1.2)
+                if (not retryable or attempt + 1 == EXPORT_ATTEMPTS
+                        or backoff > deadline - time.monotonic() or self._abort.wait(backoff)):
+                    return False
+        except Exception as exc:  # never let the exporter thread die
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        return False
 
-    thread = threading.Thread(target=target, name=f"otelproxy-otlp-{what}", daemon=True)
-    thread.start()
-    thread.join(max(0.0, timeout))
-    return bool(outcome) and outcome[0]
+    def _post(self, data: bytes, deadline: float) -> tuple[str | None, bool, float | None]:
+        """One POST: (problem or None, worth retrying, the server's Retry-After)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "timed out", False, None
+        try:
+            response = self._session.post(self.endpoint, data=data, headers=self._headers,
+                                          timeout=remaining, allow_redirects=False,
+                                          verify=self._verify, cert=self._cert)
+        except requests.ConnectionError as exc:  # refused, reset, DNS, connect timeout
+            return f"connection failed ({type(exc).__name__})", True, None
+        except requests.RequestException as exc:  # e.g. no answer in time
+            return type(exc).__name__, False, None
+        with response:
+            status = response.status_code
+            if 200 <= status < 300:
+                return None, False, None
+            return (f"HTTP {status}", status in RETRYABLE_STATUSES,
+                    _retry_after(response.headers.get("retry-after")))
 
 
 class OtlpSink(Worker):
-    """Sink turning each record into a span and two log records for the OTel batch exporters."""
+    """Sink turning each record into a span (two with the upstream call) and two log records,
+    encoded on this worker's thread and exported in batches by one thread per signal."""
 
     def __init__(self, settings: ExportSettings, maxsize: int = 2048) -> None:
         super().__init__("otlp", maxsize)
@@ -724,47 +930,21 @@ class OtlpSink(Worker):
         self._warn_lock = threading.Lock()
         self._last_warn = -WARN_INTERVAL_S
         self._warned_losses = 0
-        self._span_exporter: _CountingSpanExporter | None = None
-        self._log_exporter: _CountingLogExporter | None = None
-        resource = Resource.create(dict(settings.resource))
-        _quiet_sdk_loggers()
+        envelope = otlp_wire.Envelope(Resource.create(dict(settings.resource)).attributes,
+                                      "otelproxy", __version__)
+        self._exporters: dict[str, _Exporter] = {}
+        for signal, endpoint, headers, batch in (
+                ("traces", settings.traces_endpoint, settings.traces_headers, settings.spans),
+                ("logs", settings.logs_endpoint, settings.logs_headers, settings.logs)):
+            if endpoint:
+                self._exporters[signal] = _Exporter(signal, endpoint, headers, batch, settings,
+                                                    envelope, self._tally, self._report_losses)
 
-        self.tracer_provider = TracerProvider(
-            sampler=ALWAYS_ON, resource=resource, shutdown_on_exit=False,
-            span_limits=SpanLimits(max_span_attributes=512, max_events=MAX_CHUNK_OFFSETS + 16,
-                                   max_attributes=512),
-        )
-        if settings.traces_endpoint:
-            self._span_exporter = _CountingSpanExporter(
-                OTLPSpanExporter(endpoint=settings.traces_endpoint,
-                                 headers=dict(settings.traces_headers),
-                                 timeout=settings.timeout_s, compression=settings.compression),
-                self._tally, self._report_losses)
-            batch = settings.spans
-            self.tracer_provider.add_span_processor(BatchSpanProcessor(
-                self._span_exporter, max_queue_size=batch.max_queue_size,
-                schedule_delay_millis=batch.schedule_delay_ms,
-                max_export_batch_size=batch.max_export_batch_size,
-                export_timeout_millis=batch.export_timeout_ms))
-        self.tracer = self.tracer_provider.get_tracer("otelproxy", __version__)
-
-        self.logger_provider = LoggerProvider(
-            resource=resource, shutdown_on_exit=False,
-            log_record_limits=LogRecordLimits(max_attributes=512),
-        )
-        if settings.logs_endpoint:
-            self._log_exporter = _CountingLogExporter(
-                OTLPLogExporter(endpoint=settings.logs_endpoint,
-                                headers=dict(settings.logs_headers),
-                                timeout=settings.timeout_s, compression=settings.compression),
-                self._tally, self._report_losses)
-            batch = settings.logs
-            self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(
-                self._log_exporter, max_queue_size=batch.max_queue_size,
-                schedule_delay_millis=batch.schedule_delay_ms,
-                max_export_batch_size=batch.max_export_batch_size,
-                export_timeout_millis=batch.export_timeout_ms))
-        self.logger: Logger = self.logger_provider.get_logger("otelproxy", __version__)
+    def start(self) -> None:
+        if not self._started:
+            for exporter in self._exporters.values():
+                exporter.start()
+        super().start()
 
     # -- Sink protocol ---------------------------------------------------------------------------
 
@@ -789,39 +969,27 @@ class OtlpSink(Worker):
             }
 
     def flush(self, timeout: float) -> bool:
-        """Hand everything queued to the SDK and let it export, within ``timeout``."""
+        """Encode everything queued and let the exporters send it, within ``timeout``."""
         deadline = time.monotonic() + timeout
-        handed = super().flush(timeout)
-        exported = _run_bounded("flush", self._force_flush, deadline - time.monotonic())
-        return handed and exported
+        done = super().flush(timeout)
+        for exporter in self._exporters.values():
+            done = exporter.flush(deadline - time.monotonic()) and done
+        return done
 
     def shutdown(self, timeout: float) -> bool:
         """Flush within ``timeout``, then stop the exporters (abandoning what is left)."""
         deadline = time.monotonic() + timeout
-        done = super().shutdown(timeout)  # our queue drained, SDK flushed (see ``flush``)
+        done = super().shutdown(timeout)  # our queue drained, exporters flushed (``flush``)
         if not done:
-            for exporter in (self._span_exporter, self._log_exporter):
-                if exporter is not None:
-                    exporter.abort()
-        closed = _run_bounded("shutdown", self._close_providers,
-                              max(0.1, deadline - time.monotonic()))
+            for exporter in self._exporters.values():
+                exporter.abort()
+        for exporter in self._exporters.values():
+            done = exporter.stop(max(0.1, deadline - time.monotonic())) and done
         dropped, failed = self._tally.losses()
-        with self._tally.lock:
-            undelivered = sum(self._tally.outstanding.values())
-        if dropped or failed or undelivered:
+        if dropped or failed:
             log.warning("OTLP export stopped: %d exchange(s) dropped, %d span(s)/log record(s) "
-                        "failed to export, %d not delivered at shutdown",
-                        dropped, failed, undelivered)
-        return done and closed
-
-    def _force_flush(self) -> bool:
-        traces = self.tracer_provider.force_flush()
-        return self.logger_provider.force_flush() and traces
-
-    def _close_providers(self) -> bool:
-        self.tracer_provider.shutdown()
-        self.logger_provider.shutdown()
-        return True
+                        "not exported", dropped, failed)
+        return done
 
     def _report_losses(self) -> None:
         """One WARN line at most once a minute while telemetry is being lost."""
@@ -832,10 +1000,12 @@ class OtlpSink(Worker):
                 return
             self._warned_losses = dropped + failed
             self._last_warn = now
+        errors = sorted({e.last_error for e in self._exporters.values() if e.last_error})
         log.warning("OTLP export to %s is losing telemetry: %d exchange(s) dropped (queue full), "
-                    "%d span(s)/log record(s) failed to export so far (the local record is "
+                    "%d span(s)/log record(s) failed to export so far%s (the local record is "
                     "complete)", _safe_url(self.settings.logs_endpoint
-                                           or self.settings.traces_endpoint), dropped, failed)
+                                           or self.settings.traces_endpoint), dropped, failed,
+                    f" (last error: {', '.join(errors)})" if errors else "")
 
     # -- on the worker thread --------------------------------------------------------------------
 
@@ -844,80 +1014,12 @@ class OtlpSink(Worker):
         self.emit(item)
 
     def emit(self, record: Record) -> None:
-        """Build and hand over the span(s) and the two log records of one exchange."""
-        exchange = record.exchange
-        settings = self.settings
-        # Everything that could raise on odd input is computed before claiming queue room.
-        common = common_attributes(record)
-        request_attributes = {**common, "proxy.record": "request",
-                              **request_record_attributes(record, settings.max_body)}
-        response_attributes = {**common, "proxy.record": "response",
-                               **response_record_attributes(record, settings.max_body)}
-        start_ns = wall_ns(record, exchange.started_ns)
-        end_ns = wall_ns(record, exchange.finished_ns)
-        parent = _PROPAGATOR.extract(_client_carrier(record), context=Context())
-        number, text = severity(record)
-
-        client_span = exchange.forwarded_ns is not None and exchange.outcome is not Outcome.REJECTED
-        wanted: dict[str, int] = {}
-        if self._span_exporter is not None:
-            wanted["traces"] = 2 if client_span else 1
-        if self._log_exporter is not None:
-            wanted["logs"] = 2
+        """Encode one exchange and queue it for export (or count it dropped when no room)."""
+        spans, logs = encode(record, self.settings)  # may raise: before claiming queue room
+        wanted = {signal: len(spans if signal == "traces" else logs)
+                  for signal in self._exporters}
         if not self._tally.reserve(wanted):
             self._report_losses()
             return
-
-        span = self.tracer.start_span(span_name(record), context=parent, kind=SpanKind.SERVER,
-                                      attributes=common, start_time=start_ns)
-        context = trace.set_span_in_context(span, parent)
-        if client_span:
-            self._client_span(record, context)
-        if settings.chunk_events and record.streaming:
-            for index, event in enumerate(record.events[:MAX_CHUNK_OFFSETS]):
-                span.add_event("stream.chunk", {
-                    "stream.chunk.index": index,
-                    "stream.chunk.offset_ms": _ms(event.ns - exchange.started_ns),
-                    "stream.chunk.size": len(event.raw),
-                }, timestamp=wall_ns(record, event.ns))
-        if is_error(record):
-            span.set_status(Status(StatusCode.ERROR, exchange.error or f"HTTP {exchange.status}"))
-        span.end(end_time=end_ns)
-
-        now = time.time_ns()
-        self.logger.emit(timestamp=start_ns, observed_timestamp=now, context=context,
-                         severity_number=number, severity_text=text,
-                         body=request_summary(record), event_name="request",
-                         attributes=request_attributes)
-        self.logger.emit(timestamp=end_ns, observed_timestamp=now, context=context,
-                         severity_number=number, severity_text=text,
-                         body=response_summary(record), event_name="response",
-                         attributes=response_attributes)
-
-    def _client_span(self, record: Record, context: Context) -> None:
-        """The upstream call, as a child CLIENT span (nothing was injected into it)."""
-        exchange = record.exchange
-        host, port = _origin(exchange.upstream_url)
-        query = f"?{exchange.query}" if exchange.query else ""
-        attributes: Attributes = {
-            "http.request.method": exchange.method,
-            "url.full": f"{exchange.upstream_url}{exchange.path}{query}",
-            "proxy.exchange.id": exchange.id,
-        }
-        _put(attributes, "server.address", host)
-        _put(attributes, "server.port", port)
-        if not exchange.generated_response:
-            _put(attributes, "http.response.status_code", exchange.status)
-        upstream_failed = exchange.outcome in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_ABORTED)
-        failed = upstream_failed or (not exchange.generated_response
-                                     and (exchange.status or 0) >= 500)
-        if failed:
-            attributes["error.type"] = (str(exchange.outcome) if upstream_failed
-                                        else str(exchange.status))
-        span = self.tracer.start_span(f"{exchange.method} {route(exchange.path)}",
-                                      context=context, kind=SpanKind.CLIENT,
-                                      attributes=attributes,
-                                      start_time=wall_ns(record, exchange.forwarded_ns))
-        if failed:
-            span.set_status(Status(StatusCode.ERROR, exchange.error or f"HTTP {exchange.status}"))
-        span.end(end_time=wall_ns(record, exchange.finished_ns))
+        for signal, exporter in self._exporters.items():
+            exporter.add(spans if signal == "traces" else logs)

@@ -3,7 +3,8 @@
 It behaves like Seq's ingestion endpoint as far as otelproxy can tell (DESIGN.md §5):
 ``POST /ingest/otlp/v1/logs`` and ``/ingest/otlp/v1/traces``, http/protobuf only (anything but
 ``application/x-protobuf`` is refused with 415), the API key in ``X-Seq-ApiKey`` (401 when
-missing or wrong), gzip/deflate request bodies accepted. Bodies are decoded with
+missing or wrong), gzip/deflate request bodies accepted (``ExportRequest.size`` is the decoded
+size; the ``Content-Length`` header gives the size on the wire). Bodies are decoded with
 ``opentelemetry-proto`` and flattened into ``SpanData`` / ``LogData`` with plain Python values.
 
     with OtlpReceiver(api_key="k") as seq:
@@ -12,18 +13,19 @@ missing or wrong), gzip/deflate request bodies accepted. Bodies are decoded with
         span = seq.wait_for_spans(1)[0]
 
 ``delay`` (seconds before answering) and ``status`` (answer this instead of 200) can be changed
-at any time to play a slow or failing Seq; ``unused_url()`` names a port where nobody listens.
+at any time to play a slow or failing Seq; ``answers`` lists statuses for the next exports, one
+each, before ``status`` applies again, and ``retry_after`` is sent with every refusal;
+``unused_url()`` names a port where nobody listens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import socket
+import ssl
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -113,6 +115,8 @@ class ExportRequest:
     status: int
     headers: dict[str, str]
     size: int
+    at: float = field(default_factory=time.monotonic)
+    """When it was answered (``time.monotonic()``)."""
 
 
 @dataclass
@@ -122,6 +126,10 @@ class OtlpReceiver:
     api_key: str = "seq-test-api-key"
     delay: float = 0.0
     status: int = 200
+    answers: list[int] = field(default_factory=list)
+    retry_after: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    """Serve https with this context."""
     url: str = ""
     port: int = 0
     requests: list[ExportRequest] = field(default_factory=list)
@@ -139,7 +147,8 @@ class OtlpReceiver:
         self._loop = LoopThread()
         self._loop.start()
         self.port = self._loop.run(self._serve())
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
 
     async def _serve(self) -> int:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -147,7 +156,7 @@ class OtlpReceiver:
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2,
                                      handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
         await site.start()
         addresses = self._runner.addresses
         return int(addresses[0][1])
@@ -212,24 +221,21 @@ class OtlpReceiver:
         status = self._check(request)
         body = b""
         if status == 200:
-            body = await request.read()
-            encoding = request.headers.get("Content-Encoding", "identity").lower()
-            if encoding == "gzip":
-                body = gzip.decompress(body)
-            elif encoding == "deflate":
-                body = zlib.decompress(body)
+            body = await request.read()  # aiohttp decodes a gzip/deflate Content-Encoding
             if self.delay > 0:
                 self.waiting += 1
                 try:
                     await asyncio.sleep(self.delay)
                 finally:
                     self.waiting -= 1
-            status = self.status
+            with self._lock:
+                status = self.answers.pop(0) if self.answers else self.status
         with self._lock:
             self.requests.append(ExportRequest(request.path, status, dict(request.headers),
                                                len(body)))
         if status != 200:
-            return web.Response(status=status, text=f"refused with {status}")
+            headers = {"Retry-After": self.retry_after} if self.retry_after else None
+            return web.Response(status=status, text=f"refused with {status}", headers=headers)
         if request.path == TRACES_PATH:
             self._store_traces(ExportTraceServiceRequest.FromString(body))
             answer = ExportTraceServiceResponse().SerializeToString()

@@ -781,7 +781,7 @@ def test_standard_otel_environment_is_honoured() -> None:
     assert settings.traces_endpoint == "http://seq:5341/ingest/otlp/v1/traces"
     assert settings.logs_endpoint == "http://logs:9999/custom/logs"
     assert dict(settings.traces_headers) == {"x-seq-apikey": "abc=="}
-    assert settings.compression.value == "gzip"
+    assert settings.compression == "gzip"
     assert settings.resource["service.name"] == "my-proxy"
     assert settings.resource["deployment.environment"] == "dev"
     assert settings.resource["team"] == "ai tools"
