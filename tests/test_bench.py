@@ -57,6 +57,12 @@ def test_quick_run_reports_every_figure(quick: dict[str, Any]) -> None:
     for target in ("direct", "bare", "otelproxy"):
         assert rps[target]["requests"] > 0 and rps[target]["rps"] > 0
     assert _number(rps["ratio"]) and _number(rps["ratio_served"])
+    talk = quick["rps_conversations"]
+    assert talk["turns_per_conversation"] == bench.CONVERSATION_TURNS
+    assert "direct" not in talk
+    for target in ("bare", "otelproxy"):
+        assert talk[target]["requests"] > 0 and _number(talk[target]["cpu_ms_per_request"])
+    assert _number(talk["ratio"]) and _number(talk["ratio_served"])
     assert quick["memory"]["otelproxy_peak_rss_mb"] > 0
     names = [check["name"] for check in quick["targets"]]
     assert len(names) == 6 and all(isinstance(c["pass"], bool) for c in quick["targets"])
@@ -80,6 +86,9 @@ def test_quick_run_records_every_exchange(quick: dict[str, Any]) -> None:
     assert quick["record"]["sqlite_exchanges"] == quick["sent"]
     assert quick["record"]["records_dropped"] == 0
     assert quick["all_recorded"] is True
+    # The conversation phase really continues sessions: they reach their last turn.
+    assert quick["record"]["longest_session"] == bench.CONVERSATION_TURNS
+    assert 0 < quick["record"]["sessions"] < quick["sent"]
     assert quick["errors"] == {"direct": 0, "bare": 0, "otelproxy": 0}
 
 
