@@ -781,7 +781,7 @@ class LoadGenerator:
         """Per target, for the concurrent phases (warmed up, so no phase pays for connects)."""
         self.singles: dict[str, aiohttp.ClientSession] = {}
         """Per target, one connection for the sequential latency phase."""
-        self.conversations = 0
+        self.slices = 0
         """Throughput slices run so far: conversation names never repeat between slices."""
 
     async def _flush(self) -> Json:
@@ -942,7 +942,7 @@ class LoadGenerator:
         done = 0
         began = time.perf_counter()
         deadline = began + seconds
-        self.conversations += 1
+        self.slices += 1
 
         async def worker(number: int) -> None:
             nonlocal done
@@ -952,7 +952,7 @@ class LoadGenerator:
                 if turns == 1:
                     body = single
                 else:
-                    name = f"bench {self.conversations}.{number}.{index // turns}"
+                    name = f"bench {self.slices}.{number}.{index // turns}"
                     body = conversation_body(name, index % turns)
                 await _post(session, self.targets, target, body)
                 done += 1

@@ -82,7 +82,9 @@ every export), ``OTEL_EXPORTER_OTLP_COMPRESSION``, ``…[_{SIGNAL}]_CERTIFICATE`
 an https endpoint), ``…[_{SIGNAL}]_CLIENT_CERTIFICATE`` + ``…_CLIENT_KEY`` (mutual TLS),
 ``OTEL_SERVICE_NAME`` (default ``otelproxy``),
 ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_BSP_*`` / ``OTEL_BLRP_*`` (the log batch size defaults to
-64 instead of 512 so a batch of records with 64 KiB bodies stays under Seq's request limit),
+64 instead of 512 so a batch of records with 64 KiB bodies stays under Seq's request limit;
+``…_EXPORT_TIMEOUT`` cuts the time a batch's attempts may take when shorter than the exporter
+timeout),
 ``OTEL_{TRACES,LOGS}_EXPORTER=none`` and ``OTEL_SDK_DISABLED=true``. Nothing configured → no
 sink, nothing tried. Header values (the API key) are never logged.
 """
@@ -781,7 +783,8 @@ class _Exporter:
         if settings.compression != "none":
             self._headers["Content-Encoding"] = settings.compression
         self._compression = settings.compression
-        self._timeout = settings.timeout_s
+        # A batch's attempts together: the exporter timeout, cut to the processor's own.
+        self._timeout = min(settings.timeout_s, batch.export_timeout_ms / 1000)
         self._batch = batch
         self._envelope = envelope
         self._tally = tally

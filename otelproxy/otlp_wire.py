@@ -133,8 +133,7 @@ def any_value(value: AttributeValue) -> bytes:
 def key_values(attributes: Mapping[str, AttributeValue]) -> list[bytes]:
     """Each attribute as an encoded ``KeyValue`` message (no field tag yet), ``None`` skipped.
 
-    The hot loop of the sink: keys are encoded once per process (a bounded cache) and string
-    values, most of them, skip ``any_value``."""
+    The hot loop of the sink: keys are encoded once per process (a bounded cache)."""
     out = []
     for key, value in attributes.items():
         if value is None:
@@ -144,15 +143,7 @@ def key_values(attributes: Mapping[str, AttributeValue]) -> list[bytes]:
             encoded_key = field(_KEY, key.encode())
             if len(_keys) < _KEY_CACHE_SIZE:
                 _keys[key] = encoded_key
-        if type(value) is str:
-            text = value.encode("utf-8", "surrogatepass")
-            size = len(text)
-            encoded = _STRING_VALUE + (_VARINTS[size] if size < 0x4000 else varint(size)) + text
-        else:
-            encoded = any_value(value)
-        size = len(encoded)
-        out.append(encoded_key + _VALUE + (_VARINTS[size] if size < 0x4000 else varint(size))
-                   + encoded)
+        out.append(encoded_key + field(_VALUE, any_value(value)))
     return out
 
 

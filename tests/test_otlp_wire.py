@@ -3,6 +3,7 @@ exporter that sends its batches (``otelproxy.otlp._Exporter``) against the real 
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 import subprocess
 import threading
@@ -157,16 +158,16 @@ class Losses:
 def exporter(receiver_url: str, *, batch: int = 4, delay_ms: int = 60_000,
              timeout_s: float = 5.0, compression: str = "none",
              api_key: str = "seq-test-api-key", env: dict[str, str] | None = None,
-             ) -> tuple[otlp._Exporter, otlp._Tally, Losses]:
+             export_timeout_ms: int = 30_000) -> tuple[otlp._Exporter, otlp._Tally, Losses]:
     settings = otlp.resolve(Config(seq_url=receiver_url, seq_api_key=api_key), env or {})
     assert settings is not None
-    settings = otlp.ExportSettings(**{**settings.__dict__, "timeout_s": timeout_s,
-                                      "compression": compression})
+    settings = dataclasses.replace(settings, timeout_s=timeout_s, compression=compression)
     tally = otlp._Tally({"traces": 100, "logs": 100})
     losses = Losses()
     assert settings.traces_endpoint is not None
     made = otlp._Exporter("traces", settings.traces_endpoint, settings.traces_headers,
-                          otlp.BatchSettings(delay_ms, 100, batch, 30_000), settings, ENVELOPE,
+                          otlp.BatchSettings(delay_ms, 100, batch, export_timeout_ms), settings,
+                          ENVELOPE,
                           tally, losses)
     made.start()
     return made, tally, losses
@@ -248,9 +249,13 @@ def test_refusals_that_cannot_improve_fail_at_once(seq: OtlpReceiver) -> None:
         target.stop(5)
 
 
-def test_retries_stop_at_the_export_timeout(seq: OtlpReceiver) -> None:
+@pytest.mark.parametrize(("timeout_s", "export_timeout_ms"), [(1.5, 30_000), (60.0, 1_500)])
+def test_retries_stop_at_the_export_timeout(seq: OtlpReceiver, timeout_s: float,
+                                            export_timeout_ms: int) -> None:
+    """The exporter timeout, or the batch processor's export timeout when shorter."""
     seq.status = 503
-    target, tally, _ = exporter(seq.url, batch=1, timeout_s=1.5)
+    target, tally, _ = exporter(seq.url, batch=1, timeout_s=timeout_s,
+                                export_timeout_ms=export_timeout_ms)
     try:
         began = time.monotonic()
         queue(target, tally, spans(1))
