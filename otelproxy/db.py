@@ -20,7 +20,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-DB_VERSION = 1
+DB_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -43,7 +43,11 @@ CREATE TABLE IF NOT EXISTS sessions (
     input_tokens INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0,
     cache_read_input_tokens INTEGER NOT NULL DEFAULT 0,
-    cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0
+    cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'conversation',
+    agent_id TEXT,
+    parent_agent_id TEXT,
+    compactions INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS fingerprints (
     fingerprint TEXT NOT NULL,
@@ -74,14 +78,31 @@ CREATE TABLE IF NOT EXISTS exchanges (
     assistant_preview TEXT,
     file_path TEXT NOT NULL,
     offset INTEGER NOT NULL,
-    length INTEGER NOT NULL
+    length INTEGER NOT NULL,
+    agent_id TEXT,
+    compaction TEXT
 );
 CREATE INDEX IF NOT EXISTS idx_fingerprints_session ON fingerprints(session_id);
 CREATE INDEX IF NOT EXISTS idx_sessions_provider ON sessions(provider);
-CREATE INDEX IF NOT EXISTS idx_sessions_client ON sessions(client_session_id);
+CREATE INDEX IF NOT EXISTS idx_sessions_client ON sessions(client_session_id, agent_id);
 CREATE INDEX IF NOT EXISTS idx_exchanges_session ON exchanges(session_id, seq);
 CREATE INDEX IF NOT EXISTS idx_exchanges_ts ON exchanges(ts);
 """
+
+
+MIGRATIONS = {
+    1: """
+ALTER TABLE sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'conversation';
+UPDATE sessions SET kind = 'branch' WHERE parent_id IS NOT NULL;
+ALTER TABLE sessions ADD COLUMN agent_id TEXT;
+ALTER TABLE sessions ADD COLUMN parent_agent_id TEXT;
+ALTER TABLE sessions ADD COLUMN compactions INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE exchanges ADD COLUMN agent_id TEXT;
+ALTER TABLE exchanges ADD COLUMN compaction TEXT;
+DROP INDEX IF EXISTS idx_sessions_client;
+""",
+}
+"""``{version: script}`` bringing an index of that version to the next one."""
 
 
 class SchemaMismatch(Exception):
@@ -106,9 +127,13 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         return conn
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
-    if version not in (0, DB_VERSION):
+    if version not in (0, DB_VERSION) and version not in MIGRATIONS:
         raise SchemaMismatch(f"{path}: schema version {version}, this otelproxy writes "
                              f"{DB_VERSION}; move the old log dir aside")
+    while version in MIGRATIONS:
+        conn.executescript(f"BEGIN; {MIGRATIONS[version]} PRAGMA user_version = {version + 1};"
+                           " COMMIT;")
+        version += 1
     conn.executescript(SCHEMA)
     conn.execute(f"PRAGMA user_version = {DB_VERSION}")
     return conn

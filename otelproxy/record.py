@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _second_cache: dict[int, str] = {}
 
@@ -170,6 +170,31 @@ class SessionInfo:
     new_messages: list[Any] | None = None
     """Messages added since the session's previous turn (all of them on turn 1)."""
     system_sha256: str | None = None
+    kind: str = "conversation"
+    """How the session came to be (``SessionKind``); a turn of an existing session keeps it."""
+    agent_id: str | None = None
+    """Claude Code's ``x-claude-code-agent-id``: the subagent that sent the turn (None: main)."""
+    parent_agent_id: str | None = None
+    """``x-claude-code-parent-agent-id``: the agent that spawned it (None: the main thread)."""
+    compaction: str | None = None
+    """``request``: the client asked the model to summarise the conversation; ``compacted``: the
+    turn's history was replaced by such a summary (the session continues)."""
+
+
+class SessionKind(StrEnum):
+    """How a session is related to the others (``sessions.kind``, ``session.kind``)."""
+
+    CONVERSATION = "conversation"
+    """A conversation of its own: a new client session, or one whose history matched nothing."""
+    BRANCH = "branch"
+    """``{parent}_b{n}``: the client rewound its conversation and diverged (same client session)."""
+    SESSION_FORK = "session_fork"
+    """A new client session that starts from another one's history (``--fork-session``,
+    ``/branch``): a fork of the original at the shared turn."""
+    SUBAGENT = "subagent"
+    """A subagent's own conversation (``Agent``/``Task`` tool), linked to the spawning turn."""
+    FORK_SUBAGENT = "fork_subagent"
+    """A fork subagent: starts with its parent's whole history, yet is its own conversation."""
 
 
 @dataclass(slots=True)

@@ -49,6 +49,7 @@ import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,14 @@ from typing import Any
 import orjson
 
 from otelproxy import db
-from otelproxy.record import Outcome, Record, SessionInfo, iso
+from otelproxy.record import Outcome, Record, SessionInfo, SessionKind, iso
 
 CLIENT_SESSION_HEADER = "x-claude-code-session-id"
+AGENT_HEADER = "x-claude-code-agent-id"
+PARENT_AGENT_HEADER = "x-claude-code-parent-agent-id"
+AGENT_TOOLS = ("Agent", "Task")
+COMPACTION_REQUEST = "Your task is to create a detailed summary of the conversation"
+COMPACTED_PREFIX = "This session is being continued from a previous conversation"
 _SYSTEM_ROLES = ("system", "developer")
 _DROPPED_BLOCKS = ("thinking", "redacted_thinking", "reasoning")
 _TEXT_TYPES = ("text", "input_text", "output_text")
@@ -179,10 +185,17 @@ def output_messages(output: dict[str, Any] | None) -> list[Any]:
     return conversation([message])
 
 
-def client_session_id(record: Record) -> str | None:
-    for name, value in record.exchange.request_headers:
-        if name.lower() == CLIENT_SESSION_HEADER and value.strip():
+def _header(record: Record, name: str) -> str | None:
+    for key, value in record.exchange.request_headers:
+        if key.lower() == name and value.strip():
             return value.strip()
+    return None
+
+
+def client_session_id(record: Record) -> str | None:
+    header = _header(record, CLIENT_SESSION_HEADER)
+    if header:
+        return header
     user_id = record.parsed.metadata_user_id
     if not user_id:
         return None
@@ -195,6 +208,86 @@ def client_session_id(record: Record) -> str | None:
             return str(decoded["session_id"])
     match = _USER_ID_SESSION.search(user_id)
     return match.group(1) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One conversation as the client names it: (client session id, agent id or main)."""
+
+    client_session_id: str
+    agent_id: str | None
+    parent_agent_id: str | None
+
+    @classmethod
+    def of(cls, record: Record) -> Lane | None:
+        client_id = client_session_id(record)
+        if client_id is None:
+            return None
+        return cls(client_id, _header(record, AGENT_HEADER), _header(record, PARENT_AGENT_HEADER))
+
+
+def _texts(message: Any) -> list[str]:
+    if not isinstance(message, dict):
+        return []
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        return []
+    return [block["text"] for block in content
+            if isinstance(block, dict) and isinstance(block.get("text"), str)]
+
+
+def compaction_of(messages: list[Any]) -> str | None:
+    """``request`` when the last message asks for a summary of the conversation, ``compacted``
+    when the first one is such a summary (Claude Code's compaction), else None."""
+    if messages and any(COMPACTION_REQUEST in text for text in _texts(messages[-1])):
+        return "request"
+    if messages and any(text.lstrip().startswith(COMPACTED_PREFIX)
+                        for text in _texts(messages[0])):
+        return "compacted"
+    return None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def spawn_keys(output: dict[str, Any] | None) -> list[str]:
+    """Keys that let a subagent find the turn that spawned it: ``tool:{id}`` for every Agent/Task
+    tool_use in the answer (a fork subagent's history holds that block) and
+    ``agent_prompt:{sha256}`` of its prompt (a fresh subagent's first message is that prompt)."""
+    keys: list[str] = []
+    content = (output or {}).get("content")
+    for block in content if isinstance(content, list) else []:
+        if not (isinstance(block, dict) and block.get("type") == "tool_use"
+                and block.get("name") in AGENT_TOOLS):
+            continue
+        if isinstance(block.get("id"), str):
+            keys.append("tool:" + block["id"])
+        prompt = (block.get("input") or {}).get("prompt") if isinstance(
+            block.get("input"), dict) else None
+        if isinstance(prompt, str) and prompt.strip():
+            keys.append("agent_prompt:" + _digest(prompt.strip()))
+    return keys
+
+
+def _spawn_lookups(messages: list[Any]) -> list[str]:
+    """The keys a subagent's first request can be linked by (see ``spawn_keys``)."""
+    keys: list[str] = []
+    for message in reversed(messages):  # the newest Agent tool_use in an inherited history
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            content = message.get("content")
+            for block in content if isinstance(content, list) else []:
+                if isinstance(block, dict) and block.get("type") == "tool_use" \
+                        and block.get("name") in AGENT_TOOLS and isinstance(block.get("id"), str):
+                    keys.append("tool:" + block["id"])
+            if keys:
+                break
+    if messages:
+        keys.extend("agent_prompt:" + _digest(text.strip())
+                    for text in _texts(messages[0]) if text.strip())
+    return keys
 
 
 def _succeeded(record: Record) -> bool:
@@ -241,83 +334,180 @@ class SessionTracker:
         if not parsed.tracked or parsed.messages is None:
             return
         messages = conversation(parsed.messages)
-        client_id = client_session_id(record)
         if not self._in_batch:
             with self.batch():
-                self._track(record, messages, client_id)
+                self._track(record, messages)
             return
         self._db.execute("SAVEPOINT record")
         try:
-            self._track(record, messages, client_id)
+            self._track(record, messages)
         except BaseException:
             self._db.execute("ROLLBACK TO record")
             raise
         finally:
             self._db.execute("RELEASE record")
 
-    def _track(self, record: Record, messages: list[Any], client_id: str | None) -> None:
+    def _track(self, record: Record, messages: list[Any]) -> None:
         parsed = record.parsed
-        info = self._place(record, messages, client_id)
-        info.client_session_id = client_id
+        lane = Lane.of(record)
+        info = self._place(record, messages, lane)
+        if lane is not None:
+            info.client_session_id = lane.client_session_id
+            info.agent_id = lane.agent_id
+            info.parent_agent_id = lane.parent_agent_id
+        else:
+            info.client_session_id = None
+        if info.compaction is None and compaction_of(messages) == "request":
+            info.compaction = "request"
         info.system_sha256 = system_fingerprint(parsed.system, parsed.messages or [])
         record.session = info
         self._save(record, info, messages)
 
     # -- deciding where the turn belongs ---------------------------------------------------------
 
-    def _candidates(self, key: str, provider: str) -> list[sqlite3.Row]:
-        return self._db.execute(
+    def _candidates(self, key: str, provider: str, lane: Lane | None = None) -> list[sqlite3.Row]:
+        """Sessions whose state after turn ``seq`` has fingerprint ``key``, newest first; with a
+        lane, only that conversation's sessions (and its branches)."""
+        query = (
             "SELECT f.session_id, f.seq, s.last_seq, s.state_seq, s.client_session_id,"
-            " s.branch_count, s.file_path FROM fingerprints f JOIN sessions s"
+            " s.branch_count, s.file_path, s.kind FROM fingerprints f JOIN sessions s"
             " ON s.id = f.session_id WHERE f.fingerprint = ? AND s.provider = ?"
-            " ORDER BY s.last_activity DESC",
-            (key, provider),
-        ).fetchall()
+        )
+        args: tuple[Any, ...] = (key, provider)
+        if lane is not None:
+            query += " AND s.client_session_id = ? AND s.agent_id IS ?"
+            args += (lane.client_session_id, lane.agent_id)
+        return self._db.execute(query + " ORDER BY s.last_activity DESC", args).fetchall()
 
-    def _place(self, record: Record, messages: list[Any], client_id: str | None) -> SessionInfo:
+    def _lane_session(self, lane: Lane, provider: str) -> sqlite3.Row | None:
+        """The lane's current conversation: the latest active one that has more than one turn
+        (a one-message side call of the same client session is not it), else the latest."""
+        row: sqlite3.Row | None = self._db.execute(
+            "SELECT id AS session_id, last_seq, file_path, kind FROM sessions"
+            " WHERE client_session_id = ? AND agent_id IS ? AND provider = ?"
+            " ORDER BY last_seq > 1 DESC, last_activity DESC LIMIT 1",
+            (lane.client_session_id, lane.agent_id, provider),
+        ).fetchone()
+        return row
+
+    def _new(self, record: Record, *, fingerprint: str | None,
+             kind: SessionKind = SessionKind.CONVERSATION, parent: sqlite3.Row | None = None,
+             parent_seq: int | None = None, reason: str | None = None,
+             session_id: str | None = None) -> SessionInfo:
+        exchange = record.exchange
+        raw = record.parsed.messages or []
+        if session_id is None:
+            session_id = new_session_id(exchange.started_wall)
+            while self._exists(session_id):
+                session_id = new_session_id(exchange.started_wall)
+        seq = 1
+        if kind in (SessionKind.BRANCH, SessionKind.SESSION_FORK) and parent_seq is not None:
+            seq = parent_seq + 1  # a fork numbers on from the turn it shares
+        return SessionInfo(
+            id=session_id, seq=seq, file=f"{exchange.provider}/{session_id}.jsonl",
+            new_session=True, kind=str(kind),
+            parent_id=parent["session_id"] if parent is not None else None,
+            fork_from_seq=parent_seq if parent is not None else None, fork_reason=reason,
+            new_messages=list(raw) if kind is not SessionKind.BRANCH else list(raw[-1:]),
+            fingerprint=fingerprint,
+        )
+
+    def _exists(self, session_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sessions WHERE id = ?",
+                                (session_id,)).fetchone() is not None
+
+    def _place(self, record: Record, messages: list[Any], lane: Lane | None) -> SessionInfo:
         exchange = record.exchange
         parsed = record.parsed
-        raw = parsed.messages or []
-        rows: list[sqlite3.Row] = []
-        matched_key: str | None = None
+        provider = exchange.provider
         if parsed.previous_response_id:
-            matched_key = "resp:" + parsed.previous_response_id
-            rows = self._candidates(matched_key, exchange.provider)
-        elif len(messages) > 1:
-            matched_key = fingerprint(messages[:-1])
-            rows = self._candidates(matched_key, exchange.provider)
-        if not rows:
-            session_id = new_session_id(exchange.started_wall)
-            while self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
-                session_id = new_session_id(exchange.started_wall)
-            return SessionInfo(
-                id=session_id, seq=1, file=f"{exchange.provider}/{session_id}.jsonl",
-                new_session=True, new_messages=list(raw), fingerprint=matched_key,
-            )
-        row = self._choose(rows, client_id)
-        new_messages = list(raw) if parsed.previous_response_id else list(raw[-1:])
+            response_key = "resp:" + parsed.previous_response_id
+            rows = self._candidates(response_key, provider)
+            if rows:
+                return self._follow(record, self._choose(rows, lane), response_key, whole=True)
+            return self._new(record, fingerprint=response_key)
+        key = fingerprint(messages[:-1]) if len(messages) > 1 else None
+        if lane is None:
+            # No client hint: the history alone decides (the seed's rules).
+            rows = self._candidates(key, provider) if key else []
+            if rows:
+                return self._follow(record, self._choose(rows, None), key)
+            return self._new(record, fingerprint=key)
+        current = self._lane_session(lane, provider)
+        if current is not None:
+            rows = self._candidates(key, provider, lane) if key else []
+            if rows:
+                return self._follow(record, self._choose(rows, lane), key)
+            compaction = compaction_of(messages)
+            if len(messages) > 1 or compaction == "compacted":
+                # Same conversation, history not recognised: compaction replaced it with a
+                # summary (or the client rewrote it); the conversation goes on.
+                return SessionInfo(
+                    id=current["session_id"], seq=current["last_seq"] + 1,
+                    file=current["file_path"], kind=current["kind"],
+                    new_messages=list(parsed.messages or []), fingerprint=key,
+                    compaction="compacted" if compaction == "compacted" else "history_rewritten",
+                )
+            return self._new(record, fingerprint=key)  # a one-message side call or a restart
+        if lane.agent_id is not None:
+            return self._spawned(record, messages, lane, key)
+        if key:
+            # A new client session that starts with history: a fork of the session it came
+            # from (--fork-session, /branch), which itself continues unbranched.
+            rows = self._candidates(key, provider)
+            if rows:
+                parent = self._choose(rows, lane)
+                return self._new(record, fingerprint=key, kind=SessionKind.SESSION_FORK,
+                                 parent=parent, parent_seq=parent["seq"],
+                                 reason="client_session_forked")
+        return self._new(record, fingerprint=key)
+
+    def _spawned(self, record: Record, messages: list[Any], lane: Lane,
+                 key: str | None) -> SessionInfo:
+        """A subagent's first turn: its own session, linked to the turn that spawned it."""
+        kind = SessionKind.FORK_SUBAGENT if len(messages) > 1 else SessionKind.SUBAGENT
+        provider = record.exchange.provider
+        parent_lane = Lane(lane.client_session_id, lane.parent_agent_id, None)
+        for spawn_key in _spawn_lookups(messages):
+            rows = self._candidates(spawn_key, provider, parent_lane) \
+                or self._candidates(spawn_key, provider)
+            if rows:
+                return self._new(record, fingerprint=key, kind=kind, parent=rows[0],
+                                 parent_seq=rows[0]["seq"], reason="agent_spawned")
+        parent = self._lane_session(parent_lane, provider)
+        return self._new(record, fingerprint=key, kind=kind, parent=parent,
+                         parent_seq=parent["last_seq"] if parent is not None else None,
+                         reason="agent_spawned")
+
+    def _follow(self, record: Record, row: sqlite3.Row, key: str | None, *,
+                whole: bool = False) -> SessionInfo:
+        """The history matched the state after turn ``row["seq"]``: continue that session if it
+        is its latest state, else branch it."""
+        raw = record.parsed.messages or []
+        new_messages = list(raw) if whole else list(raw[-1:])
         if row["seq"] == row["state_seq"]:
             return SessionInfo(
                 id=row["session_id"], seq=row["last_seq"] + 1, file=row["file_path"],
-                new_messages=new_messages, fingerprint=matched_key,
+                kind=row["kind"], new_messages=new_messages, fingerprint=key,
             )
         branch_number = row["branch_count"] + 1
         branch_id = f"{row['session_id']}_b{branch_number}"
-        while self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (branch_id,)).fetchone():
+        while self._exists(branch_id):
             branch_number += 1
             branch_id = f"{row['session_id']}_b{branch_number}"
         self._db.execute("UPDATE sessions SET branch_count = ? WHERE id = ?",
                          (branch_number, row["session_id"]))
-        return SessionInfo(
-            id=branch_id, seq=row["seq"] + 1, file=f"{exchange.provider}/{branch_id}.jsonl",
-            new_session=True, parent_id=row["session_id"], fork_from_seq=row["seq"],
-            fork_reason="message_history_diverged", new_messages=new_messages,
-            fingerprint=matched_key,
-        )
+        info = self._new(record, fingerprint=key, kind=SessionKind.BRANCH, parent=row,
+                         parent_seq=row["seq"], reason="message_history_diverged",
+                         session_id=branch_id)
+        info.new_messages = new_messages
+        return info
 
     @staticmethod
-    def _choose(rows: list[sqlite3.Row], client_id: str | None) -> sqlite3.Row:
+    def _choose(rows: list[sqlite3.Row], lane: Lane | None) -> sqlite3.Row:
         """Same client session first, then a session whose latest state matches, then recency."""
+        client_id = lane.client_session_id if lane is not None else None
+
         def rank(row: sqlite3.Row) -> tuple[int, int]:
             same_client = client_id is not None and row["client_session_id"] == client_id
             other_client = (client_id is not None and row["client_session_id"] is not None
@@ -339,17 +529,20 @@ class SessionTracker:
             if succeeded else None
         tokens = (usage.input_tokens or 0, usage.output_tokens or 0,
                   usage.cache_read_input_tokens or 0, usage.cache_creation_input_tokens or 0)
+        compacted = 1 if info.compaction == "compacted" else 0
         if info.new_session:
             self._db.execute(
                 "INSERT INTO sessions (id, provider, upstream, created_at, last_activity,"
                 " last_seq, last_fingerprint, state_seq, file_path, parent_id, fork_from_seq,"
                 " client_session_id, model, system_sha256, last_response_id, input_tokens,"
-                " output_tokens, cache_read_input_tokens, cache_creation_input_tokens)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " output_tokens, cache_read_input_tokens, cache_creation_input_tokens, kind,"
+                " agent_id, parent_agent_id, compactions)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (info.id, exchange.provider, exchange.upstream_url, iso(exchange.started_wall),
                  now, info.seq, state_key or "", info.seq if succeeded else 0, info.file,
                  info.parent_id, info.fork_from_seq, info.client_session_id, model,
-                 info.system_sha256, parsed.response_id if succeeded else None, *tokens),
+                 info.system_sha256, parsed.response_id if succeeded else None, *tokens,
+                 info.kind, info.agent_id, info.parent_agent_id, compacted),
             )
         else:
             self._db.execute(
@@ -361,14 +554,16 @@ class SessionTracker:
                 " cache_creation_input_tokens = cache_creation_input_tokens + ?,"
                 " last_fingerprint = COALESCE(?, last_fingerprint),"
                 " state_seq = CASE WHEN ? THEN ? ELSE state_seq END,"
+                " compactions = compactions + ?,"
                 " last_response_id = COALESCE(?, last_response_id) WHERE id = ?",
                 (now, info.seq, model, info.system_sha256, info.client_session_id, *tokens,
-                 state_key, succeeded, info.seq, parsed.response_id if succeeded else None,
-                 info.id),
+                 state_key, succeeded, info.seq, compacted,
+                 parsed.response_id if succeeded else None, info.id),
             )
         if not succeeded:
             return
         keys = [(state_key, info.id, info.seq)]
+        keys.extend((key, info.id, info.seq) for key in spawn_keys(parsed.output_message))
         if parsed.response_id and exchange.path.rstrip("/").endswith("/responses"):
             # Responses API turns are chained by previous_response_id.
             keys.append(("resp:" + parsed.response_id, info.id, info.seq))

@@ -29,11 +29,15 @@ import orjson
 
 from otelproxy.pipeline import Failures
 from otelproxy.preview import assistant_preview, user_preview
-from otelproxy.record import SCHEMA_VERSION, Outcome, Record, iso
+from otelproxy.record import SCHEMA_VERSION, Outcome, Record, SessionKind, iso
 
 log = logging.getLogger("otelproxy.store")
 
 
+
+
+FORK_KINDS = (SessionKind.BRANCH, SessionKind.SESSION_FORK)
+"""Sessions whose file starts with a copy of the parent's entries up to the fork point."""
 
 
 def body_fields(data: bytes, key: str = "body") -> dict[str, Any]:
@@ -76,8 +80,17 @@ def request_entry(record: Record) -> dict[str, Any]:
     }
     if parsed.model:
         entry["model"] = parsed.model
-    if session and session.fingerprint:
-        entry["fingerprint"] = session.fingerprint
+    if session:
+        if session.fingerprint:
+            entry["fingerprint"] = session.fingerprint
+        if session.client_session_id:
+            entry["client_session_id"] = session.client_session_id
+        if session.agent_id:
+            entry["agent_id"] = session.agent_id
+        if session.parent_agent_id:
+            entry["parent_agent_id"] = session.parent_agent_id
+        if session.compaction:
+            entry["compaction"] = session.compaction
     return entry
 
 
@@ -200,7 +213,7 @@ class LocalStore:
         lines: list[bytes] = []
         if session is not None:
             relative = session.file
-            if session.parent_id is not None and session.new_session:
+            if session.new_session and session.kind in FORK_KINDS:
                 self._start_branch(record)
             elif session.new_session:
                 lines.append(_dumps(session_start_entry(record)))
@@ -235,8 +248,11 @@ class LocalStore:
             "from_seq": session.fork_from_seq,
             "parent_session": session.parent_id,
             "reason": session.fork_reason or "message_history_diverged",
+            "kind": session.kind,
             "schema_version": SCHEMA_VERSION,
         }
+        if session.client_session_id:
+            fork["client_session_id"] = session.client_session_id
         self._append(session.file, [*copied, _dumps(fork)])
 
     def _fd(self, relative: str) -> int:
@@ -285,8 +301,8 @@ class LocalStore:
             "INSERT OR REPLACE INTO exchanges (id, session_id, seq, ts, provider, upstream, method,"
             " path, status, outcome, model, stop_reason, input_tokens, output_tokens,"
             " cache_read_input_tokens, cache_creation_input_tokens, ttfb_ms, total_ms,"
-            " user_preview, assistant_preview, file_path, offset, length)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " user_preview, assistant_preview, file_path, offset, length, agent_id, compaction)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 exchange.id, session.id if session else None, session.seq if session else None,
                 iso(exchange.started_wall), exchange.provider, exchange.upstream_url,
@@ -299,6 +315,7 @@ class LocalStore:
                 user_preview(parsed.messages) if session else None,
                 assistant_preview(parsed.output_message) if session else None,
                 relative, offset, length,
+                session.agent_id if session else None, session.compaction if session else None,
             ),
         )
 
@@ -315,8 +332,14 @@ def session_start_entry(record: Record) -> dict[str, Any]:
         "upstream": exchange.upstream_url,
         "schema_version": SCHEMA_VERSION,
     }
-    if session.client_session_id:
-        entry["client_session_id"] = session.client_session_id
+    entry["kind"] = session.kind
+    for key, value in (("client_session_id", session.client_session_id),
+                       ("agent_id", session.agent_id),
+                       ("parent_agent_id", session.parent_agent_id),
+                       ("parent_session", session.parent_id),
+                       ("parent_seq", session.fork_from_seq)):
+        if value is not None:
+            entry[key] = value
     return entry
 
 

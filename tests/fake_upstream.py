@@ -1035,11 +1035,69 @@ def _last_user_turn(req: ReceivedRequest) -> tuple[list[str], str | None]:
     return [], None
 
 
+COMPACTION_REQUEST_MARKER = "Your task is to create a detailed summary of the conversation"
+"""In the user message Claude Code sends when it compacts (``/compact`` or automatically)."""
+HUGE_USAGE_MARKER = "HUGE_USAGE"
+"""A prompt with this word is answered with usage near a 1M context window, which makes Claude
+Code compact the conversation before its next request."""
+HUGE_INPUT_TOKENS = 990_000
+AGENT_MARKERS = {
+    "RUN_AGENTS:": {"subagent_type": "general-purpose"},
+    "RUN_AGENT:": {"subagent_type": "general-purpose"},
+    "RUN_AGENT_FG:": {"subagent_type": "general-purpose", "run_in_background": False},
+    "RUN_FORK:": {"subagent_type": "fork"},
+}
+"""``RUN_AGENT:<task>`` → an ``Agent`` tool_use (a background general-purpose subagent by
+default in Claude Code 2.1.33x), ``RUN_AGENT_FG:`` the same in the foreground, ``RUN_FORK:`` a
+fork subagent (it inherits the whole conversation), ``RUN_AGENTS:<task>|<task>…`` one Agent
+tool_use per task in one answer (parallel subagents). A task that itself holds a marker makes the
+subagent spawn a nested one."""
+_AGENT_MARKER = re.compile(r"(RUN_AGENTS:|RUN_AGENT_FG:|RUN_AGENT:|RUN_FORK:)\s*(.+)", re.S)
+
+
+def _last_tool_name(req: ReceivedRequest) -> str | None:
+    """Name of the tool in the last assistant turn of an Anthropic request."""
+    try:
+        messages = req.json().get("messages") or []
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            content = message.get("content")
+            for block in content if isinstance(content, list) else []:
+                if isinstance(block, dict) and block.get("type") == "tool_use":
+                    return str(block.get("name"))
+            return None
+    return None
+
+
+def _user_prompt(texts: list[str]) -> str | None:
+    """The user's own words: the last text that is not a Claude Code decoration."""
+    return next(
+        (t for t in reversed(texts)
+         if not t.lstrip().startswith(("<system-reminder>", "<local-command", "<command-"))),
+        None,
+    )
+
+
 def default_responder(req: ReceivedRequest) -> Reply:
-    """Echo the last user text; RUN_TOOL:<command> -> Bash tool_use; tool result -> 'Tool said:'."""
+    """Echo the last user text, with markers for scripted behaviour:
+
+    ``RUN_TOOL:<command>`` → a Bash tool_use, and its result → ``Tool said: <stdout>``;
+    ``RUN_AGENT:``/``RUN_AGENT_FG:``/``RUN_FORK:<task>`` → an Agent tool_use (see AGENT_MARKERS),
+    and its result → ``Agent said: <result>``; Claude Code's compaction request → an
+    ``<analysis>``/``<summary>`` answer; ``HUGE_USAGE`` → an echo reporting ~990k input tokens.
+    """
     texts, tool_result = _last_user_turn(req)
     if tool_result is not None:
-        return Reply(blocks=[{"type": "text", "text": f"Tool said: {tool_result[:200]}"}])
+        said = "Agent said" if _last_tool_name(req) in ("Agent", "Task") else "Tool said"
+        return Reply(blocks=[{"type": "text", "text": f"{said}: {tool_result[:200]}"}])
+    if any(COMPACTION_REQUEST_MARKER in text for text in texts):
+        return Reply(blocks=[{"type": "text", "text": (
+            "<analysis>The user asked questions; each was echoed.</analysis>\n"
+            "<summary>1. Primary Request: echo questions back.\n"
+            "2. Pending Tasks: none.</summary>")}])
+    prompt = _user_prompt(texts)
     for text in texts:
         match = re.search(re.escape(RUN_TOOL_MARKER) + r"([^\n<]+)", text)
         if match:
@@ -1054,13 +1112,22 @@ def default_responder(req: ReceivedRequest) -> Reply:
                     }
                 ]
             )
-    # the user's own words are the last text that is not a <system-reminder>
-    prompt = next(
-        (t for t in reversed(texts) if not t.lstrip().startswith("<system-reminder>")), None
-    )
+    agent = _AGENT_MARKER.search(prompt or "")
+    if agent:
+        marker, task = agent.group(1), agent.group(2).strip()
+        tasks = task.split("|") if marker == "RUN_AGENTS:" else [task]
+        return Reply(blocks=[{
+            "type": "tool_use", "id": _new_id("toolu_01"), "name": "Agent",
+            "input": {"description": "Run a task", "prompt": one.strip(),
+                      **AGENT_MARKERS[marker]},
+        } for one in tasks])
     if prompt is None:
         return Reply()
-    return Reply(blocks=[{"type": "text", "text": f"Echo: {prompt}"}])
+    reply = Reply(blocks=[{"type": "text", "text": f"Echo: {prompt}"}])
+    if HUGE_USAGE_MARKER in prompt:
+        reply.usage = {"input_tokens": HUGE_INPUT_TOKENS, "output_tokens": 10,
+                       "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    return reply
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
 import openai
+import orjson
 import pytest
 
+from otelproxy.redact import redact_bytes
 from otelproxy.sessions import conversation, fingerprint, normalise_message, system_fingerprint
 from tests.conftest import RunningProxy
 from tests.fake_upstream import (
     FakeUpstream,
-    ReceivedRequest,
     Reply,
     _last_user_turn,
-    default_responder,
     run_claude,
 )
 
@@ -359,39 +360,223 @@ def test_claude_code_tool_loop_and_continue_is_one_session(proxy, fake, tmp_path
     assert len({s["client_session_id"] for s in sessions}) == 2
 
 
-def agent_responder(request: ReceivedRequest) -> Reply:
-    """RUN_AGENT:<task> → Claude Code's Agent (Task) tool; its result → a closing text."""
-    texts, tool_result = _last_user_turn(request)
-    if tool_result is not None:
-        return Reply(blocks=[{"type": "text", "text": f"Agent said: {tool_result[:100]}"}])
-    for text in texts:
-        if "RUN_AGENT:" in text:
-            task = text.split("RUN_AGENT:", 1)[1].strip()
-            return Reply(blocks=[{"type": "tool_use", "id": "toolu_agent_1", "name": "Agent",
-                                  "input": {"description": "Echo a task", "prompt": task,
-                                            "subagent_type": "general-purpose"}}])
-    return default_responder(request)
+@dataclass
+class Turn:
+    """One model call Claude Code made, as the fake saw it and as the proxy recorded it."""
+
+    agent_id: str | None
+    parent_agent_id: str | None
+    client_session_id: str
+    session_id: str
+    seq: int
+    compaction: str | None
+    prompt: str
 
 
-def test_claude_code_subagent_is_its_own_session_linked_by_client_id(proxy, fake, tmp_path):
-    """A Task/Agent subagent gets its own session; it shares the main one's client session id."""
-    fake.responder = agent_responder
+def claude_timeline(proxy: RunningProxy, fake: FakeUpstream, *, cleared: bool = False
+                    ) -> list[Turn]:
+    """Every /v1/messages call in the order the fake received it, joined to its request entry
+    by the recorded (redacted) body; fails if any call is missing from the record (or, unless
+    the fake was cleared since the proxy started, if the record holds more calls)."""
+    entries = [e for e in proxy.entries() if e["type"] == "request"
+               and e["path"] == "/v1/messages"]
+    by_body = {e["body"]: e for e in entries}
+    turns = []
+    for call in fake.model_calls():
+        entry = by_body[redact_bytes(call.body).decode()]
+        assert entry.get("agent_id") == call.header("x-claude-code-agent-id")
+        assert entry.get("parent_agent_id") == call.header("x-claude-code-parent-agent-id")
+        texts, _ = _last_user_turn(call)
+        turns.append(Turn(call.header("x-claude-code-agent-id"),
+                          call.header("x-claude-code-parent-agent-id"),
+                          call.header("x-claude-code-session-id") or "", entry["session_id"],
+                          entry["seq"], entry.get("compaction"), " ".join(texts)[-80:]))
+    assert cleared or len(turns) == len({e["exchange_id"] for e in entries})
+    return turns
+
+
+def lanes(turns: list[Turn]) -> dict[str | None, list[Turn]]:
+    """Turns grouped by agent id (None: the main conversation), in arrival order."""
+    out: dict[str | None, list[Turn]] = {}
+    for turn in turns:
+        out.setdefault(turn.agent_id, []).append(turn)
+    return out
+
+
+def session_rows(proxy: RunningProxy) -> dict[str, dict[str, Any]]:
+    with proxy.db() as conn:
+        return {row["id"]: dict(row) for row in conn.execute("SELECT * FROM sessions")}
+
+
+def one_session(turns: list[Turn], seqs: list[int]) -> str:
+    """All the turns are one session numbered ``seqs``; returns its id."""
+    assert len({t.session_id for t in turns}) == 1, turns
+    assert [t.seq for t in turns] == seqs, turns
+    return turns[0].session_id
+
+
+def claude_dirs(tmp_path: Any) -> tuple[str, str]:
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
-    out = claude_turn(proxy, str(home), str(work), "RUN_AGENT: say subagent-was-here")
+    return str(home), str(work)
+
+
+def test_claude_code_background_subagent_is_its_own_linked_session(proxy, fake, tmp_path):
+    """A background Agent: main turns 1-3 stay one session; the subagent is its own session,
+    kind subagent, linked to main's turn 1 and recorded with its agent id."""
+    home, work = claude_dirs(tmp_path)
+    out = claude_turn(proxy, home, work, "RUN_AGENT: say subagent-was-here")
     assert "Agent said" in out
+    by_lane = lanes(claude_timeline(proxy, fake))
+    main = one_session(by_lane.pop(None), [1, 2, 3])
+    [(agent_id, agent_turns)] = by_lane.items()
+    sub = one_session(agent_turns, [1])
+    assert sub != main and "subagent-was-here" in agent_turns[0].prompt
+    rows = session_rows(proxy)
+    assert set(rows) == {main, sub}
+    assert rows[main]["kind"] == "conversation" and rows[main]["branch_count"] == 0
+    assert (rows[sub]["kind"], rows[sub]["parent_id"], rows[sub]["fork_from_seq"],
+            rows[sub]["agent_id"]) == ("subagent", main, 1, agent_id)
+    assert rows[sub]["client_session_id"] == rows[main]["client_session_id"] \
+        == agent_turns[0].client_session_id
+    start = proxy.entries(f"anthropic/{sub}.jsonl")[0]
+    assert (start["type"], start["kind"], start["agent_id"], start["parent_session"],
+            start["parent_seq"]) == ("session_start", "subagent", agent_id, main, 1)
+
+
+def test_claude_code_nested_and_parallel_subagents(proxy, fake, tmp_path):
+    """Foreground nested agents link to their parent agent's turn; two parallel agents spawned
+    by one answer are two sessions linked to that turn."""
+    home, work = claude_dirs(tmp_path)
+    claude_turn(proxy, home, work, "RUN_AGENT_FG: RUN_AGENT_FG: say deep")
+    by_lane = lanes(claude_timeline(proxy, fake))
+    main = one_session(by_lane.pop(None), [1, 2])
+    (outer_id, outer), (inner_id, inner) = sorted(
+        by_lane.items(), key=lambda item: item[1][0].parent_agent_id or "")
+    assert outer[0].parent_agent_id is None and inner[0].parent_agent_id == outer_id
+    outer_session = one_session(outer, [1, 2])
+    inner_session = one_session(inner, [1])
+    rows = session_rows(proxy)
+    assert (rows[outer_session]["parent_id"], rows[outer_session]["fork_from_seq"]) == (main, 1)
+    assert (rows[inner_session]["parent_id"], rows[inner_session]["fork_from_seq"],
+            rows[inner_session]["parent_agent_id"]) == (outer_session, 1, outer_id)
+    assert len(rows) == 3 and all(r["branch_count"] == 0 for r in rows.values())
+
+    fake.clear()
+    other = tmp_path / "parallel"
+    other.mkdir()
+    claude_turn(proxy, home, str(other), "RUN_AGENTS: say left|say right")
+    by_lane = lanes(claude_timeline(proxy, fake, cleared=True))
+    main_turns = [t for t in by_lane.pop(None) if t.session_id not in rows]
+    parallel_main = one_session(main_turns, list(range(1, len(main_turns) + 1)))
+    subs = {one_session(t, [1]) for agent, t in by_lane.items() if agent not in
+            (outer_id, inner_id)}
+    rows = session_rows(proxy)
+    assert len(subs) == 2
+    assert {(rows[s]["parent_id"], rows[s]["fork_from_seq"], rows[s]["kind"]) for s in subs} \
+        == {(parallel_main, 1, "subagent")}
+
+
+def test_claude_code_fork_subagent_is_not_a_turn_or_branch_of_its_parent(proxy, fake, tmp_path):
+    """A fork subagent (whole parent history) is its own session, kind fork_subagent, linked
+    to the turn it forked from; the main conversation goes on unbranched."""
+    home, work = claude_dirs(tmp_path)
+    claude_turn(proxy, home, work, "RUN_FORK: say forked-hello")
+    by_lane = lanes(claude_timeline(proxy, fake))
+    main = one_session(by_lane.pop(None), [1, 2, 3])
+    [(agent_id, fork_turns)] = by_lane.items()
+    fork_session = one_session(fork_turns, [1])
+    rows = session_rows(proxy)
+    assert set(rows) == {main, fork_session}
+    assert rows[main]["branch_count"] == 0 and rows[main]["last_seq"] == 3
+    assert (rows[fork_session]["kind"], rows[fork_session]["parent_id"],
+            rows[fork_session]["fork_from_seq"], rows[fork_session]["agent_id"]) == (
+        "fork_subagent", main, 1, agent_id)
+    assert not list(proxy.log_dir.glob("anthropic/*_b*.jsonl"))
+
+
+def test_claude_code_fork_session_and_rewind(proxy, fake, tmp_path):
+    """--resume ID --fork-session is a new session forked from the original at the shared turn
+    (fork entry); the original continues unbranched; --resume-session-at branches it."""
+    home, work = claude_dirs(tmp_path)
+    claude_turn(proxy, home, work, "first q")
+    claude_turn(proxy, home, work, "--continue", "second q")
     client_id = fake.model_calls()[0].header("X-Claude-Code-Session-Id")
+    claude_turn(proxy, home, work, "--resume", client_id, "--fork-session", "forked q")
+    claude_turn(proxy, home, work, "--resume", client_id, "third q")
+    turns = claude_timeline(proxy, fake)
+    original = one_session([turns[0], turns[1], turns[3]], [1, 2, 3])
+    forked = turns[2]
+    assert forked.client_session_id != client_id
+    assert forked.session_id != original and forked.seq == 3
+    rows = session_rows(proxy)
+    assert rows[original]["branch_count"] == 0
+    assert (rows[forked.session_id]["kind"], rows[forked.session_id]["parent_id"],
+            rows[forked.session_id]["fork_from_seq"]) == ("session_fork", original, 2)
+    entries = proxy.entries(f"anthropic/{forked.session_id}.jsonl")
+    assert [e["type"] for e in entries] == ["session_start", "request", "response", "request",
+                                            "response", "fork", "request", "response"]
+    fork = entries[5]
+    assert (fork["from_seq"], fork["parent_session"], fork["reason"],
+            fork["client_session_id"]) == (2, original, "client_session_forked",
+                                           forked.client_session_id)
+
+    transcript = next((tmp_path / "home").glob(f".claude/projects/*/{client_id}.jsonl"))
+    first_answer = next(line for line in map(orjson.loads, transcript.read_bytes().splitlines())
+                        if line.get("type") == "assistant")
+    fake.clear()
+    claude_turn(proxy, home, work, "--resume", client_id, "--resume-session-at",
+                first_answer["uuid"], "rewound q")
+    [rewound] = claude_timeline(proxy, fake, cleared=True)
+    assert rewound.client_session_id == client_id
+    assert (rewound.session_id, rewound.seq) == (f"{original}_b1", 2)
+    rows = session_rows(proxy)
+    assert (rows[rewound.session_id]["kind"], rows[rewound.session_id]["fork_from_seq"]) == (
+        "branch", 1)
+
+
+def test_claude_code_compaction_continues_the_session(proxy, fake, tmp_path):
+    """/compact and auto-compaction (a huge usage answer): the summary request and every turn
+    after it stay in the session, seq keeps counting, and the record marks both."""
+    home, work = claude_dirs(tmp_path)
+    claude_turn(proxy, home, work, "first question")
+    claude_turn(proxy, home, work, "--continue", "second question")
+    claude_turn(proxy, home, work, "--continue", "/compact")
+    claude_turn(proxy, home, work, "--continue", "third question")
+    claude_turn(proxy, home, work, "--continue", "fourth question")
+    turns = claude_timeline(proxy, fake)
+    manual = one_session(turns, [1, 2, 3, 4, 5])
+    assert [t.compaction for t in turns] == [None, None, "request", "compacted", None]
+
+    fake.clear()
+    auto_home, auto_work = tmp_path / "auto-home", tmp_path / "auto-work"
+    auto_home.mkdir()
+    auto_work.mkdir()
+    claude_turn(proxy, str(auto_home), str(auto_work), "HUGE_USAGE please")
+    out = claude_turn(proxy, str(auto_home), str(auto_work), "--continue", "after huge")
+    assert "Echo: after huge" in out
+    turns = claude_timeline(proxy, fake, cleared=True)
+    auto = one_session(turns, [1, 2, 3])
+    assert [t.compaction for t in turns] == [None, "request", "compacted"]
+    rows = session_rows(proxy)
+    assert len(rows) == 2 and rows[manual]["compactions"] == 1 and rows[auto]["compactions"] == 1
     with proxy.db() as conn:
-        sessions = conn.execute(
-            "SELECT id, client_session_id, last_seq FROM sessions ORDER BY created_at").fetchall()
-    assert len(sessions) >= 2
-    assert {s["client_session_id"] for s in sessions} == {client_id}
-    main = sessions[0]
-    assert main["last_seq"] == 2  # Agent tool_use, then the answer to its result
-    sub_previews = [turn["user_preview"] for s in sessions[1:] for turn in
-                    show_session_turns(proxy, s["id"])]
-    assert any("subagent-was-here" in (p or "") for p in sub_previews)
+        marked = conn.execute("SELECT session_id, seq, compaction FROM exchanges"
+                              " WHERE compaction IS NOT NULL ORDER BY ts").fetchall()
+    assert [tuple(r) for r in marked] == [(manual, 3, "request"), (manual, 4, "compacted"),
+                                          (auto, 2, "request"), (auto, 3, "compacted")]
+
+
+def test_claude_code_identical_first_prompts_stay_apart(proxy, fake, tmp_path):
+    """Two `claude -p` runs with the same prompt and tool loop are two sessions."""
+    home, work = claude_dirs(tmp_path)
+    claude_turn(proxy, home, work, "RUN_TOOL:echo same")
+    claude_turn(proxy, home, work, "RUN_TOOL:echo same")
+    turns = claude_timeline(proxy, fake)
+    first = one_session(turns[:2], [1, 2])
+    second = one_session(turns[2:], [1, 2])
+    assert first != second and len(session_rows(proxy)) == 2
 
 
 def show_session_turns(proxy: RunningProxy, session_id: str) -> list[dict[str, Any]]:
