@@ -33,10 +33,15 @@ def parse_since(text: str, now: datetime | None = None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_INHERITING = ("branch", "session_fork")
+"""Kinds whose turns up to the fork point are the parent's (their file starts with a copy)."""
+
+
 def list_sessions(
-    conn: sqlite3.Connection, provider: str | None = None, since: str | None = None
+    conn: sqlite3.Connection, provider: str | None = None, since: str | None = None,
+    client_session: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Sessions newest first: id, provider, model, turns, forks, activity, tokens."""
+    """Sessions newest first: id, kind, provider, model, turns, forks, links, activity, tokens."""
     where, args = [], []
     if provider:
         where.append("provider = ?")
@@ -44,10 +49,14 @@ def list_sessions(
     if since:
         where.append("last_activity >= ?")
         args.append(since)
+    if client_session:
+        where.append("client_session_id = ?")
+        args.append(client_session)
     clause = f"WHERE {' AND '.join(where)}" if where else ""
     rows = conn.execute(
-        "SELECT id, provider, model, last_seq AS turns, branch_count AS forks, parent_id,"
-        " fork_from_seq, client_session_id, created_at AS first_activity,"
+        "SELECT id, kind, provider, model, last_seq AS turns, branch_count AS forks, parent_id,"
+        " fork_from_seq, client_session_id, agent_id, parent_agent_id, compactions,"
+        " created_at AS first_activity,"
         " last_activity, input_tokens, output_tokens, cache_read_input_tokens,"
         f" cache_creation_input_tokens, file_path FROM sessions {clause}"
         " ORDER BY last_activity DESC", args,
@@ -55,14 +64,18 @@ def list_sessions(
     return [dict(row) for row in rows]
 
 
-def _lineage(conn: sqlite3.Connection, session_id: str) -> list[tuple[str, int | None]]:
-    """``[(session, last inherited seq or None)]`` from the session up to its root."""
+def _lineage(conn: sqlite3.Connection, session_id: str, *, inherited_only: bool = True
+             ) -> list[tuple[str, int | None]]:
+    """``[(session, last inherited seq or None)]`` from the session up to its root: through
+    branches and session forks only (whose early turns are the parent's), or through every
+    link (subagents too) with ``inherited_only=False``."""
     chain: list[tuple[str, int | None]] = [(session_id, None)]
     current = session_id
     while True:
-        row = conn.execute("SELECT parent_id, fork_from_seq FROM sessions WHERE id = ?",
+        row = conn.execute("SELECT parent_id, fork_from_seq, kind FROM sessions WHERE id = ?",
                            (current,)).fetchone()
-        if row is None or row["parent_id"] is None:
+        if row is None or row["parent_id"] is None or (
+                inherited_only and row["kind"] not in _INHERITING):
             return chain
         current = row["parent_id"]
         chain.append((current, row["fork_from_seq"]))
@@ -77,7 +90,7 @@ def _turn_rows(conn: sqlite3.Connection, session_id: str) -> list[dict[str, Any]
             limit = fork_point if limit is None else min(limit, fork_point)
         rows = conn.execute(
             "SELECT session_id, seq, ts, model, stop_reason, status, outcome, input_tokens,"
-            " output_tokens, ttfb_ms, total_ms, user_preview, assistant_preview"
+            " output_tokens, ttfb_ms, total_ms, user_preview, assistant_preview, compaction"
             " FROM exchanges WHERE session_id = ? ORDER BY seq", (sid,),
         ).fetchall()
         for row in rows:
@@ -87,12 +100,16 @@ def _turn_rows(conn: sqlite3.Connection, session_id: str) -> list[dict[str, Any]
 
 
 def _tree(conn: sqlite3.Connection, root: str) -> dict[str, Any]:
-    row = conn.execute("SELECT id, fork_from_seq, last_seq FROM sessions WHERE id = ?",
-                       (root,)).fetchone()
+    """The session and everything linked below it: branches, forks and subagents."""
+    row = conn.execute("SELECT id, kind, fork_from_seq, last_seq, agent_id, client_session_id"
+                       " FROM sessions WHERE id = ?", (root,)).fetchone()
     children = conn.execute("SELECT id FROM sessions WHERE parent_id = ? ORDER BY created_at",
                             (root,)).fetchall()
     return {
         "id": root,
+        "kind": row["kind"] if row else None,
+        "agent_id": row["agent_id"] if row else None,
+        "client_session_id": row["client_session_id"] if row else None,
         "fork_from_seq": row["fork_from_seq"] if row else None,
         "turns": row["last_seq"] if row else None,
         "branches": [_tree(conn, child["id"]) for child in children],
@@ -103,7 +120,7 @@ def show_session(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | 
     row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
     if row is None:
         return None
-    root = _lineage(conn, session_id)[-1][0]
+    root = _lineage(conn, session_id, inherited_only=False)[-1][0]
     related = []
     if row["client_session_id"]:
         related = [r["id"] for r in conn.execute(
@@ -124,23 +141,36 @@ def _short_time(iso: str | None) -> str:
 def format_sessions(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no sessions recorded yet"
-    header = f"{'SESSION':<28} {'PROVIDER':<9} {'MODEL':<28} {'TURNS':>5} {'FORKS':>5} " \
-             f"{'FIRST':<19} {'LAST':<19} {'IN':>9} {'OUT':>8}"
+    header = f"{'SESSION':<28} {'KIND':<13} {'PROVIDER':<9} {'MODEL':<24} {'TURNS':>5} " \
+             f"{'FORKS':>5} {'FIRST':<19} {'LAST':<19} {'IN':>9} {'OUT':>8}  PARENT"
     lines = [header]
     for row in rows:
+        parent = f"{row['parent_id']}@{row['fork_from_seq']}" if row["parent_id"] else "-"
         lines.append(
-            f"{row['id']:<28} {row['provider']:<9} {(row['model'] or '-')[:28]:<28} "
-            f"{row['turns']:>5} {row['forks']:>5} {_short_time(row['first_activity']):<19} "
-            f"{_short_time(row['last_activity']):<19} {row['input_tokens']:>9} "
-            f"{row['output_tokens']:>8}"
+            f"{row['id']:<28} {row['kind']:<13} {row['provider']:<9} "
+            f"{(row['model'] or '-')[:24]:<24} {row['turns']:>5} {row['forks']:>5} "
+            f"{_short_time(row['first_activity']):<19} {_short_time(row['last_activity']):<19} "
+            f"{row['input_tokens']:>9} {row['output_tokens']:>8}  {parent}"
         )
     return "\n".join(lines)
 
 
+_LINKS = {
+    "branch": "branch, forked at seq {seq}",
+    "session_fork": "client session {client} forked it at seq {seq}",
+    "subagent": "subagent {agent}, spawned at seq {seq}",
+    "fork_subagent": "fork subagent {agent}, forked at seq {seq}",
+}
+
+
 def _format_tree(node: dict[str, Any], current: str, depth: int = 0) -> list[str]:
     marker = " *" if node["id"] == current else ""
-    fork = f" (forked at seq {node['fork_from_seq']})" if node["fork_from_seq"] else ""
-    lines = [f"{'  ' * depth}{'└─ ' if depth else ''}{node['id']}{fork}, "
+    link = ""
+    if depth and node["kind"] in _LINKS:
+        link = " (" + _LINKS[node["kind"]].format(
+            seq=node["fork_from_seq"], agent=node["agent_id"] or "-",
+            client=node["client_session_id"] or "-") + ")"
+    lines = [f"{'  ' * depth}{'└─ ' if depth else ''}{node['id']}{link}, "
              f"{node['turns']} turn(s){marker}"]
     for child in node["branches"]:
         lines.extend(_format_tree(child, current, depth + 1))
@@ -152,7 +182,10 @@ def format_show(data: dict[str, Any]) -> str:
     lines = [
         f"session {session['id']}  provider {session['provider']}  "
         f"upstream {session['upstream']}",
-        f"model {session['model'] or '-'}  client session {session['client_session_id'] or '-'}",
+        f"kind {session['kind']}  model {session['model'] or '-'}  client session "
+        f"{session['client_session_id'] or '-'}  agent {session['agent_id'] or 'main'}"
+        + (f" (parent agent {session['parent_agent_id']})" if session["parent_agent_id"] else "")
+        + (f"  compactions {session['compactions']}" if session["compactions"] else ""),
         f"tokens in {session['input_tokens']} out {session['output_tokens']} cache read "
         f"{session['cache_read_input_tokens']} cache write "
         f"{session['cache_creation_input_tokens']}",
@@ -164,15 +197,16 @@ def format_show(data: dict[str, Any]) -> str:
         ttfb = f"{turn['ttfb_ms']:.0f}ms" if turn["ttfb_ms"] is not None else "-"
         inherited = "" if turn["session_id"] == session["id"] else f"  (from {turn['session_id']})"
         stop = turn["stop_reason"] or (turn["outcome"] if turn["outcome"] != "complete" else "-")
+        compaction = f"  [compaction: {turn['compaction']}]" if turn["compaction"] else ""
         lines.append(
             f"{turn['seq']:>4} {_short_time(turn['ts']):<19} {(turn['model'] or '-')[:24]:<24} "
             f"{stop[:12]:<12} {turn['input_tokens'] or 0:>7} {turn['output_tokens'] or 0:>6} "
-            f"{ttfb:>8}{inherited}"
+            f"{ttfb:>8}{inherited}{compaction}"
         )
         lines.append(f"     user: {turn['user_preview'] or ''}")
         lines.append(f"     assistant: {turn['assistant_preview'] or ''}")
-    lines += ["", "branches:", *_format_tree(data["tree"], session["id"])]
+    lines += ["", "branches, forks and agents:", *_format_tree(data["tree"], session["id"])]
     if data["same_client_sessions"]:
-        lines += ["", "same client session (e.g. subagents):",
+        lines += ["", "other sessions of the same client session:",
                   *[f"  {sid}" for sid in data["same_client_sessions"]]]
     return "\n".join(lines)

@@ -106,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--provider", choices=config.PROVIDERS, help="only this provider")
     sessions.add_argument("--since", metavar="T",
                           help="only sessions active since T: 30m, 2h, 3d or an ISO date/time")
+    sessions.add_argument("--client-session", metavar="ID",
+                          help="only the sessions of this client session (Claude Code's "
+                               "X-Claude-Code-Session-Id): its conversation, branches, "
+                               "forks and subagents")
     sessions.add_argument("--json", action="store_true", help="JSON output")
     show = commands.add_parser(
-        "show", help="print a session's turns and branch tree",
+        "show", help="print a session's turns, and its tree of branches, forks and agents",
         description="Print one session's turns and its branch tree with fork points.")
     _common(show)
     show.add_argument("session", metavar="SESSION", help="session id (from `otelproxy sessions`)")
@@ -130,7 +134,7 @@ def _browse(args: argparse.Namespace, cfg: config.Config) -> int:
     with closing(conn):
         if args.command == "sessions":
             since = browse.parse_since(args.since) if args.since else None
-            rows = browse.list_sessions(conn, args.provider, since)
+            rows = browse.list_sessions(conn, args.provider, since, args.client_session)
             text = orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() if args.json \
                 else browse.format_sessions(rows)
         else:
@@ -144,7 +148,7 @@ def _browse(args: argparse.Namespace, cfg: config.Config) -> int:
     return 0
 
 
-_BROWSE_ONLY = ("provider", "since", "json", "session")
+_BROWSE_ONLY = ("provider", "since", "json", "session", "client_session")
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,8 +31,13 @@ Per exchange:
   already redacted; the exchange's raw headers are read for ``traceparent`` only.
 
 Attributes (names are a contract). On the span and both records, when known:
-``session.id``, ``session.seq``, ``session.parent_id`` + ``session.fork.from_seq`` (forks only),
-``gen_ai.conversation.id`` (= session.id), ``client.session_id`` (``X-Claude-Code-Session-Id``),
+``session.id``, ``session.seq``, ``session.kind`` (``conversation|branch|session_fork|subagent|
+fork_subagent``), ``session.parent_id`` + ``session.fork.from_seq`` (the linked session and its
+turn: branches, forks and subagents only), ``session.compaction`` (``request|compacted|
+history_rewritten``, on those turns only), ``gen_ai.conversation.id`` (= session.id),
+``client.session_id`` (``X-Claude-Code-Session-Id``), ``gen_ai.agent.id``
+(``x-claude-code-agent-id``: a subagent's turns), ``proxy.agent.parent_id`` (the agent that
+spawned it, when not the main thread),
 ``proxy.exchange.id``; ``http.request.method``, ``url.path`` (the upstream path), ``url.query``,
 ``http.response.status_code``, ``server.address``/``server.port`` (the upstream, as in the GenAI
 conventions), ``user_agent.original``; ``gen_ai.provider.name``, ``gen_ai.operation.name``,
@@ -453,9 +458,13 @@ def common_attributes(record: Record) -> Attributes:
         out["session.id"] = session.id
         out["session.seq"] = session.seq
         out["gen_ai.conversation.id"] = session.id
+        out["session.kind"] = session.kind
         if session.parent_id is not None:
             out["session.parent_id"] = session.parent_id
             _put(out, "session.fork.from_seq", session.fork_from_seq)
+        _put(out, "gen_ai.agent.id", session.agent_id)
+        _put(out, "proxy.agent.parent_id", session.parent_agent_id)
+        _put(out, "session.compaction", session.compaction)
     client_session = session.client_session_id if session is not None else None
     client_session = client_session or header_value(record.request_headers,
                                                     "x-claude-code-session-id")

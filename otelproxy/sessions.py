@@ -1,20 +1,48 @@
-"""Conversation sessions and forks, detected from the messages the client sends.
+"""Conversation sessions, branches, forks and agents.
 
-Detection (the seed's algorithm, made to hold on real client traffic):
+Every tracked call (a conversation turn: Anthropic ``POST /v1/messages``, OpenAI chat and
+Responses) gets a session id and a turn number ``seq``. Two sources of identity are combined:
 
-- A tracked call's conversation is ``messages`` (Anthropic, OpenAI chat) or ``input`` items
-  (OpenAI Responses). Its *prefix* is all but the last message. After a turn succeeds, the
-  session's *state* is the request's messages plus the assistant message reassembled from the
-  response; the state's fingerprint is stored with the turn's seq.
-- ``len(messages) <= 1`` → always a new session. Otherwise the prefix fingerprint is looked up:
-  no match → new session; the match is the session's latest state → continuation (seq + 1, same
-  file); the match is an earlier state → fork: a branch ``{parent}_b{n}`` whose file starts with
-  the parent's entries up to that turn, then a ``fork`` entry, then the new turn.
-- OpenAI Responses: ``previous_response_id`` continues (or forks) the session whose turn produced
-  that response, whatever the input holds.
-- A failed or aborted response (status >= 400, outcome other than ``complete``, an ``error``
-  event, nothing reassembled) is recorded in its session with its own seq but does not advance
-  the session's state, so the client's retry is a continuation, not a fork.
+1. **What the client says.** Claude Code names its session in ``X-Claude-Code-Session-Id`` (or
+   the ``session_id`` inside ``metadata.user_id``) and a subagent in ``x-claude-code-agent-id``
+   (+ ``x-claude-code-parent-agent-id`` when nested). A *lane* is ``(client session id, agent id
+   or main)``: one conversation as the client sees it. Turns of one lane never land in another
+   lane's session, and a lane never continues another lane's session.
+2. **The history.** A call's *prefix* (all but its last message) is fingerprinted and matched
+   against the *state* each earlier turn left (its request's messages plus the assistant
+   message reassembled from its response). Within a lane this finds rewinds; without client
+   hints (the SDKs, OpenAI clients) it is the only source, as in the seed.
+
+Rules, in order:
+
+- OpenAI Responses: ``previous_response_id`` continues (or branches) the session whose turn
+  produced that response, whatever the input holds.
+- No client session id: the prefix matched the latest state of a session → continuation
+  (seq + 1); an earlier state → a branch ``{parent}_b{n}``; nothing (or a single message) → a
+  new session.
+- A lane that has sessions: the prefix matched, in that lane, the latest state → continuation;
+  an earlier state → branch (``--resume-session-at``, an edited earlier prompt). No match with
+  history, or a history that starts with a compaction summary → the lane's current
+  conversation continues (seq keeps counting): Claude Code replaced the history by a summary
+  (``compaction: "compacted"``; the summarising call itself is ``"request"``) or rewrote it
+  (``"history_rewritten"``). A single message that matches nothing → a new session of the lane
+  (a side call or a restart), never a turn of the conversation.
+- A new lane of a subagent (agent id): its own session, ``kind`` ``subagent`` (first message is
+  its task) or ``fork_subagent`` (it starts with the parent's whole history), linked by
+  ``parent_id``/``fork_from_seq`` to the turn that spawned it: the turn whose answer held the
+  Agent/Task ``tool_use`` with that id (a fork's history carries it) or that prompt (a fresh
+  subagent's first message is it), else the parent lane's latest turn. Never a branch of the
+  parent, never a turn of it.
+- A new main lane whose first call already carries history that matches another session's
+  state (``--fork-session``, ``/branch``: a new client session id over the old history) → a new
+  session, ``kind`` ``session_fork``, recorded as a fork of the original at the shared turn
+  (``fork`` entry, ``from_seq``, ``parent_session``); the original continues unbranched. A new
+  lane whose first call is one message is a new session even if another session began with
+  the same words: two sessions with identical first prompts stay apart.
+
+A failed or aborted response (status >= 400, outcome other than ``complete``, an ``error``
+event, nothing reassembled) is recorded in its session with its own seq but leaves no state, so
+the client's retry is a continuation, not a branch.
 
 Normalisation before hashing (canonical JSON: sorted keys, no whitespace, SHA-256):
 
@@ -29,16 +57,21 @@ Normalisation before hashing (canonical JSON: sorted keys, no whitespace, SHA-25
    Responses items, ``type: "message"`` on Responses message items.
 5. ``thinking``/``redacted_thinking`` blocks and Responses ``reasoning`` items are left out: they
    are a function of the conversation, and clients may drop or re-sign them between turns.
+6. The model is not part of it (a ``/model`` switch mid-session is the same conversation).
 
-Client hints: ``X-Claude-Code-Session-Id`` (or the session part of Anthropic
-``metadata.user_id``) is stored as ``client_session_id``. When several sessions match, one with
-the same client session id wins, so two clients sending the same first turns stay apart;
-subagent conversations (Claude Code's Task tool) get their own session ids and share the client
-session id with their parent conversation, which links them.
+What peers got wrong, and what these rules answer: a gateway that identified sessions by a
+fingerprint alone split long Claude Code sessions (495 and 921 messages) into new ones when the
+model name in its hash changed, lost every session at compaction (the first message is
+rewritten) and collected phantom one-shot subagent sessions (loreai, "3-tier session
+identification via client headers"); a replay tool whose global key was project + slug merged
+unrelated sessions of different clients (vibe-replay, "Prevent unrelated session merges").
+Here the client's ids decide identity when present and are never merged across, the history
+only places a turn inside its lane, the model is outside the hash, compaction continues the
+session, and subagents are their own linked sessions.
 
-State lives in SQLite; the processor runs on the pipeline's single thread, so concurrent
-requests are decided one at a time in completion order, and a restarted proxy continues the same
-sessions.
+State lives in SQLite; the processor runs on the recorder's single thread, so concurrent
+requests are decided one at a time in completion order (a spawning turn always completes
+before its subagent's first call), and a restarted proxy continues the same sessions.
 """
 
 from __future__ import annotations

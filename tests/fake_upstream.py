@@ -15,44 +15,45 @@ A `Reply` is written in Anthropic content-block terms and translated for the Ope
 (text -> content / output_text, tool_use -> tool_calls / function_call items, thinking ->
 Responses reasoning summary). OpenAI SDK clients use `base_url=fake.url + "/v1"`.
 
-What Claude Code 2.1.197 sends (verified against this fake; samples in tests/data/claude_code/,
+What Claude Code 2.1.332 sends (verified against this fake; samples in tests/data/claude_code/,
 regenerate with `python -m tests.fake_upstream capture-claude tests/data/claude_code`):
 
-- Per CLI run: `HEAD /` (Bun preconnect; user-agent Bun/1.4.0; the fake answers 404), then only
-  `POST /v1/messages?beta=true`, always `"stream": true`, compact JSON, ~76 KB first body. No
-  /api/hello, count_tokens, models, title or quota calls in `-p` mode with `claude_env`.
-- Headers, in this order and case: Accept: application/json, Content-Type, User-Agent:
-  claude-cli/2.1.197 (external, sdk-cli), X-Claude-Code-Session-Id: <uuid4>, X-Stainless-Arch/
-  Lang/OS/Package-Version (0.94.0)/Retry-Count/Runtime/Runtime-Version/Timeout (600),
-  anthropic-beta (claude-code-20250219,context-1m-2025-08-07,interleaved-thinking-2025-05-14,
-  thinking-token-count-2026-05-13,context-management-2025-06-27,prompt-caching-scope-2026-01-05,
-  mid-conversation-system-2026-04-07,effort-2025-11-24), anthropic-dangerous-direct-browser-
-  access: true, anthropic-version: 2023-06-01, x-api-key, x-app: cli, Connection, Host,
-  Accept-Encoding: gzip, deflate, br, zstd, Content-Length. No x-client-request-id.
-- Session id: a new uuid per `claude -p` run; `--continue` reuses the resumed session's id in
-  the header and in `metadata.user_id`, a JSON *string* {"device_id", "account_uuid": "",
-  "session_id"}. The --continue call drops `context-1m-2025-08-07` from anthropic-beta and the
-  system/tools texts change with it ("Claude Opus 4.8 (1M context)" -> "Claude Opus 4.8"), so
-  system and tools are not stable across a resume.
-- Body keys: model (claude-opus-4-8), messages, system, tools (24 x {name, description,
-  input_schema}; Agent, Bash, Edit, Read, ...; none carries cache_control), metadata,
-  max_tokens (64000), thinking {"type": "adaptive"}, context_management {"edits":
-  [{"type": "clear_thinking_20251015", "keep": "all"}]}, output_config {"effort": "high"}, stream.
-- system: list of 3 text blocks. [0] "x-anthropic-billing-header: cc_version=2.1.197.<3 hex>;
-  cc_entrypoint=sdk-cli;" (no cache_control; the suffix is derived from the session's first
-  prompt and stays for its turns), [1] "You are a Claude agent, built on Anthropic's Claude
-  Agent SDK.", [2] the big prompt (contains HOME and cwd paths); [1] and [2] carry
-  cache_control {"type": "ephemeral"}. Identical across the turns of one run.
-- messages[0] is the user turn as a block list: a `<system-reminder>` text block (date/context)
-  then the prompt text. messages[1] is a `role: "system"` entry with a plain-string content
-  (available agents and skills; mid-conversation-system beta) that stays at index 1.
-- cache_control on messages: exactly one marker, on the last block of the last message. On
-  the next call it moves: the earlier block loses it, the new last block (tool_result or
-  text) gets it. Earlier user turns keep their block lists (no plain-string rewrite seen in
-  2.1.197); a `--continue` prompt is a single text block without a system-reminder.
-- Tool loop: assistant turns are replayed with exactly the blocks received (thinking with its
-  signature, text, tool_use); the result comes as a user turn [{"tool_use_id", "type":
-  "tool_result", "content": "<stdout>", "is_error": false}]. `-p` prints the last text block.
+- Per CLI run: `HEAD /` (Bun preconnect; the fake answers 404), then only
+  `POST /v1/messages?beta=true`, always `"stream": true`, compact JSON, ~49 KB first body.
+- Headers, in this order and case: Accept, Content-Type, User-Agent: claude-cli/2.1.332
+  (external, sdk-cli), X-Claude-Code-Session-Id: <uuid4>, X-Stainless-* (Package-Version
+  0.128.0), anthropic-beta (claude-code-20250219, interleaved-thinking-2025-05-14,
+  context-management-2025-06-27, per-turn-control-2026-07-01,
+  mid-conversation-tool-changes-2026-07-01, thinking-token-count-2026-05-13,
+  advanced-tool-use-2025-11-20, effort-2025-11-24), anthropic-dangerous-direct-browser-access,
+  anthropic-version, x-api-key, x-app: cli, Connection, Host, Accept-Encoding: gzip, deflate,
+  br, zstd, Content-Length. A subagent's calls add `x-claude-code-agent-id` (new per spawn), a
+  nested subagent's also `x-claude-code-parent-agent-id`.
+- Session id: a new uuid per `claude -p` run; the same across `--continue`, `--resume ID`,
+  `/compact`, auto-compaction and `--resume-session-at`; a new one with `--resume ID
+  --fork-session` although the history sent is the old one. `metadata.user_id` is a JSON
+  *string* {"device_id", "account_uuid": "", "session_id"} whose session_id equals the header.
+- Body keys: model (claude-opus-5-5), messages, system, tools (12 in -p mode: Agent, Bash,
+  Edit, ListAgents, Read, ...), metadata, max_tokens (128000), thinking {"type": "adaptive",
+  "display": "omitted"}, context_management, output_config {"effort": "medium"}, stream.
+- system: 3 text blocks (billing header, "You are a Claude agent, built on Anthropic's Claude
+  Agent SDK.", the big prompt); [1] and [2] carry cache_control.
+- messages[0] is the user turn as a block list (a `<system-reminder>` block, then the prompt).
+  `role: "system"` entries sit in messages (environment, deferred tools, agent types); one
+  arrives as a block list and is replayed as a plain string on the next call.
+- cache_control: one marker on the last block of the last message; it moves every call.
+- Tool loop: assistant turns replayed as received; results as `tool_result` user turns.
+- Agent tool: subagents run in the background by default: the tool_result is "Async agent
+  launched successfully…", the subagent's calls (own agent id, the task as its first user
+  message) run beside the parent's, and its report reaches the parent later as a user turn
+  holding a `<task-notification>`. A fork subagent (`subagent_type: "fork"`) sends the parent's
+  whole history, the spawning assistant turn cut to its tool_use block, then a tool_result
+  ("Fork started — that fork is you.") with a `<fork-boilerplate>` directive.
+- Compaction (`/compact`, or automatically when the last answer's usage nears the context
+  window): a call whose last user message asks for "a detailed summary of the conversation
+  so far" (answered with `<analysis>`/`<summary>`), then calls whose history starts with "This
+  session is being continued from a previous conversation that ran out of context." plus a
+  short tail — after auto-compaction a single user message.
 - It accepts gzip-encoded SSE from the upstream.
 """
 

@@ -72,7 +72,7 @@ def test_show_branch_includes_inherited_turns_and_tree(recorded):
     assert data["tree"]["branches"][0]["id"] == f"{root}_b1"
     assert data["tree"]["branches"][0]["fork_from_seq"] == 2
     text = cli("show", root, "--log-dir", str(proxy.log_dir)).stdout
-    assert "[tool_result] sunny, 21C" in text and "(forked at seq 2)" in text
+    assert "[tool_result] sunny, 21C" in text and "(branch, forked at seq 2)" in text
 
 
 def test_show_unknown_session_and_missing_record(tmp_path, recorded):
@@ -91,3 +91,45 @@ def test_parse_since():
     assert parse_since("2026-01-01", now) == "2026-01-01T00:00:00.000000Z"
     with pytest.raises(ConfigError):
         parse_since("yesterday", now)
+
+
+def test_agent_tree_and_client_session_filter(proxy: RunningProxy, fake):
+    """`show` prints the agent tree (subagent under the spawning turn, nested under its parent
+    agent); `sessions --client-session` keeps one Claude Code session's sessions only."""
+    client_id = "0d1f5c2e-1111-4222-8333-944445555666"
+
+    def agent(agent_id=None, parent=None, **more):
+        headers = {"X-Claude-Code-Session-Id": more.get("client", client_id)}
+        if agent_id:
+            headers["X-Claude-Code-Agent-Id"] = agent_id
+        if parent:
+            headers["X-Claude-Code-Parent-Agent-Id"] = parent
+        return anthropic.Anthropic(base_url=proxy.base(), api_key=KEY, max_retries=0,
+                                   default_headers=headers)
+
+    def ask(client, text):
+        return client.messages.create(model="claude-test-1", max_tokens=20,
+                                      messages=[{"role": "user", "content": text}])
+
+    ask(agent(), "RUN_AGENT: RUN_AGENT: dig deeper")
+    ask(agent("outer"), "RUN_AGENT: dig deeper")
+    ask(agent("inner", parent="outer"), "dig deeper")
+    ask(agent(client="another-client"), "unrelated")
+    proxy.flush()
+    log_dir = str(proxy.log_dir)
+    rows = orjson.loads(cli("sessions", "--log-dir", log_dir, "--client-session", client_id,
+                            "--json").stdout)
+    assert len(rows) == 3 and {row["client_session_id"] for row in rows} == {client_id}
+    by_agent = {row["agent_id"]: row for row in rows}
+    main, outer, inner = by_agent[None], by_agent["outer"], by_agent["inner"]
+    assert (outer["kind"], outer["parent_id"], outer["fork_from_seq"]) == ("subagent",
+                                                                            main["id"], 1)
+    assert (inner["parent_id"], inner["parent_agent_id"]) == (outer["id"], "outer")
+    text = cli("show", inner["id"], "--log-dir", log_dir).stdout
+    assert "agent inner (parent agent outer)" in text
+    tree = text.split("branches, forks and agents:\n", 1)[1].splitlines()
+    assert tree[:3] == [
+        f"{main['id']}, 1 turn(s)",
+        f"  └─ {outer['id']} (subagent outer, spawned at seq 1), 1 turn(s)",
+        f"    └─ {inner['id']} (subagent inner, spawned at seq 1), 1 turn(s) *",
+    ]

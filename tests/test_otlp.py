@@ -537,6 +537,42 @@ def test_turns_share_a_session_and_a_fork_names_its_parent(
     assert sha != hashlib.sha256(b"").hexdigest()
 
 
+def test_agent_topology_and_compaction_are_attributes(
+    exporting: RunningProxy, fake: FakeUpstream, seq: OtlpReceiver
+) -> None:
+    """Claude Code's agent headers become gen_ai.agent.id / proxy.agent.parent_id; a subagent's
+    session names the spawning turn; a compaction request is marked session.compaction."""
+    main = claude(exporting, **{"X-Claude-Code-Session-Id": CC_SESSION})
+    history: list[Any] = [{"role": "user", "content": "RUN_AGENT: look around"}]
+    spawn = main.messages.create(model="claude-x", max_tokens=50, messages=history)
+    assert isinstance(spawn.content[0], anthropic.types.ToolUseBlock)
+    sub = claude(exporting, **{"X-Claude-Code-Session-Id": CC_SESSION,
+                               "X-Claude-Code-Agent-Id": "agent-outer",
+                               "X-Claude-Code-Parent-Agent-Id": "agent-top"})
+    sub.messages.create(model="claude-x", max_tokens=50,
+                        messages=[{"role": "user", "content": "look around"}])
+    history += [{"role": "assistant", "content": [spawn.content[0].model_dump()]},
+                {"role": "user", "content": "Your task is to create a detailed summary of "
+                                            "the conversation so far."}]
+    main.messages.create(model="claude-x", max_tokens=50, messages=history)
+
+    first, agent, summary = exported(exporting, seq, 3)
+    for item in (first, summary):
+        assert item.attr("session.kind") == "conversation"
+        assert "gen_ai.agent.id" not in item.span.attributes
+    assert summary.attr("session.id") == first.attr("session.id")
+    assert summary.attr("session.compaction") == "request"
+    assert "session.compaction" not in first.span.attributes
+    for attributes in (agent.span.attributes, agent.request.attributes,
+                       agent.response.attributes):
+        assert attributes["gen_ai.agent.id"] == "agent-outer"
+        assert attributes["proxy.agent.parent_id"] == "agent-top"
+        assert attributes["client.session_id"] == CC_SESSION
+        assert attributes["session.kind"] == "subagent"
+        assert attributes["session.parent_id"] == first.attr("session.id")
+        assert attributes["session.fork.from_seq"] == 1
+
+
 def test_forty_turn_conversation_never_produces_a_record_over_256_kb(
     exporting: RunningProxy, fake: FakeUpstream, seq: OtlpReceiver
 ) -> None:
