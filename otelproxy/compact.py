@@ -1,0 +1,242 @@
+"""Request bodies recorded as deltas against the previous request of the same conversation.
+
+Every turn of an LLM conversation sends the whole history again, so recording each request body
+whole makes a session's record grow with the square of its length: a 300-turn Claude Code
+session sends its first messages 300 times. The local store therefore records a tracked turn's
+body as the ops that rebuild it from an earlier body of the same conversation (its *base*):
+
+    "body_delta": {"base": "<exchange id>", "ops": [[offset, length], "text", [offset, length]]}
+    "body_sha256": "<hex digest of the body>"
+
+``[offset, length]`` copies that many bytes of the base body from ``offset``; a string is
+inserted as its UTF-8 bytes. What a turn added (the new messages, the moved ``cache_control``
+marker) is therefore readable in the entry itself, one JSON line as before, while the history
+it repeats is a pair of numbers. A body is recorded whole (``body`` as before) when there is no
+base in memory (the first turn, a restarted recorder, an evicted conversation), when it is not
+UTF-8, or when the delta would not be much smaller.
+
+Matching is done on pieces cut before every ``{"`` (the start of every JSON object: messages,
+content blocks, tools): the common prefix and suffix are found with byte comparisons, and the
+pieces between them are looked up among the base's pieces, so several edits in one body (Claude
+Code rewrites a system entry, moves cache markers, clears old tool results) each cost only the
+changed pieces. ``rebuild`` applies the ops; ``otelproxy show --raw`` uses it and checks the
+SHA-256, so every recorded body comes back byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Op = list[int] | str
+"""``[offset, length]`` of the base, or text to insert."""
+
+CUT = b'{"'
+"""Pieces start at every JSON object."""
+_BLOCK = 1 << 16
+WORTH_IT = 0.5
+"""A delta is recorded only when its ops take less than this share of the body."""
+
+
+class DeltaError(Exception):
+    """A recorded body could not be rebuilt (missing base, damaged entry, hash mismatch)."""
+
+
+def common_prefix(a: bytes, b: bytes) -> int:
+    """Length of the longest common prefix, compared a block at a time (memcmp speed)."""
+    limit = min(len(a), len(b))
+    start = 0
+    while start < limit:
+        end = min(limit, start + _BLOCK)
+        if a[start:end] == b[start:end]:
+            start = end
+            continue
+        lo, hi = start, end  # the first difference lies in [start, end)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if a[lo:mid] == b[lo:mid]:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+    return limit
+
+
+def common_suffix(a: bytes, b: bytes, limit: int) -> int:
+    """Length of the longest common suffix, at most ``limit``."""
+    n = 0
+    while n < limit:
+        step = min(limit - n, _BLOCK)
+        if a[len(a) - n - step:len(a) - n] == b[len(b) - n - step:len(b) - n]:
+            n += step
+            continue
+        lo, hi = 0, step  # lo bytes more match, hi do not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if a[len(a) - n - mid:len(a) - n] == b[len(b) - n - mid:len(b) - n]:
+                lo = mid
+            else:
+                hi = mid
+        return n + lo
+    return n
+
+
+def _utf8_start(data: bytes, at: int) -> int:
+    """``at`` moved back to the start of a UTF-8 character."""
+    while 0 < at < len(data) and data[at] & 0xC0 == 0x80:
+        at -= 1
+    return at
+
+
+def _pieces(data: bytes, start: int, end: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the pieces of ``data[start:end]``, each starting at ``{"``."""
+    out: list[tuple[int, int]] = []
+    at = start
+    while at < end:
+        cut = data.find(CUT, at + 1, end)
+        if cut < 0:
+            cut = end
+        out.append((at, cut - at))
+        at = cut
+    return out
+
+
+def diff(base: bytes, body: bytes) -> list[Op]:
+    """Ops that rebuild ``body`` from ``base`` (see the module docstring)."""
+    head = _utf8_start(body, common_prefix(base, body))
+    tail = common_suffix(base, body, min(len(base), len(body)) - head)
+    while tail and body[len(body) - tail] & 0xC0 == 0x80:
+        tail -= 1
+    ops: list[Op] = [[0, head]] if head else []
+    index: dict[bytes, int] = {}
+    for offset, length in _pieces(base, head, len(base) - tail):
+        index.setdefault(base[offset:offset + length], offset)
+    run: list[int] | None = None
+    literal: list[bytes] = []
+    for offset, length in _pieces(body, head, len(body) - tail):
+        piece = body[offset:offset + length]
+        found = index.get(piece) if length > 16 else None
+        if found is None:
+            literal.append(piece)
+            run = None
+            continue
+        if literal:
+            ops.append(b"".join(literal).decode("utf-8"))
+            literal = []
+        if run is not None and run[0] + run[1] == found:
+            run[1] += length
+        else:
+            run = [found, length]
+            ops.append(run)
+    if literal:
+        ops.append(b"".join(literal).decode("utf-8"))
+    if tail:
+        ops.append([len(base) - tail, tail])
+    return ops
+
+
+def rebuild(base: bytes, ops: list[Any]) -> bytes:
+    """The body the ops describe (raises DeltaError on ops that do not fit the base)."""
+    parts: list[bytes] = []
+    for op in ops:
+        if isinstance(op, str):
+            parts.append(op.encode("utf-8"))
+        elif isinstance(op, list) and len(op) == 2 and all(isinstance(n, int) for n in op):
+            offset, length = op
+            if offset < 0 or length < 0 or offset + length > len(base):
+                raise DeltaError(f"copy [{offset}, {length}] outside a base of {len(base)} bytes")
+            parts.append(base[offset:offset + length])
+        else:
+            raise DeltaError(f"not a delta op: {op!r}")
+    return b"".join(parts)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(slots=True)
+class _Base:
+    exchange_id: str
+    body: bytes
+
+
+class DeltaEncoder:
+    """The last request body of each recent conversation, kept to encode the next one.
+
+    Bounded: at most ``max_bytes`` of bodies in memory, least recently used dropped first (its
+    conversation's next body is then recorded whole).
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._bases: OrderedDict[str, _Base] = OrderedDict()
+        self._bytes = 0
+
+    def encode(self, conversation: str, exchange_id: str, body: bytes,
+               fallback: str | None = None) -> dict[str, Any] | None:
+        """Entry fields replacing ``body`` (None: record it whole). Remembers ``body`` as the
+        conversation's next base; ``fallback`` names another conversation to take the base
+        from when this one has none (a branch's parent)."""
+        base = self._bases.get(conversation) or (
+            self._bases.get(fallback) if fallback is not None else None)
+        fields: dict[str, Any] | None = None
+        if base is not None and body:
+            try:
+                ops = diff(base.body, body)
+            except UnicodeDecodeError:
+                ops = None
+            if ops is not None:
+                cost = sum(len(op) if isinstance(op, str) else 24 for op in ops)
+                if cost < WORTH_IT * len(body):
+                    fields = {"body_delta": {"base": base.exchange_id, "ops": ops},
+                              "body_sha256": sha256(body)}
+        self.remember(conversation, exchange_id, body)
+        return fields
+
+    def remember(self, conversation: str, exchange_id: str, body: bytes) -> None:
+        self.forget(conversation)
+        if len(body) > self.max_bytes:
+            return
+        self._bases[conversation] = _Base(exchange_id, body)
+        self._bytes += len(body)
+        while self._bytes > self.max_bytes:
+            _, old = self._bases.popitem(last=False)
+            self._bytes -= len(old.body)
+
+    def forget(self, conversation: str) -> None:
+        """Drop a conversation's base (its record write failed: the base may not exist)."""
+        old = self._bases.pop(conversation, None)
+        if old is not None:
+            self._bytes -= len(old.body)
+
+
+def decode_body(entry: dict[str, Any], key: str = "body") -> bytes:
+    """The bytes of a whole body field (text, or base64 with ``{key}_encoding``)."""
+    value = entry.get(key)
+    if not isinstance(value, str):
+        raise DeltaError(f"entry {entry.get('exchange_id')} has no {key}")
+    if entry.get(f"{key}_encoding") == "base64":
+        return base64.b64decode(value)
+    return value.encode("utf-8")
+
+
+def request_body(entry: dict[str, Any], load: Callable[[str], dict[str, Any]],
+                 depth: int = 0) -> bytes:
+    """The exact recorded request body of a ``request`` entry, following ``body_delta`` bases
+    through ``load(exchange_id) -> request entry``; checks ``body_sha256``."""
+    delta = entry.get("body_delta")
+    if delta is None:
+        return decode_body(entry, "body")
+    if depth > 100_000:
+        raise DeltaError("delta chain too long (a cycle?)")
+    base = request_body(load(delta["base"]), load, depth + 1)
+    body = rebuild(base, delta["ops"])
+    if sha256(body) != entry.get("body_sha256"):
+        raise DeltaError(f"exchange {entry.get('exchange_id')}: rebuilt body does not match "
+                         "its body_sha256")
+    return body
