@@ -8,8 +8,12 @@ from __future__ import annotations
 import re
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import orjson
+
+from otelproxy.compact import DeltaError, decode_body, request_body
 from otelproxy.errors import ConfigError
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
@@ -132,6 +136,48 @@ def show_session(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | 
         "tree": _tree(conn, root),
         "same_client_sessions": related,
     }
+
+
+def _entry_at(log_dir: Path, relative: str, offset: int, length: int | None = None
+              ) -> tuple[dict[str, Any], int]:
+    """The JSONL entry at ``offset`` of a record file, and the offset of the line after it."""
+    with (log_dir / relative).open("rb") as handle:
+        handle.seek(offset)
+        line = handle.read(length) if length is not None else handle.readline()
+    if length is not None and not line.endswith(b"\n"):
+        raise DeltaError(f"{relative}: no whole line at offset {offset}")
+    return orjson.loads(line), offset + len(line)
+
+
+def raw_bodies(conn: sqlite3.Connection, log_dir: Path, session_id: str, seq: int
+               ) -> tuple[bytes, bytes] | None:
+    """The recorded request and response bodies of a turn, byte for byte (a delta-encoded
+    request rebuilt and checked against its SHA-256; the response decoded as recorded, a
+    stream's events joined). None when the session has no such turn."""
+    turn = next((t for t in _turn_rows(conn, session_id) if t["seq"] == seq), None)
+    if turn is None:
+        return None
+
+    def load(exchange_id: str) -> dict[str, Any]:
+        row = conn.execute("SELECT file_path, offset, length FROM exchanges WHERE id = ?",
+                           (exchange_id,)).fetchone()
+        if row is None:
+            raise DeltaError(f"base exchange {exchange_id} is not in the index")
+        return _entry_at(log_dir, row["file_path"], row["offset"], row["length"])[0]
+
+    row = conn.execute("SELECT file_path, offset, length FROM exchanges"
+                       " WHERE session_id = ? AND seq = ?", (turn["session_id"], seq)).fetchone()
+    request, after = _entry_at(log_dir, row["file_path"], row["offset"], row["length"])
+    response, _ = _entry_at(log_dir, row["file_path"], after)
+    if response.get("type") != "response" or response.get("exchange_id") != \
+            request.get("exchange_id"):
+        raise DeltaError(f"{row['file_path']}: the response of {request.get('exchange_id')} "
+                         "does not follow its request")
+    if "chunks" in response:
+        answer = b"".join(decode_body(chunk, "raw") for chunk in response["chunks"])
+    else:
+        answer = decode_body(response) if "body" in response else b""
+    return request_body(request, load), answer
 
 
 def _short_time(iso: str | None) -> str:

@@ -117,11 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(show)
     show.add_argument("session", metavar="SESSION", help="session id (from `otelproxy sessions`)")
     show.add_argument("--json", action="store_true", help="JSON output")
+    show.add_argument("--raw", metavar="SEQ", type=int,
+                      help="write turn SEQ's recorded request body to stdout, byte for byte "
+                           "(rebuilt from the compact record and checked against its SHA-256)")
+    show.add_argument("--response", action="store_true",
+                      help="with --raw: the recorded response body instead (decoded; a "
+                           "stream's events joined)")
     return parser
 
 
 def _browse(args: argparse.Namespace, cfg: config.Config) -> int:
-    from otelproxy import browse, db
+    from otelproxy import browse, compact, db
 
     if not cfg.db_path.exists():
         sys.stderr.write(f"otelproxy: error: no record at {cfg.db_path} (is --log-dir right?)\n")
@@ -137,6 +143,19 @@ def _browse(args: argparse.Namespace, cfg: config.Config) -> int:
             rows = browse.list_sessions(conn, args.provider, since, args.client_session)
             text = orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() if args.json \
                 else browse.format_sessions(rows)
+        elif args.raw is not None:
+            try:
+                bodies = browse.raw_bodies(conn, cfg.log_dir, args.session, args.raw)
+            except (compact.DeltaError, OSError, orjson.JSONDecodeError) as exc:
+                sys.stderr.write(f"otelproxy: error: cannot rebuild the record: {exc}\n")
+                return 1
+            if bodies is None:
+                sys.stderr.write(f"otelproxy: error: no turn {args.raw} in session "
+                                 f"{args.session!r}\n")
+                return 1
+            sys.stdout.buffer.write(bodies[1] if args.response else bodies[0])
+            sys.stdout.flush()
+            return 0
         else:
             data = browse.show_session(conn, args.session)
             if data is None:
@@ -148,7 +167,7 @@ def _browse(args: argparse.Namespace, cfg: config.Config) -> int:
     return 0
 
 
-_BROWSE_ONLY = ("provider", "since", "json", "session", "client_session")
+_BROWSE_ONLY = ("provider", "since", "json", "session", "client_session", "raw", "response")
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from otelproxy.compact import DeltaEncoder
 from otelproxy.pipeline import Failures
 from otelproxy.preview import assistant_preview, user_preview
 from otelproxy.record import SCHEMA_VERSION, Outcome, Record, SessionKind, iso
@@ -183,6 +184,7 @@ class LocalStore:
         self._db = conn
         self._open: dict[str, int] = {}
         self._dirs: set[str] = set()
+        self._deltas = DeltaEncoder()
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def submit(self, record: Record) -> None:
@@ -219,10 +221,29 @@ class LocalStore:
                 lines.append(_dumps(session_start_entry(record)))
         else:
             relative = f"{exchange.provider}/untracked-{_day(exchange.started_wall)}.jsonl"
-        request_line = _dumps(request_entry(record))
-        offset, _ = self._append(relative, [*lines, request_line, _dumps(response_entry(record))])
+        request = request_entry(record)
+        if session is not None:
+            self._compact(record, request)
+        request_line = _dumps(request)
+        try:
+            offset, _ = self._append(relative,
+                                     [*lines, request_line, _dumps(response_entry(record))])
+        except OSError:
+            if session is not None:
+                self._deltas.forget(session.id)  # the next body must not name this one
+            raise
         offset += sum(len(line) for line in lines)
         self._index(record, relative, offset, len(request_line))
+
+    def _compact(self, record: Record, entry: dict[str, Any]) -> None:
+        """A conversation turn's body as a delta against the previous one (``compact``)."""
+        session = record.session
+        assert session is not None
+        fields = self._deltas.encode(session.id, record.exchange.id, record.request_body,
+                                     fallback=session.parent_id)
+        if fields is not None:
+            del entry["body"]
+            entry.update(fields)
 
     def _start_branch(self, record: Record) -> None:
         session = record.session

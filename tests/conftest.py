@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from otelproxy import config as config_module
+from otelproxy.compact import request_body
 from otelproxy.record import Record
 from otelproxy.server import Server
 from tests.fake_upstream import FakeUpstream, LoopThread
@@ -90,6 +91,11 @@ class RunningProxy:
         for path in sorted(self.log_dir.glob(pattern)):
             out.extend(orjson.loads(line) for line in path.read_bytes().splitlines())
         return out
+
+    def request_bytes(self, entry: dict[str, Any]) -> bytes:
+        """The recorded request body of a ``request`` entry, rebuilt when it is a delta."""
+        requests = {e["exchange_id"]: e for e in self.entries() if e["type"] == "request"}
+        return request_body(entry, requests.__getitem__)
 
     def db(self) -> sqlite3.Connection:
         self.flush()

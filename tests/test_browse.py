@@ -13,6 +13,7 @@ import pytest
 
 from otelproxy.browse import parse_since
 from otelproxy.errors import ConfigError
+from otelproxy.redact import redact_bytes
 from tests.conftest import RunningProxy
 from tests.test_sessions import KEY, five_turns
 
@@ -133,3 +134,49 @@ def test_agent_tree_and_client_session_filter(proxy: RunningProxy, fake):
         f"  └─ {outer['id']} (subagent outer, spawned at seq 1), 1 turn(s)",
         f"    └─ {inner['id']} (subagent inner, spawned at seq 1), 1 turn(s) *",
     ]
+
+
+def test_show_raw_gives_back_every_recorded_body_byte_for_byte(recorded, fake):
+    """`show --raw SEQ` writes each request body exactly as the upstream received it, whether
+    recorded whole or as a delta, branch turns included (and --response the answer's events)."""
+    proxy, root = recorded
+    calls = fake.model_calls()
+    turns = [(root, n, calls[n - 1]) for n in range(1, 6)] + [(f"{root}_b1", 3, calls[5])]
+    for session, seq, call in turns:
+        raw = subprocess.run([sys.executable, "-m", "otelproxy", "show", session, "--raw",
+                              str(seq), "--log-dir", str(proxy.log_dir)],
+                             capture_output=True, timeout=60)
+        assert raw.returncode == 0, raw.stderr
+        assert raw.stdout == redact_bytes(call.body)
+    answer = subprocess.run([sys.executable, "-m", "otelproxy", "show", root, "--raw", "2",
+                             "--response", "--log-dir", str(proxy.log_dir)],
+                            capture_output=True, timeout=60)
+    assert answer.stdout.startswith(b"event: message_start") and b"message_stop" in answer.stdout
+    missing = cli("show", root, "--raw", "9", "--log-dir", str(proxy.log_dir))
+    assert missing.returncode == 1 and "no turn 9" in missing.stderr
+
+
+def test_long_prompt_turns_are_recorded_as_deltas_and_rebuilt(proxy: RunningProxy, fake):
+    """With a 15 KB system prompt every turn after the first is a small delta entry naming the
+    previous turn, and each rebuilds to the bytes the upstream received."""
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key=KEY, max_retries=0)
+    system = "You follow the house rules. " * 550
+    messages: list = []
+    for n in range(1, 7):
+        messages.append({"role": "user", "content": f"question {n}: " + "détail " * 40})
+        reply = client.messages.create(model="claude-test-1", max_tokens=50, system=system,
+                                       messages=messages)
+        messages.append({"role": "assistant", "content": reply.content[0].text})
+    calls = fake.model_calls()
+    [session_file] = proxy.log_dir.glob("anthropic/2*.jsonl")
+    requests = [e for e in proxy.entries(f"anthropic/{session_file.name}")
+                if e["type"] == "request"]
+    assert "body" in requests[0]
+    for previous, entry, call in zip(requests, requests[1:], calls[1:], strict=False):
+        assert "body" not in entry and entry["body_delta"]["base"] == previous["exchange_id"]
+        assert len(orjson.dumps(entry["body_delta"])) < len(call.body) // 5
+    for seq, call in enumerate(calls, 1):
+        raw = subprocess.run([sys.executable, "-m", "otelproxy", "show", requests[0]["session_id"],
+                              "--raw", str(seq), "--log-dir", str(proxy.log_dir)],
+                             capture_output=True, timeout=60)
+        assert raw.returncode == 0 and raw.stdout == call.body

@@ -63,7 +63,7 @@ def check_recorded(proxy: RunningProxy, calls: list[ReceivedRequest]) -> str:
         assert headers["anthropic-version"] == call.header("anthropic-version")
         assert headers["x-api-key"] == "sk-ant-...AAAA"
         assert call.header("x-api-key") == DUMMY_ANTHROPIC_API_KEY  # forwarded whole
-        assert request["body"].encode() == redact_bytes(call.body)  # the bytes, as recorded
+        assert proxy.request_bytes(request) == redact_bytes(call.body)  # the bytes, as recorded
         assert response["status"] == 200 and response["outcome"] == "complete"
         assert response["chunks"][-1]["raw"].startswith("event: message_stop")
     assert len(session_ids) == 1

@@ -603,7 +603,7 @@ def test_forty_turn_conversation_never_produces_a_record_over_256_kb(
         assert item.span.size < SEQ_EVENT_LIMIT
     requests = [e for e in exporting.entries() if e["type"] == "request"]
     assert len(requests) == 40
-    assert orjson.loads(requests[-1]["body"])["messages"] == history[:-1]
+    assert orjson.loads(exporting.request_bytes(requests[-1]))["messages"] == history[:-1]
 
 
 def test_body_attributes_are_cut_at_otlp_max_body(

@@ -380,10 +380,10 @@ def claude_timeline(proxy: RunningProxy, fake: FakeUpstream, *, cleared: bool = 
     the fake was cleared since the proxy started, if the record holds more calls)."""
     entries = [e for e in proxy.entries() if e["type"] == "request"
                and e["path"] == "/v1/messages"]
-    by_body = {e["body"]: e for e in entries}
+    by_body = {proxy.request_bytes(e): e for e in entries}
     turns = []
     for call in fake.model_calls():
-        entry = by_body[redact_bytes(call.body).decode()]
+        entry = by_body[redact_bytes(call.body)]
         assert entry.get("agent_id") == call.header("x-claude-code-agent-id")
         assert entry.get("parent_agent_id") == call.header("x-claude-code-parent-agent-id")
         texts, _ = _last_user_turn(call)

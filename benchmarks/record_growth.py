@@ -1,0 +1,190 @@
+"""How the local record grows over one long Claude Code session, and how fast it appends.
+
+    .venv/bin/python benchmarks/record_growth.py [--turns 300] [--json]
+
+Builds a Claude-Code-shaped session of ``--turns`` turns, starting from a real Claude Code
+2.1.332 first request (``tests/data/claude_code/01_first_call.json``: system prompt, tools,
+``role: system`` entries): each turn adds an assistant message (text + a Read/Bash tool_use)
+and a user ``tool_result`` of 0.3–6 KB; the ``cache_control`` marker moves to the newest block
+every turn and, every 60 turns, an old tool result is cleared (as Claude Code's micro-compaction
+does). Answers are real Messages API SSE streams (``tests.fake_upstream.anthropic_sse``).
+
+The exchanges go through the recorder's own pipeline (``otelproxy.recorder.build_pipeline``:
+redact → decode → provider parse → session → local store), in batches of 8, twice: as
+otelproxy records them (request bodies as deltas, ``otelproxy.compact``) and with deltas off —
+the naive record, every body whole. Reported: bytes on disk of each (JSONL files and the SQLite
+index), their ratio, exchanges per second through the pipeline, and a check that every request
+body comes back byte for byte from the compact record (``otelproxy.browse.raw_bodies``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from otelproxy import browse, config, db  # noqa: E402
+from otelproxy.compact import DeltaEncoder  # noqa: E402
+from otelproxy.record import Exchange  # noqa: E402
+from otelproxy.recorder import build_pipeline  # noqa: E402
+from otelproxy.store import LocalStore  # noqa: E402
+from tests.fake_upstream import Reply, anthropic_sse  # noqa: E402
+
+FIRST_CALL = ROOT / "tests" / "data" / "claude_code" / "01_first_call.json"
+CLIENT_SESSION = "3c1d2b7e-5f00-4a8e-9d7c-2f4b6a8c0e11"
+BATCH = 8
+
+
+def _words(rng: random.Random, n: int) -> str:
+    vocabulary = ("def", "return", "self", "import", "class", "the", "value", "config", "path",
+                  "record", "session", "for", "in", "if", "None", "await", "async", "test")
+    return " ".join(rng.choice(vocabulary) for _ in range(n))
+
+
+def session_turns(turns: int, seed: int = 7) -> list[tuple[bytes, list[bytes]]]:
+    """``(request body, SSE events)`` for each turn of one growing Claude Code session."""
+    rng = random.Random(seed)
+    body: dict[str, Any] = orjson.loads(FIRST_CALL.read_bytes())
+    messages: list[dict[str, Any]] = body["messages"]
+    out: list[tuple[bytes, list[bytes]]] = []
+    for turn in range(1, turns + 1):
+        for message in messages:  # the marker moves to the newest block
+            content = message.get("content")
+            for block in content if isinstance(content, list) else []:
+                block.pop("cache_control", None)
+        last = messages[-1]["content"]
+        if isinstance(last, list):
+            last[-1]["cache_control"] = {"type": "ephemeral"}
+        if turn % 60 == 0:  # micro-compaction clears an old tool result
+            for message in messages[4:]:
+                content = message.get("content")
+                if isinstance(content, list) and content and \
+                        content[0].get("type") == "tool_result" and \
+                        content[0]["content"] != "[Old tool result content cleared]":
+                    content[0]["content"] = "[Old tool result content cleared]"
+                    break
+        request = orjson.dumps(body)
+        tool_id = f"toolu_{turn:04d}{rng.randrange(16 ** 8):08x}"
+        tool = rng.choice(("Read", "Bash"))
+        tool_input = ({"file_path": f"/workspace/src/module_{turn % 37}.py"} if tool == "Read"
+                      else {"command": f"pytest -q tests/test_{turn % 23}.py",
+                            "description": "run the tests"})
+        blocks = [{"type": "text", "text": f"Step {turn}: " + _words(rng, 40)},
+                  {"type": "tool_use", "id": tool_id, "name": tool, "input": tool_input}]
+        events = anthropic_sse(Reply(blocks=blocks), body["model"])
+        out.append((request, events))
+        messages.append({"role": "assistant", "content": blocks})
+        result = _words(rng, rng.randint(50, 1000))
+        messages.append({"role": "user", "content": [
+            {"tool_use_id": tool_id, "type": "tool_result", "content": result}]})
+    return out
+
+
+def exchanges(turns: list[tuple[bytes, list[bytes]]]) -> list[Exchange]:
+    headers = [("content-type", "application/json"), ("anthropic-version", "2023-06-01"),
+               ("x-api-key", "sk-ant-api03-" + "b" * 86 + "-BBBBBBBB"), ("x-app", "cli"),
+               ("user-agent", "claude-cli/2.1.332 (external, sdk-cli)"),
+               ("X-Claude-Code-Session-Id", CLIENT_SESSION)]
+    out = []
+    now_ns = time.monotonic_ns()
+    wall = time.time()
+    for n, (request, events) in enumerate(turns):
+        start = now_ns + n * 10_000_000_000
+        chunks = [(start + 300_000_000 + i * 20_000_000, event) for i, event in enumerate(events)]
+        out.append(Exchange(
+            id=f"bench-{n:05d}", provider="anthropic", upstream_url="https://api.anthropic.com",
+            method="POST", path="/v1/messages", query="beta=true", request_headers=headers,
+            request_body=request, started_wall=wall + n * 10, started_ns=start,
+            forwarded_ns=start + 100_000, status=200, reason="OK",
+            response_headers=[("content-type", "text/event-stream; charset=utf-8")],
+            headers_ns=start + 250_000_000, chunks=chunks, finished_ns=chunks[-1][0] + 1000,
+        ))
+    return out
+
+
+def disk_bytes(log_dir: Path) -> dict[str, int]:
+    jsonl = sum(p.stat().st_size for p in log_dir.rglob("*.jsonl"))
+    index = sum(p.stat().st_size for p in log_dir.glob("sessions.db*"))
+    return {"jsonl": jsonl, "index": index, "total": jsonl + index}
+
+
+def record(items: list[Exchange], log_dir: Path, *, deltas: bool) -> float:
+    """Runs the recorder pipeline over the exchanges; returns the seconds it took."""
+    cfg = config.build({"log_dir": str(log_dir)}, [])
+    pipeline = build_pipeline(cfg, {})
+    if not deltas:
+        for sink in pipeline.sinks:
+            if isinstance(sink, LocalStore):
+                sink._deltas = DeltaEncoder(max_bytes=0)  # remembers nothing: every body whole
+    started = time.perf_counter()
+    for at in range(0, len(items), BATCH):
+        pipeline.handle_batch(list(items[at:at + BATCH]))
+    elapsed = time.perf_counter() - started
+    pipeline.close(30)
+    return elapsed
+
+
+def verify(log_dir: Path, turns: list[tuple[bytes, list[bytes]]]) -> int:
+    """Every request body rebuilt from the compact record equals the one sent; returns count."""
+    conn = db.connect(log_dir / "sessions.db", readonly=True)
+    [session] = [row["id"] for row in conn.execute("SELECT id FROM sessions")]
+    for seq, (request, _) in enumerate(turns, 1):
+        bodies = browse.raw_bodies(conn, log_dir, session, seq)
+        assert bodies is not None and bodies[0] == request, f"turn {seq} differs"
+    conn.close()
+    return len(turns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--turns", type=int, default=300)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    turns = session_turns(args.turns)
+    work = Path(tempfile.mkdtemp(prefix="otelproxy-growth-", dir=os.environ.get("TMPDIR")))
+    try:
+        naive_s = record(exchanges(turns), work / "naive", deltas=False)
+        compact_s = record(exchanges(turns), work / "compact", deltas=True)
+        naive, compact = disk_bytes(work / "naive"), disk_bytes(work / "compact")
+        checked = verify(work / "compact", turns)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    sent = sum(len(request) for request, _ in turns)
+    result = {
+        "turns": args.turns,
+        "request_bytes_sent": sent,
+        "last_request_bytes": len(turns[-1][0]),
+        "naive": naive, "compact": compact,
+        "compact_share_of_naive": round(compact["total"] / naive["total"], 4),
+        "exchanges_per_s_compact": round(args.turns / compact_s, 1),
+        "exchanges_per_s_naive": round(args.turns / naive_s, 1),
+        "bodies_rebuilt_byte_for_byte": checked,
+    }
+    if args.json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        mib = 1024 * 1024
+        print(f"{args.turns} turns, requests sent {sent / mib:.1f} MiB "
+              f"(last {len(turns[-1][0]) / 1024:.0f} KiB)")
+        print(f"naive record   {naive['total'] / mib:8.2f} MiB  "
+              f"({result['exchanges_per_s_naive']} exchanges/s)")
+        print(f"compact record {compact['total'] / mib:8.2f} MiB  "
+              f"({result['exchanges_per_s_compact']} exchanges/s)  = "
+              f"{100 * result['compact_share_of_naive']:.1f}% of naive")
+        print(f"request bodies rebuilt byte for byte: {checked}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
