@@ -5,7 +5,7 @@
 Builds a Claude-Code-shaped session of ``--turns`` turns, starting from a real Claude Code
 2.1.332 first request (``tests/data/claude_code/01_first_call.json``: system prompt, tools,
 ``role: system`` entries): each turn adds an assistant message (text + a Read/Bash tool_use)
-and a user ``tool_result`` of 0.3–6 KB; the ``cache_control`` marker moves to the newest block
+and a user ``tool_result`` of 0.3 to 6 KB; the ``cache_control`` marker moves to the newest block
 every turn and, every 60 turns, an old tool result is cleared (as Claude Code's micro-compaction
 does). Answers are real Messages API SSE streams (``tests.fake_upstream.anthropic_sse``).
 
