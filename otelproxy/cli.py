@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--record-queue-size", metavar="N",
                        help="finished exchanges not yet recorded before new ones are dropped "
                        "from the record and counted (default 10000)")
+    serve.add_argument("--retention-days", metavar="DAYS",
+                       help="delete recorded conversations inactive for longer than DAYS, with "
+                       "their branches, forks and subagents (default: keep everything)")
+    serve.add_argument("--retention-max-bytes", metavar="N",
+                       help="keep the JSONL record under N bytes, least recently active "
+                       "conversations deleted first (default: no cap)")
     serve.add_argument("--seq-url", metavar="URL",
                        help="export OTLP to Seq at URL (sets the endpoint to URL/ingest/otlp)")
     serve.add_argument("--seq-api-key", metavar="KEY",

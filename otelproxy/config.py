@@ -81,6 +81,10 @@ class Config:
     otlp_max_body: int = 64 * 1024
     otlp_chunk_events: bool = False
     log_level: str = "info"
+    retention_days: float | None = None
+    """Delete recorded conversations (whole session trees) inactive for longer (None: keep)."""
+    retention_max_bytes: int | None = None
+    """Keep the JSONL record under this size, least recently active conversations first."""
 
     @property
     def db_path(self) -> Path:
@@ -199,6 +203,10 @@ def build(values: Mapping[str, Any], upstream_urls: list[str]) -> Config:
             kwargs[key] = _to_int(key, value, 1, 1_000_000)
         elif key in ("grace_period", "upstream_connect_timeout", "upstream_read_timeout"):
             kwargs[key] = _to_float(key, value, 0.0)
+        elif key == "retention_days":
+            kwargs[key] = _to_float(key, value, 0.01)
+        elif key == "retention_max_bytes":
+            kwargs[key] = _to_int(key, value, 1024 * 1024, 2**62)
         elif key == "otlp_chunk_events":
             kwargs[key] = _to_bool(key, value)
         elif key == "log_dir":
