@@ -29,7 +29,8 @@ environment (flags win over environment, environment over the TOML file):
   OTELPROXY_UPSTREAM_CONNECT_TIMEOUT, OTELPROXY_UPSTREAM_READ_TIMEOUT,
   OTELPROXY_MAX_CONNECTIONS, OTELPROXY_RECORD_QUEUE_SIZE, OTELPROXY_LOG_LEVEL,
   OTELPROXY_SEQ_URL, OTELPROXY_SEQ_API_KEY, OTELPROXY_OTLP_MAX_BODY,
-  OTELPROXY_OTLP_CHUNK_EVENTS, and the standard OpenTelemetry variables
+  OTELPROXY_OTLP_CHUNK_EVENTS, OTELPROXY_RETENTION_DAYS, OTELPROXY_RETENTION_MAX_BYTES,
+  and the standard OpenTelemetry variables
   (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME, ...)
 TOML file keys are the same names in lower case (port = 8080, log_dir = "./logs",
 upstreams = ["http://127.0.0.1:9100"], ...).
