@@ -127,6 +127,7 @@ from otelproxy.config import PROVIDERS, Config
 from otelproxy.errors import ConfigError
 from otelproxy.pipeline import Sink, Worker
 from otelproxy.record import Outcome, Record
+from otelproxy.redact import redact_bytes, redact_text
 
 log = logging.getLogger("otelproxy.otlp")
 
@@ -556,7 +557,8 @@ def request_record_attributes(record: Record, max_body: int) -> Attributes:
         if new_messages is None:
             new_messages = parsed.messages  # no history known: the whole conversation is new
         if new_messages is not None:
-            put_body(out, "gen_ai.input.messages.new", _json_bytes(new_messages), max_body)
+            put_body(out, "gen_ai.input.messages.new", redact_bytes(_json_bytes(new_messages)),
+                     max_body)
         if session is not None:
             _put(out, "gen_ai.system_instructions.sha256", session.system_sha256)
     elif record.request_body:
@@ -569,7 +571,8 @@ def response_record_attributes(record: Record, max_body: int) -> Attributes:
     parsed = record.parsed
     out = header_attributes("http.response.header", record.response_headers)
     if parsed.tracked and parsed.output_message is not None:
-        put_body(out, "gen_ai.output.messages", _json_bytes([parsed.output_message]), max_body)
+        put_body(out, "gen_ai.output.messages",
+                 redact_bytes(_json_bytes([parsed.output_message])), max_body)
     elif record.response_body:
         put_body(out, "http.response.body.content", record.response_body, max_body)
     if record.exchange.error:
@@ -628,7 +631,8 @@ def _client_parent(record: Record) -> tuple[bytes, bytes, str] | None:
     context = parent.get_span_context()
     if not context.is_valid:
         return None
-    state = context.trace_state.to_header() if context.trace_state else ""
+    # tracestate is the client's free text: obfuscated like every other header value.
+    state = redact_text(context.trace_state.to_header()) if context.trace_state else ""
     return context.trace_id.to_bytes(16, "big"), context.span_id.to_bytes(8, "big"), state
 
 

@@ -214,6 +214,10 @@ class Record:
     decode_error: str | None = None
     streaming: bool = False
     events: list[Event] = field(default_factory=list)
+    """The response's SSE events, secrets obfuscated (keys split across events included)."""
+    payloads: list[tuple[str, Any]] = field(default_factory=list)
+    """Each event's name and data, decoded from the obfuscated event
+    (``otelproxy.providers.decode_event``)."""
     parsed: Parsed = field(default_factory=Parsed)
     session: SessionInfo | None = None
     notes: list[str] = field(default_factory=list)

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from otelproxy.providers import as_int, sse_fields
+from otelproxy.providers import UNDECODABLE, Pieces, as_int
 from otelproxy.record import Parsed, Record
 
 TRACKED_PATHS = ("/v1/messages",)
@@ -80,23 +80,29 @@ def parse_response(record: Record) -> None:
         else:
             parsed.response_json = message
         return
-    message = reassemble([event.raw for event in record.events], record.notes)
+    message = reassemble(record.payloads, record.notes)
     if message is not None:
         _finish_message(parsed, message)
 
 
-def reassemble(events: list[bytes], notes: list[str]) -> dict[str, Any] | None:
-    """The final message object a non-streaming call would have returned, from SSE events."""
+def stream_pieces(payload: Any) -> Pieces:
+    """The text, thinking and tool input JSON a ``content_block_delta`` carries, per block."""
+    if isinstance(payload, dict) and payload.get("type") == "content_block_delta":
+        delta = payload.get("delta")
+        if isinstance(delta, dict):
+            for key in ("text", "thinking", "partial_json"):
+                if isinstance(delta.get(key), str):
+                    yield (payload.get("index"), key), ("delta", key)
+
+
+def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any] | None:
+    """The final message object a non-streaming call would have returned, from SSE events
+    (each as ``decode_event`` gives it)."""
     message: dict[str, Any] | None = None
     blocks: dict[int, dict[str, Any]] = {}
     partial_json: dict[int, list[str]] = {}
-    for raw in events:
-        name, data = sse_fields(raw)
-        if not data:
-            continue
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
+    for name, payload in events:
+        if payload is UNDECODABLE:
             notes.append(f"anthropic: undecodable data in {name!r} event")
             continue
         if not isinstance(payload, dict):
