@@ -140,6 +140,9 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 MAX_CHUNK_OFFSETS: Final = 8192
 """``stream.chunk_offsets_ms`` keeps the first this many chunks (``….truncated`` beside it)."""
 WARN_INTERVAL_S: Final = 60.0
+SLOW_EXPORT_S: Final = 1.0
+"""An export unanswered for this long counts as failing (``export_status``) while it waits."""
+DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 5.0
 _ABORTS: Final = frozenset({Outcome.CLIENT_ABORTED, Outcome.UPSTREAM_ABORTED,
                             Outcome.UPSTREAM_ERROR})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
@@ -194,6 +197,9 @@ class ExportSettings:
     logs: BatchSettings = BatchSettings(1000, 2048, 64, 30000)
     max_body: int = 64 * 1024
     chunk_events: bool = False
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    """At shutdown, how long what is still queued may take to export; the rest is counted as
+    not exported."""
 
 
 def resolve(config: Config, env: Mapping[str, str]) -> ExportSettings | None:
@@ -225,6 +231,7 @@ def resolve(config: Config, env: Mapping[str, str]) -> ExportSettings | None:
         logs=_batch(env, "OTEL_BLRP", BatchSettings(1000, 2048, 64, 30000)),
         max_body=config.otlp_max_body,
         chunk_events=config.otlp_chunk_events,
+        shutdown_timeout_s=config.otlp_shutdown_timeout,
     )
 
 
@@ -729,7 +736,10 @@ class _Tally:
     exported: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 0))
     failed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 0))
     dropped: int = 0
-    """Exchanges never queued for export: the sink's queue or an exporter's queue was full."""
+    """Exchanges never queued for export: the sink's queue or an exporter's queue was full,
+    or the proxy stopped before they were encoded."""
+    closed: bool = False
+    """Set at shutdown, when what was still outstanding was counted as failed."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reserve(self, wanted: Mapping[str, int]) -> bool:
@@ -744,12 +754,26 @@ class _Tally:
 
     def done(self, signal: str, count: int, ok: bool) -> None:
         with self.lock:
+            if self.closed:  # counted as failed already (``close``)
+                return
             self.outstanding[signal] -= count
             (self.exported if ok else self.failed)[signal] += count
 
-    def drop(self) -> None:
+    def drop(self, count: int = 1) -> None:
         with self.lock:
-            self.dropped += 1
+            self.dropped += count
+
+    def close(self, unencoded: int) -> dict[str, int]:
+        """At shutdown: what is still outstanding failed, ``unencoded`` exchanges were dropped;
+        later results are ignored. Returns the outstanding counts per signal."""
+        with self.lock:
+            left = dict(self.outstanding)
+            for signal, count in left.items():
+                self.failed[signal] += count
+                self.outstanding[signal] = 0
+            self.dropped += unencoded
+            self.closed = True
+            return left
 
     def losses(self) -> tuple[int, int]:
         with self.lock:
@@ -792,6 +816,9 @@ class _Exporter:
         self.signal = signal
         self.endpoint = endpoint
         self.last_error: str | None = None
+        self._failing = False
+        """The last attempt failed (and none has succeeded since)."""
+        self._posting_since: float | None = None
         self._headers = {"Content-Type": "application/x-protobuf", **headers}
         if settings.compression != "none":
             self._headers["Content-Encoding"] = settings.compression
@@ -848,6 +875,14 @@ class _Exporter:
         self._session.close()
         return not self._thread.is_alive()
 
+    def trouble(self) -> str | None:
+        """What is wrong with this export right now: the last attempt failed, or the one under
+        way has had no answer for ``SLOW_EXPORT_S``; None when it works."""
+        since = self._posting_since
+        if since is not None and (waited := time.monotonic() - since) >= SLOW_EXPORT_S:
+            return f"no answer for {waited:.1f} s"
+        return self.last_error if self._failing else None
+
     def abort(self) -> None:
         """Stop now: a retry waiting for its backoff gives up, queued items count as failed."""
         self._abort.set()
@@ -901,6 +936,7 @@ class _Exporter:
             deadline = time.monotonic() + self._timeout
             for attempt in range(EXPORT_ATTEMPTS):
                 problem, retryable, backoff = self._post(data, deadline)
+                self._failing = problem is not None
                 if problem is None:
                     return True
                 self.last_error = problem
@@ -911,6 +947,7 @@ class _Exporter:
                     return False
         except Exception as exc:  # never let the exporter thread die
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self._failing = True
         return False
 
     def _post(self, data: bytes, deadline: float) -> tuple[str | None, bool, float | None]:
@@ -918,6 +955,7 @@ class _Exporter:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return "timed out", False, None
+        self._posting_since = time.monotonic()
         try:
             response = self._session.post(self.endpoint, data=data, headers=self._headers,
                                           timeout=remaining, allow_redirects=False,
@@ -926,6 +964,8 @@ class _Exporter:
             return f"connection failed ({type(exc).__name__})", True, None
         except requests.RequestException as exc:  # e.g. no answer in time
             return type(exc).__name__, False, None
+        finally:
+            self._posting_since = None
         with response:
             status = response.status_code
             if 200 <= status < 300:
@@ -984,6 +1024,15 @@ class OtlpSink(Worker):
                 "otlp_errors": self.failures.total,
             }
 
+    def export_status(self) -> dict[str, str | None]:
+        """``export_status`` (``ok`` or ``failing``) and ``export_last_error`` (the trouble of
+        a failing export, else the last error seen, if any) for ``/healthz``."""
+        exporters = self._exporters.values()
+        trouble = next((t for e in exporters if (t := e.trouble()) is not None), None)
+        last = trouble or next((e.last_error for e in exporters if e.last_error), None)
+        return {"export_status": "ok" if trouble is None else "failing",
+                "export_last_error": last}
+
     def flush(self, timeout: float) -> bool:
         """Encode everything queued and let the exporters send it, within ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -993,16 +1042,31 @@ class OtlpSink(Worker):
         return done
 
     def shutdown(self, timeout: float) -> bool:
-        """Flush within ``timeout``, then stop the exporters (abandoning what is left)."""
-        deadline = time.monotonic() + timeout
-        done = super().shutdown(timeout)  # our queue drained, exporters flushed (``flush``)
+        """Flush within ``timeout`` or the settings' ``shutdown_timeout_s``, whichever is
+        shorter, then stop the exporters: what is left (a slow or unreachable backend) is
+        abandoned, counted as not exported and reported in one line."""
+        started = time.monotonic()
+        budget = min(timeout, self.settings.shutdown_timeout_s)
+        deadline = started + budget
+        done = super().shutdown(budget)  # our queue drained, exporters flushed (``flush``)
         if not done:
             for exporter in self._exporters.values():
                 exporter.abort()
         for exporter in self._exporters.values():
             done = exporter.stop(max(0.1, deadline - time.monotonic())) and done
+        with self._queue.mutex:  # records the thread did not get to (no stop/flush markers)
+            unencoded = sum(isinstance(item, Record) for item in self._queue.queue)
+        left = self._tally.close(unencoded)
         dropped, failed = self._tally.losses()
-        if dropped or failed:
+        if unencoded or any(left.values()):
+            errors = sorted({e.last_error for e in self._exporters.values() if e.last_error})
+            log.warning("OTLP export stopped after %.1f s (shutdown budget %g s) with %d "
+                        "span(s) and %d log record(s) unsent and %d exchange(s) not encoded; "
+                        "in all %d exchange(s) dropped and %d span(s)/log record(s) not "
+                        "exported%s", time.monotonic() - started, budget, left.get("traces", 0),
+                        left.get("logs", 0), unencoded, dropped, failed,
+                        f" (last error: {', '.join(errors)})" if errors else "")
+        elif dropped or failed:
             log.warning("OTLP export stopped: %d exchange(s) dropped, %d span(s)/log record(s) "
                         "not exported", dropped, failed)
         return done

@@ -14,6 +14,7 @@ A secret appears in the record as its public prefix + ``...`` + its last 4 chara
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections.abc import Iterable, Sequence
@@ -158,3 +159,30 @@ def redact_pieces(pieces: Sequence[str]) -> list[str] | None:
         out.append("".join(parts))
         start = end
     return out
+
+
+class RedactLogRecords(logging.Filter):
+    """A log handler filter obfuscating keys in every line before it is written: message,
+    exception and stack. Libraries log what they were sent: aiohttp's error log quotes the
+    malformed header line of a bad request, key and all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+        return True
+
+
+def redact_logging() -> None:
+    """Install ``RedactLogRecords`` on every handler of the root logger (after
+    ``logging.basicConfig``), so every log line of the process goes through it."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactLogRecords) for f in handler.filters):
+            handler.addFilter(RedactLogRecords())

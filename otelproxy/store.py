@@ -34,7 +34,39 @@ from otelproxy.record import SCHEMA_VERSION, Outcome, Record, SessionKind, iso
 
 log = logging.getLogger("otelproxy.store")
 
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+"""The record holds conversations: only its owner may read it (the SQLite files included)."""
 
+
+def make_private(log_dir: Path) -> None:
+    """Create ``log_dir`` owner-only, and make what is already in it owner-only (dirs 0700,
+    files 0600; symlinks left alone). What cannot be changed is reported once, not fatal."""
+    log_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    refused: list[str] = []
+
+    def restrict(path: str, mode: int, current: int) -> None:
+        if current & 0o777 != mode:
+            try:
+                os.chmod(path, mode)
+            except OSError as exc:
+                refused.append(f"{path}: {exc.strerror}")
+
+    restrict(str(log_dir), PRIVATE_DIR, log_dir.stat().st_mode)
+    folders = [str(log_dir)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    continue
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if is_dir:
+                    folders.append(entry.path)
+                restrict(entry.path, PRIVATE_DIR if is_dir else PRIVATE_FILE,
+                         entry.stat(follow_symlinks=False).st_mode)
+    if refused:
+        log.warning("cannot make %d path(s) in the log dir owner-only (first: %s)",
+                    len(refused), refused[0])
 
 
 FORK_KINDS = (SessionKind.BRANCH, SessionKind.SESSION_FORK)
@@ -185,7 +217,7 @@ class LocalStore:
         self._open: dict[str, int] = {}
         self._dirs: set[str] = set()
         self._deltas = DeltaEncoder()
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
 
     def submit(self, record: Record) -> None:
         try:
@@ -283,9 +315,9 @@ class LocalStore:
             path = os.path.join(self.log_dir, relative)
             folder = os.path.dirname(path)
             if folder not in self._dirs:
-                os.makedirs(folder, exist_ok=True)
+                os.makedirs(folder, mode=PRIVATE_DIR, exist_ok=True)
                 self._dirs.add(folder)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
             while len(self._open) >= self.max_open_files:
                 os.close(self._open.pop(next(iter(self._open))))
         self._open[relative] = fd
