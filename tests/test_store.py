@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -281,3 +283,34 @@ def test_unparseable_json_body_is_recorded_with_its_parse_error(proxy: RunningPr
                  if e["type"] == "response"]
     assert len(responses) == 1
     assert responses[0]["parse_error"].startswith("request body is not JSON")
+
+
+def test_the_log_dir_is_private_sqlite_files_and_existing_files_included(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The log dir and its folders are 0700 and every file in it 0600 — JSONL, sessions.db and
+    its -wal/-shm files — whatever the umask; files and folders already there are made so."""
+    log_dir = tmp_path / "logs"
+    (log_dir / "anthropic").mkdir(parents=True, mode=0o755)
+    log_dir.chmod(0o755)
+    old = log_dir / "anthropic" / "untracked-20250101.jsonl"
+    old.write_text("{}\n")
+    old.chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        running = RunningProxy(fake, log_dir)
+    finally:
+        os.umask(previous)
+    try:
+        client = anthropic_client(running)
+        client.messages.create(model="m", max_tokens=5, messages=USER)
+        httpx2.get(f"{running.base()}/v1/models")
+        running.flush()
+        paths = [log_dir, *log_dir.rglob("*")]
+        names = {p.name for p in paths}
+        assert {"sessions.db", "sessions.db-wal", "sessions.db-shm"} <= names
+        assert any(p.suffix == ".jsonl" and p != old for p in paths)
+        modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+        assert modes == {name: 0o700 if (tmp_path / name).is_dir() else 0o600 for name in modes}
+    finally:
+        running.stop()
