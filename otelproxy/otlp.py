@@ -870,8 +870,8 @@ class _Exporter:
             self._cond.notify_all()
         self._thread.join(max(0.0, timeout))
         if self._thread.is_alive():
-            self.abort()
-            self._thread.join(0.5)
+            self.abort()  # wakes a retry's backoff; a POST under way is left to its timeout
+            self._thread.join(0.1)
         self._session.close()
         return not self._thread.is_alive()
 
@@ -1053,7 +1053,7 @@ class OtlpSink(Worker):
             for exporter in self._exporters.values():
                 exporter.abort()
         for exporter in self._exporters.values():
-            done = exporter.stop(max(0.1, deadline - time.monotonic())) and done
+            done = exporter.stop(max(0.0, deadline - time.monotonic())) and done
         with self._queue.mutex:  # records the thread did not get to (no stop/flush markers)
             unencoded = sum(isinstance(item, Record) for item in self._queue.queue)
         left = self._tally.close(unencoded)
