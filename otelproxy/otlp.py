@@ -72,9 +72,12 @@ and otherwise drops the exchange and counts it, so nothing is evicted silently. 
 when ``max_export_batch_size`` items wait, ``schedule_delay`` after the first, on flush and at
 shutdown; a POST is retried on 429/502/503/504 and connection errors with exponential backoff
 (``Retry-After`` honoured) until the export timeout. Failed exports (Seq down, slow, 5xx) are
-counted. Counters appear on ``/healthz`` (``otlp_*``), losses are reported as one WARN line at
-most once a minute (with the last error), and ``flush``/``shutdown`` are bounded by their
-timeout.
+counted. Counters appear on ``/healthz`` (``otlp_*``), and so does the export's health
+(``export_status``: ``failing`` from the moment an attempt fails or has waited ``SLOW_EXPORT_S``
+for an answer, until one goes through; ``export_last_error``); losses are reported as one WARN
+line at most once a minute (with the last error). ``flush`` is bounded by its timeout;
+``shutdown`` by ``--otlp-shutdown-timeout`` too, and what it abandons is counted as not
+exported and reported in one line.
 
 Configuration (``resolve``): ``--seq-url URL`` → ``URL/ingest/otlp/v1/{traces,logs}`` (it wins
 over every ``OTEL_EXPORTER_OTLP_*ENDPOINT``), ``--seq-api-key`` → header ``X-Seq-ApiKey`` (wins

@@ -5,11 +5,18 @@ A secret appears in the record as its public prefix + ``...`` + its last 4 chara
 
 - the headers in ``SECRET_HEADERS`` are always obfuscated, whatever their value looks like;
   ``Authorization``/``Proxy-Authorization`` keep their scheme word (``Bearer sk-ant-...WXYZ``);
-- any other header value, the query string and bodies are scanned for known key shapes
-  (``sk-ant-…``, ``sk-ant-oat01-…``, ``sk-proj-…``, ``sk-…``, not glued to a preceding letter
-  or digit, so ``task-…`` or ``disk-…`` stay readable) and each match is obfuscated;
+- any other header value, the path, the query string and bodies are scanned for known key
+  shapes (``sk-ant-…``, ``sk-ant-oat01-…``, ``sk-proj-…``, ``sk-…``, not glued to a preceding
+  letter or digit, so ``task-…`` or ``disk-…`` stay readable) and each match is obfuscated;
+- a key is recognised however it is written: any of its characters may be a JSON ``\\u00XX``
+  escape (with any number of backslashes: JSON text inside JSON) or a URL ``%XX`` escape, and
+  an escape before it counts as a separator (``"…\\nsk-ant-…"``); the replacement keeps the
+  JSON valid;
+- a text delivered in pieces (a stream's deltas) is obfuscated as a whole
+  (``redact_pieces``), so a key split across events is found too;
 - values shorter than 16 characters lose their last 4 too (``...``): showing 4 of 8 characters
-  would give half the secret away.
+  would give half the secret away;
+- log lines: ``RedactLogRecords`` filters every line both processes write.
 """
 
 from __future__ import annotations
