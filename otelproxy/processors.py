@@ -39,6 +39,10 @@ def header(headers: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
+MAX_DECODED_REQUEST = 128 * 1024 * 1024
+"""A compressed request body is decoded for the record up to this size (else not recorded)."""
+
+
 class Redact:
     name = "redact"
 
@@ -46,11 +50,51 @@ class Redact:
         exchange = record.exchange
         record.request_headers = redact_headers(exchange.request_headers)
         record.response_headers = redact_headers(exchange.response_headers)
-        record.request_body = redact_bytes(exchange.request_body)
+        record.request_body = redact_bytes(self._request_body(record))
         exchange.path = redact_text(exchange.path)
         exchange.query = redact_text(exchange.query)
         if exchange.error:
             exchange.error = redact_text(exchange.error)
+
+    @staticmethod
+    def _request_body(record: Record) -> bytes:
+        """The request body to record: decoded when the client compressed it, since a key is
+        only found in the decoded bytes; nothing when it cannot be decoded."""
+        body = record.exchange.request_body
+        encoding = (header(record.exchange.request_headers, "content-encoding")
+                    or "identity").strip().lower()
+        if encoding == "identity" or not body:
+            return body
+        try:
+            decoded = decode_whole(encoding, body, MAX_DECODED_REQUEST)
+        except Exception as exc:  # whatever fails, the body cannot be searched for secrets
+            record.notes.append(redact_text(
+                f"request body not recorded: content-encoding {encoding} did not decode "
+                f"({type(exc).__name__}: {exc}), so it could not be searched for secrets"))
+            return b""
+        record.request_content_encoding = encoding
+        return decoded
+
+
+def decode_whole(encoding: str, data: bytes, limit: int) -> bytes:
+    """A whole body without its content-encoding; ValueError when it decodes to more than
+    ``limit`` bytes, is cut short or the encoding is unknown."""
+    out: bytes
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        inflater = zlib.decompressobj(wbits=15 if encoding == "deflate" else 47)
+        out = inflater.decompress(data, limit + 1)
+        finished = inflater.eof
+    elif encoding == "br" and brotli is not None:
+        decompressor = brotli.Decompressor()
+        out = decompressor.process(data, output_buffer_limit=limit + 1)
+        finished = decompressor.is_finished()
+    else:
+        raise ValueError(f"unsupported content-encoding {encoding!r}")
+    if len(out) > limit:
+        raise ValueError(f"decodes to more than {limit} bytes")
+    if not finished:
+        raise ValueError("the compressed data is cut short")
+    return out
 
 
 class _Decoder:

@@ -207,7 +207,10 @@ class Record:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     """Redacted response headers."""
     request_body: bytes = b""
-    """Request body with secrets obfuscated (the record's copy, never the forwarded bytes)."""
+    """Request body with secrets obfuscated (the record's copy, never the forwarded bytes);
+    decoded when the client compressed it."""
+    request_content_encoding: str | None = None
+    """The request's ``content-encoding`` when ``request_body`` was decoded from it."""
     response_body: bytes = b""
     """Decoded (content-encoding removed), secrets obfuscated response body."""
     content_encoding: str | None = None

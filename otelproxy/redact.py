@@ -115,8 +115,9 @@ def obfuscate_header(name: str, value: str) -> str:
 
 
 def redact_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Secret headers obfuscated whole, keys in any other value or in a name obfuscated."""
     return [
-        (name, obfuscate_header(name, value) if name.lower() in SECRET_HEADERS
+        (redact_text(name), obfuscate_header(name, value) if name.lower() in SECRET_HEADERS
          else redact_text(value))
         for name, value in headers
     ]

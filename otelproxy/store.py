@@ -111,6 +111,8 @@ def request_entry(record: Record) -> dict[str, Any]:
         **body_fields(record.request_body),
         "size": len(exchange.request_body),
     }
+    if record.request_content_encoding:  # the body is the decoded one
+        entry["content_encoding"] = record.request_content_encoding
     if parsed.model:
         entry["model"] = parsed.model
     if session:

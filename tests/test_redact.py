@@ -4,6 +4,7 @@ what it forwards."""
 from __future__ import annotations
 
 import base64
+import gzip
 import itertools
 import secrets
 import socket
@@ -462,3 +463,36 @@ def test_a_malformed_header_carrying_a_key_is_not_logged_whole(
             time.sleep(0.05)
     assert key not in running.stderr
     assert running.stderr.count("sk-ant-...WXYZ") >= 2
+
+
+def test_compressed_request_bodies_are_recorded_decoded_and_obfuscated(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """A gzip request body is forwarded as sent and recorded decoded with its key obfuscated
+    (compressed, the key would be one gunzip away); one that does not decode is not recorded,
+    with a note; a key used as a header name is obfuscated too."""
+    key, other = _key("GZIP"), _key("BADZ")
+    body = orjson.dumps({"model": "claude-x", "max_tokens": 5,
+                         "messages": [{"role": "user", "content": f"key {key}"}]})
+    packed = gzip.compress(body)
+    sent = httpx2.post(f"{proxy.base()}/v1/messages", content=packed,
+                       headers={"content-type": "application/json", "content-encoding": "gzip",
+                                other: "header named by a key"})
+    assert sent.status_code == 200  # the fake inflated what it got: the gzip bytes as sent
+    assert fake.received[0].body == body and fake.received[0].header("content-encoding") == "gzip"
+    broken = gzip.compress(b"prefix " + other.encode())[:-12]
+    httpx2.post(f"{proxy.base()}/v1/files", content=broken,
+                headers={"content-encoding": "gzip"})
+    entries = proxy.entries()
+    first, second = [e for e in entries if e["type"] == "request"]
+    assert first["content_encoding"] == "gzip" and first["size"] == len(packed)
+    assert orjson.loads(first["body"])["messages"][0]["content"] == "key sk-ant-...GZIP"
+    assert first["headers"]["sk-ant-...badz"] == "header named by a key"
+    assert second["body"] == "" and "content_encoding" not in second
+    [response] = [e for e in entries if e["type"] == "response" and e["exchange_id"]
+                  == second["exchange_id"]]
+    assert any("request body not recorded" in note for note in response["notes"])
+    everything = b"".join(p.read_bytes() for p in proxy.log_dir.rglob("*") if p.is_file())
+    for secret in (key, other, key.lower(), other.lower()):
+        assert secret.encode() not in everything
+    assert packed not in everything and base64.b64encode(packed) not in everything
