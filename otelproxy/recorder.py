@@ -497,8 +497,8 @@ def recorder_main(config: Config, env: dict[str, str], inbox: Connection,
             pipeline.handle_segment(batch[start:start + _MAX_BATCH])
         processed += len(batch)
 
+    report(force=True)  # before "ready": the proxy knows the export's state once started
     results.send(("ready", None))
-    report(force=True)
     batch: list[object] = []
     first_at = 0.0
     while True:
