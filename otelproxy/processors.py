@@ -185,17 +185,16 @@ def redact_stream(provider: str, events: list[Event]) -> tuple[list[Event], list
     events that held a share of a key are rewritten, and then every event is scanned alone."""
     module = anthropic if provider == "anthropic" else openai
     payloads = [decode_event(event.raw) for event in events]
-    texts: dict[Hashable, list[tuple[int, tuple[str | int, ...]]]] = {}
+    texts: dict[Hashable, list[tuple[int, tuple[str | int, ...], str]]] = {}
     for number, (_, payload) in enumerate(payloads):
-        for channel, path in module.stream_pieces(payload):
-            texts.setdefault(channel, []).append((number, path))
+        for channel, path, piece in module.stream_pieces(payload):
+            texts.setdefault(channel, []).append((number, path, piece))
     rewritten: set[int] = set()
     for places in texts.values():
-        pieces = [_get(payloads[number][1], path) for number, path in places]
-        redacted = redact_pieces(pieces)
+        redacted = redact_pieces([piece for _, _, piece in places])
         if redacted is None:
             continue
-        for (number, path), old, new in zip(places, pieces, redacted, strict=True):
+        for (number, path, old), new in zip(places, redacted, strict=True):
             if new != old:
                 _set(payloads[number][1], path, new)
                 rewritten.add(number)
@@ -209,13 +208,6 @@ def redact_stream(provider: str, events: list[Event]) -> tuple[list[Event], list
             payloads[number] = decode_event(redacted_raw)
         out.append(Event(event.ns, redacted_raw))
     return out, payloads
-
-
-def _get(payload: Any, path: tuple[str | int, ...]) -> str:
-    for step in path:
-        payload = payload[step]
-    assert isinstance(payload, str)
-    return payload
 
 
 def _set(payload: Any, path: tuple[str | int, ...], value: str) -> None:

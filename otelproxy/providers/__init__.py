@@ -7,7 +7,7 @@ for redaction across events); ``otelproxy.processors`` picks the module by name.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from typing import Any
 
 import orjson
@@ -15,10 +15,10 @@ import orjson
 UNDECODABLE: Any = object()
 """``decode_event``'s data for an event whose data is not JSON."""
 
-Pieces = Iterator[tuple[Hashable, tuple[str | int, ...]]]
-"""``(channel, path)`` for each string of an event's payload that is a piece of a longer text:
-the pieces of one channel (a content block's text, a tool call's arguments), in stream order,
-concatenate to the text; ``path`` leads from the payload to the piece."""
+Pieces = list[tuple[Hashable, tuple[str | int, ...], str]]
+"""``(channel, path, piece)`` for each string of an event's payload that is a piece of a longer
+text: the pieces of one channel (a content block's text, a tool call's arguments), in stream
+order, concatenate to the text; ``path`` leads from the payload to the piece."""
 
 
 def error_body(provider: str | None, error_type: str, message: str) -> bytes:

@@ -85,14 +85,21 @@ def parse_response(record: Record) -> None:
         _finish_message(parsed, message)
 
 
+_DELTA_TEXT_KEYS = {"text_delta": "text", "thinking_delta": "thinking",
+                    "input_json_delta": "partial_json"}
+
+
 def stream_pieces(payload: Any) -> Pieces:
     """The text, thinking and tool input JSON a ``content_block_delta`` carries, per block."""
-    if isinstance(payload, dict) and payload.get("type") == "content_block_delta":
-        delta = payload.get("delta")
-        if isinstance(delta, dict):
-            for key in ("text", "thinking", "partial_json"):
-                if isinstance(delta.get(key), str):
-                    yield (payload.get("index"), key), ("delta", key)
+    if not isinstance(payload, dict) or payload.get("type") != "content_block_delta":
+        return []
+    delta = payload.get("delta")
+    if not isinstance(delta, dict):
+        return []
+    key = _DELTA_TEXT_KEYS.get(str(delta.get("type")))
+    if key is None or not isinstance(piece := delta.get(key), str):
+        return []
+    return [((payload.get("index"), key), ("delta", key), piece)]
 
 
 def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any] | None:

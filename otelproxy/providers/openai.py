@@ -136,29 +136,33 @@ def stream_pieces(payload: Any) -> Pieces:
     """Chat: each choice's text and each tool call's arguments; Responses: every ``….delta``
     event's text, per output item and part."""
     if not isinstance(payload, dict):
-        return
+        return []
     kind = payload.get("type")
-    if isinstance(kind, str) and kind.endswith(".delta") and isinstance(payload.get("delta"), str):
-        yield (kind, payload.get("item_id"), payload.get("output_index"),
-               payload.get("content_index"), payload.get("summary_index")), ("delta",)
-        return
+    delta_text = payload.get("delta")
+    if isinstance(kind, str) and kind.endswith(".delta") and isinstance(delta_text, str):
+        return [((kind, payload.get("item_id"), payload.get("output_index"),
+                  payload.get("content_index"), payload.get("summary_index")), ("delta",),
+                 delta_text)]
     choices = payload.get("choices")
     if not isinstance(choices, list):
-        return
+        return []
+    pieces: Pieces = []
     for at, choice in enumerate(choices):
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if not isinstance(delta, dict):
             continue
         index = choice.get("index")
-        for key in _CHAT_TEXT_KEYS:
-            if isinstance(delta.get(key), str):
-                yield (index, key), ("choices", at, "delta", key)
+        pieces += [((index, key), ("choices", at, "delta", key), delta[key])
+                   for key in _CHAT_TEXT_KEYS if isinstance(delta.get(key), str)]
         calls = delta.get("tool_calls")
         for call_at, call in enumerate(calls if isinstance(calls, list) else []):
             function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                yield ((index, "tool_call", call.get("index")),
-                       ("choices", at, "delta", "tool_calls", call_at, "function", "arguments"))
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str):
+                pieces.append(((index, "tool_call", call.get("index")),
+                               ("choices", at, "delta", "tool_calls", call_at, "function",
+                                "arguments"), arguments))
+    return pieces
 
 
 def reassemble_chat(events: list[tuple[str, Any]]) -> dict[str, Any]:
