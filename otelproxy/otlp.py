@@ -949,7 +949,9 @@ class _Exporter:
                         or backoff > deadline - time.monotonic() or self._abort.wait(backoff)):
                     return False
         except Exception as exc:  # never let the exporter thread die
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            # The type only: a message may quote the endpoint, credentials and all, and this
+            # goes to the log and to /healthz.
+            self.last_error = f"export failed ({type(exc).__name__})"
             self._failing = True
         return False
 
