@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from otelproxy.compact import DeltaEncoder
+from otelproxy.config import PROVIDERS
 from otelproxy.pipeline import Failures
 from otelproxy.preview import assistant_preview, user_preview
 from otelproxy.record import SCHEMA_VERSION, Outcome, Record, SessionKind, iso
@@ -40,33 +41,48 @@ PRIVATE_FILE = 0o600
 
 
 def make_private(log_dir: Path) -> None:
-    """Create ``log_dir`` owner-only, and make what is already in it owner-only (dirs 0700,
-    files 0600; symlinks left alone). What cannot be changed is reported once, not fatal."""
+    """Create ``log_dir`` owner-only and make the record already in it owner-only:
+    ``sessions.db*`` and JSONL files 0600, the provider folders 0700. Nothing else is touched,
+    and the log dir's own mode only changes when it holds nothing but the record: a
+    ``--log-dir`` shared with other files (``.``, a home folder) keeps its mode, with a
+    warning. What cannot be changed is reported once, not fatal."""
     log_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    record: list[tuple[os.DirEntry[str], int]] = []  # (entry, wanted mode)
+    others: list[str] = []
+    with os.scandir(log_dir) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and entry.name in PROVIDERS:
+                record.append((entry, PRIVATE_DIR))
+                with os.scandir(entry.path) as files:
+                    record.extend((item, PRIVATE_FILE) for item in files if _is_record_file(item))
+            elif _is_record_file(entry):
+                record.append((entry, PRIVATE_FILE))
+            else:
+                others.append(entry.name)
+    changes = [(entry.path, mode, entry.stat(follow_symlinks=False).st_mode)
+               for entry, mode in record]
+    if others:
+        log.warning("the log dir %s holds more than the record (%s): its own mode is left as it "
+                    "is; give otelproxy a folder of its own to keep the record private", log_dir,
+                    ", ".join(sorted(others)[:3]) + (", …" if len(others) > 3 else ""))
+    else:
+        changes.append((str(log_dir), PRIVATE_DIR, log_dir.stat().st_mode))
     refused: list[str] = []
-
-    def restrict(path: str, mode: int, current: int) -> None:
+    for path, mode, current in changes:
         if current & 0o777 != mode:
             try:
                 os.chmod(path, mode)
             except OSError as exc:
                 refused.append(f"{path}: {exc.strerror}")
-
-    restrict(str(log_dir), PRIVATE_DIR, log_dir.stat().st_mode)
-    folders = [str(log_dir)]
-    while folders:
-        with os.scandir(folders.pop()) as entries:
-            for entry in entries:
-                if entry.is_symlink():
-                    continue
-                is_dir = entry.is_dir(follow_symlinks=False)
-                if is_dir:
-                    folders.append(entry.path)
-                restrict(entry.path, PRIVATE_DIR if is_dir else PRIVATE_FILE,
-                         entry.stat(follow_symlinks=False).st_mode)
     if refused:
-        log.warning("cannot make %d path(s) in the log dir owner-only (first: %s)",
+        log.warning("cannot make %d path(s) of the record owner-only (first: %s)",
                     len(refused), refused[0])
+
+
+def _is_record_file(entry: os.DirEntry[str]) -> bool:
+    """A JSONL file or one of SQLite's files of the index (not a symlink)."""
+    return entry.is_file(follow_symlinks=False) and (
+        entry.name.endswith(".jsonl") or entry.name.startswith("sessions.db"))
 
 
 FORK_KINDS = (SessionKind.BRANCH, SessionKind.SESSION_FORK)

@@ -17,6 +17,7 @@ import openai
 import orjson
 import pytest
 
+from otelproxy.store import make_private
 from tests.conftest import RunningProxy
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.raw_upstream import closed_port
@@ -314,3 +315,31 @@ def test_the_log_dir_is_private_sqlite_files_and_existing_files_included(
         assert modes == {name: 0o700 if (tmp_path / name).is_dir() else 0o600 for name in modes}
     finally:
         running.stop()
+
+
+def test_a_log_dir_shared_with_other_files_keeps_its_mode_and_their_modes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--log-dir pointing at a folder with other things in it (".", a home folder): only the
+    record's own files and folders are made private; the folder and the rest keep their modes,
+    and one warning says why."""
+    shared = tmp_path / "project"
+    (shared / "openai").mkdir(parents=True)
+    (shared / "scripts").mkdir()
+    files = {"run.sh": 0o755, "notes.txt": 0o644, "sessions.db": 0o644,
+             "rejected-20250101.jsonl": 0o644, "openai/untracked-20250101.jsonl": 0o644,
+             "scripts/tool.jsonl": 0o644}
+    for name, mode in files.items():
+        (shared / name).write_text("x")
+        (shared / name).chmod(mode)
+    shared.chmod(0o755)
+    (shared / "openai").chmod(0o755)
+    with caplog.at_level("WARNING", logger="otelproxy.store"):
+        make_private(shared)
+    mode = {name: stat.S_IMODE((shared / name).stat().st_mode)
+            for name in [".", "openai", "scripts", *files]}
+    assert mode == {".": 0o755, "openai": 0o700, "scripts": 0o755, "run.sh": 0o755,
+                    "notes.txt": 0o644, "sessions.db": 0o600, "rejected-20250101.jsonl": 0o600,
+                    "openai/untracked-20250101.jsonl": 0o600, "scripts/tool.jsonl": 0o644}
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "holds more than the record (notes.txt, run.sh, scripts)" in warning
