@@ -496,3 +496,30 @@ def test_compressed_request_bodies_are_recorded_decoded_and_obfuscated(
     for secret in (key, other, key.lower(), other.lower()):
         assert secret.encode() not in everything
     assert packed not in everything and base64.b64encode(packed) not in everything
+
+
+def test_a_conversation_echoing_a_split_key_stays_one_session(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """The assistant turn is fingerprinted obfuscated and the client's next request (holding
+    the key whole) is obfuscated the same way, so the conversation continues its session."""
+    key = _key("ECHO")
+    text = f"Your key is {key} - keep it safe."
+    tool_json = '{"k": "' + key + '"}'
+    fake.replies.append(Reply(body=_anthropic_events(_cut(text, 4), _cut(tool_json, 5)),
+                              headers=[("content-type", "text/event-stream")]))
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    first = [{"role": "user", "content": "what is my key?"}]
+    with client.messages.stream(model="claude-x", max_tokens=50, messages=first) as stream:
+        answer = stream.get_final_message()
+    assert answer.content[1].input == {"k": key}
+    tool_result = [{"type": "tool_result", "tool_use_id": answer.content[1].id, "content": "ok"}]
+    replayed = [block.model_dump() for block in answer.content]
+    client.messages.create(
+        model="claude-x", max_tokens=50,
+        messages=[*first, {"role": "assistant", "content": replayed},
+                  {"role": "user", "content": tool_result}])
+    with closing(proxy.db()) as conn:
+        turns = [tuple(row) for row in conn.execute(
+            "SELECT session_id, seq FROM exchanges ORDER BY ts")]
+    assert len(turns) == 2 and turns[0][0] == turns[1][0] and [t[1] for t in turns] == [1, 2]
