@@ -29,8 +29,8 @@ environment (flags win over environment, environment over the TOML file):
   OTELPROXY_UPSTREAM_CONNECT_TIMEOUT, OTELPROXY_UPSTREAM_READ_TIMEOUT,
   OTELPROXY_MAX_CONNECTIONS, OTELPROXY_RECORD_QUEUE_SIZE, OTELPROXY_LOG_LEVEL,
   OTELPROXY_SEQ_URL, OTELPROXY_SEQ_API_KEY, OTELPROXY_OTLP_MAX_BODY,
-  OTELPROXY_OTLP_CHUNK_EVENTS, OTELPROXY_RETENTION_DAYS, OTELPROXY_RETENTION_MAX_BYTES,
-  and the standard OpenTelemetry variables
+  OTELPROXY_OTLP_CHUNK_EVENTS, OTELPROXY_OTLP_SHUTDOWN_TIMEOUT, OTELPROXY_RETENTION_DAYS,
+  OTELPROXY_RETENTION_MAX_BYTES, and the standard OpenTelemetry variables
   (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME, ...)
 TOML file keys are the same names in lower case (port = 8080, log_dir = "./logs",
 upstreams = ["http://127.0.0.1:9100"], ...).
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--otlp-chunk-events", action="store_const", const=True,
                        help="add one span event per stream chunk (off by default: Seq shows "
                        "each span event as its own event)")
+    serve.add_argument("--otlp-shutdown-timeout", metavar="SECONDS",
+                       help="on shutdown, how long telemetry still queued may take to export; "
+                       "what is left is counted as not exported (default 5)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                        help="the proxy's own log verbosity (default info)")
     sessions = commands.add_parser(
@@ -198,7 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=cfg.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from otelproxy.redact import redact_logging
     from otelproxy.server import run, serve
+
+    redact_logging()
 
     try:
         return run(serve(cfg))

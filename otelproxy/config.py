@@ -80,6 +80,7 @@ class Config:
     seq_api_key: str | None = field(default=None, repr=False)
     otlp_max_body: int = 64 * 1024
     otlp_chunk_events: bool = False
+    otlp_shutdown_timeout: float = 5.0
     log_level: str = "info"
     retention_days: float | None = None
     """Delete recorded conversations (whole session trees) inactive for longer (None: keep)."""
@@ -201,7 +202,8 @@ def build(values: Mapping[str, Any], upstream_urls: list[str]) -> Config:
             kwargs[key] = _to_int(key, value, 1024, 2**31)
         elif key in ("max_connections", "record_queue_size"):
             kwargs[key] = _to_int(key, value, 1, 1_000_000)
-        elif key in ("grace_period", "upstream_connect_timeout", "upstream_read_timeout"):
+        elif key in ("grace_period", "upstream_connect_timeout", "upstream_read_timeout",
+                     "otlp_shutdown_timeout"):
             kwargs[key] = _to_float(key, value, 0.0)
         elif key == "retention_days":
             kwargs[key] = _to_float(key, value, 0.01)

@@ -17,6 +17,7 @@ WAL mode: the proxy's writer threads and ``otelproxy sessions``/``show`` readers
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -115,7 +116,9 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10,
                                check_same_thread=False)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # SQLite gives the -wal and -shm files the database file's mode: create it owner-only.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = sqlite3.connect(path, timeout=10, check_same_thread=False,
                                isolation_level=None)
     conn.row_factory = sqlite3.Row

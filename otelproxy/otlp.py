@@ -72,9 +72,12 @@ and otherwise drops the exchange and counts it, so nothing is evicted silently. 
 when ``max_export_batch_size`` items wait, ``schedule_delay`` after the first, on flush and at
 shutdown; a POST is retried on 429/502/503/504 and connection errors with exponential backoff
 (``Retry-After`` honoured) until the export timeout. Failed exports (Seq down, slow, 5xx) are
-counted. Counters appear on ``/healthz`` (``otlp_*``), losses are reported as one WARN line at
-most once a minute (with the last error), and ``flush``/``shutdown`` are bounded by their
-timeout.
+counted. Counters appear on ``/healthz`` (``otlp_*``), and so does the export's health
+(``export_status``: ``failing`` from the moment an attempt fails or has waited ``SLOW_EXPORT_S``
+for an answer, until one goes through; ``export_last_error``); losses are reported as one WARN
+line at most once a minute (with the last error). ``flush`` is bounded by its timeout;
+``shutdown`` by ``--otlp-shutdown-timeout`` too, and what it abandons is counted as not
+exported and reported in one line.
 
 Configuration (``resolve``): ``--seq-url URL`` → ``URL/ingest/otlp/v1/{traces,logs}`` (it wins
 over every ``OTEL_EXPORTER_OTLP_*ENDPOINT``), ``--seq-api-key`` → header ``X-Seq-ApiKey`` (wins
@@ -127,6 +130,7 @@ from otelproxy.config import PROVIDERS, Config
 from otelproxy.errors import ConfigError
 from otelproxy.pipeline import Sink, Worker
 from otelproxy.record import Outcome, Record
+from otelproxy.redact import redact_bytes, redact_text
 
 log = logging.getLogger("otelproxy.otlp")
 
@@ -139,6 +143,9 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 MAX_CHUNK_OFFSETS: Final = 8192
 """``stream.chunk_offsets_ms`` keeps the first this many chunks (``….truncated`` beside it)."""
 WARN_INTERVAL_S: Final = 60.0
+SLOW_EXPORT_S: Final = 1.0
+"""An export unanswered for this long counts as failing (``export_status``) while it waits."""
+DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 5.0
 _ABORTS: Final = frozenset({Outcome.CLIENT_ABORTED, Outcome.UPSTREAM_ABORTED,
                             Outcome.UPSTREAM_ERROR})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
@@ -193,6 +200,9 @@ class ExportSettings:
     logs: BatchSettings = BatchSettings(1000, 2048, 64, 30000)
     max_body: int = 64 * 1024
     chunk_events: bool = False
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    """At shutdown, how long what is still queued may take to export; the rest is counted as
+    not exported."""
 
 
 def resolve(config: Config, env: Mapping[str, str]) -> ExportSettings | None:
@@ -224,6 +234,7 @@ def resolve(config: Config, env: Mapping[str, str]) -> ExportSettings | None:
         logs=_batch(env, "OTEL_BLRP", BatchSettings(1000, 2048, 64, 30000)),
         max_body=config.otlp_max_body,
         chunk_events=config.otlp_chunk_events,
+        shutdown_timeout_s=config.otlp_shutdown_timeout,
     )
 
 
@@ -556,7 +567,8 @@ def request_record_attributes(record: Record, max_body: int) -> Attributes:
         if new_messages is None:
             new_messages = parsed.messages  # no history known: the whole conversation is new
         if new_messages is not None:
-            put_body(out, "gen_ai.input.messages.new", _json_bytes(new_messages), max_body)
+            put_body(out, "gen_ai.input.messages.new", redact_bytes(_json_bytes(new_messages)),
+                     max_body)
         if session is not None:
             _put(out, "gen_ai.system_instructions.sha256", session.system_sha256)
     elif record.request_body:
@@ -569,7 +581,8 @@ def response_record_attributes(record: Record, max_body: int) -> Attributes:
     parsed = record.parsed
     out = header_attributes("http.response.header", record.response_headers)
     if parsed.tracked and parsed.output_message is not None:
-        put_body(out, "gen_ai.output.messages", _json_bytes([parsed.output_message]), max_body)
+        put_body(out, "gen_ai.output.messages",
+                 redact_bytes(_json_bytes([parsed.output_message])), max_body)
     elif record.response_body:
         put_body(out, "http.response.body.content", record.response_body, max_body)
     if record.exchange.error:
@@ -628,7 +641,8 @@ def _client_parent(record: Record) -> tuple[bytes, bytes, str] | None:
     context = parent.get_span_context()
     if not context.is_valid:
         return None
-    state = context.trace_state.to_header() if context.trace_state else ""
+    # tracestate is the client's free text: obfuscated like every other header value.
+    state = redact_text(context.trace_state.to_header()) if context.trace_state else ""
     return context.trace_id.to_bytes(16, "big"), context.span_id.to_bytes(8, "big"), state
 
 
@@ -725,7 +739,10 @@ class _Tally:
     exported: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 0))
     failed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 0))
     dropped: int = 0
-    """Exchanges never queued for export: the sink's queue or an exporter's queue was full."""
+    """Exchanges never queued for export: the sink's queue or an exporter's queue was full,
+    or the proxy stopped before they were encoded."""
+    closed: bool = False
+    """Set at shutdown, when what was still outstanding was counted as failed."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reserve(self, wanted: Mapping[str, int]) -> bool:
@@ -740,12 +757,26 @@ class _Tally:
 
     def done(self, signal: str, count: int, ok: bool) -> None:
         with self.lock:
+            if self.closed:  # counted as failed already (``close``)
+                return
             self.outstanding[signal] -= count
             (self.exported if ok else self.failed)[signal] += count
 
-    def drop(self) -> None:
+    def drop(self, count: int = 1) -> None:
         with self.lock:
-            self.dropped += 1
+            self.dropped += count
+
+    def close(self, unencoded: int) -> dict[str, int]:
+        """At shutdown: what is still outstanding failed, ``unencoded`` exchanges were dropped;
+        later results are ignored. Returns the outstanding counts per signal."""
+        with self.lock:
+            left = dict(self.outstanding)
+            for signal, count in left.items():
+                self.failed[signal] += count
+                self.outstanding[signal] = 0
+            self.dropped += unencoded
+            self.closed = True
+            return left
 
     def losses(self) -> tuple[int, int]:
         with self.lock:
@@ -788,6 +819,9 @@ class _Exporter:
         self.signal = signal
         self.endpoint = endpoint
         self.last_error: str | None = None
+        self._failing = False
+        """The last attempt failed (and none has succeeded since)."""
+        self._posting_since: float | None = None
         self._headers = {"Content-Type": "application/x-protobuf", **headers}
         if settings.compression != "none":
             self._headers["Content-Encoding"] = settings.compression
@@ -839,10 +873,18 @@ class _Exporter:
             self._cond.notify_all()
         self._thread.join(max(0.0, timeout))
         if self._thread.is_alive():
-            self.abort()
-            self._thread.join(0.5)
+            self.abort()  # wakes a retry's backoff; a POST under way is left to its timeout
+            self._thread.join(0.1)
         self._session.close()
         return not self._thread.is_alive()
+
+    def trouble(self) -> str | None:
+        """What is wrong with this export right now: the last attempt failed, or the one under
+        way has had no answer for ``SLOW_EXPORT_S``; None when it works."""
+        since = self._posting_since
+        if since is not None and (waited := time.monotonic() - since) >= SLOW_EXPORT_S:
+            return f"no answer for {waited:.1f} s"
+        return self.last_error if self._failing else None
 
     def abort(self) -> None:
         """Stop now: a retry waiting for its backoff gives up, queued items count as failed."""
@@ -897,6 +939,7 @@ class _Exporter:
             deadline = time.monotonic() + self._timeout
             for attempt in range(EXPORT_ATTEMPTS):
                 problem, retryable, backoff = self._post(data, deadline)
+                self._failing = problem is not None
                 if problem is None:
                     return True
                 self.last_error = problem
@@ -906,7 +949,10 @@ class _Exporter:
                         or backoff > deadline - time.monotonic() or self._abort.wait(backoff)):
                     return False
         except Exception as exc:  # never let the exporter thread die
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            # The type only: a message may quote the endpoint, credentials and all, and this
+            # goes to the log and to /healthz.
+            self.last_error = f"export failed ({type(exc).__name__})"
+            self._failing = True
         return False
 
     def _post(self, data: bytes, deadline: float) -> tuple[str | None, bool, float | None]:
@@ -914,6 +960,7 @@ class _Exporter:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return "timed out", False, None
+        self._posting_since = time.monotonic()
         try:
             response = self._session.post(self.endpoint, data=data, headers=self._headers,
                                           timeout=remaining, allow_redirects=False,
@@ -922,6 +969,8 @@ class _Exporter:
             return f"connection failed ({type(exc).__name__})", True, None
         except requests.RequestException as exc:  # e.g. no answer in time
             return type(exc).__name__, False, None
+        finally:
+            self._posting_since = None
         with response:
             status = response.status_code
             if 200 <= status < 300:
@@ -980,6 +1029,15 @@ class OtlpSink(Worker):
                 "otlp_errors": self.failures.total,
             }
 
+    def export_status(self) -> dict[str, str | None]:
+        """``export_status`` (``ok`` or ``failing``) and ``export_last_error`` (the trouble of
+        a failing export, else the last error seen, if any) for ``/healthz``."""
+        exporters = self._exporters.values()
+        trouble = next((t for e in exporters if (t := e.trouble()) is not None), None)
+        last = trouble or next((e.last_error for e in exporters if e.last_error), None)
+        return {"export_status": "ok" if trouble is None else "failing",
+                "export_last_error": last}
+
     def flush(self, timeout: float) -> bool:
         """Encode everything queued and let the exporters send it, within ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -989,16 +1047,31 @@ class OtlpSink(Worker):
         return done
 
     def shutdown(self, timeout: float) -> bool:
-        """Flush within ``timeout``, then stop the exporters (abandoning what is left)."""
-        deadline = time.monotonic() + timeout
-        done = super().shutdown(timeout)  # our queue drained, exporters flushed (``flush``)
+        """Flush within ``timeout`` or the settings' ``shutdown_timeout_s``, whichever is
+        shorter, then stop the exporters: what is left (a slow or unreachable backend) is
+        abandoned, counted as not exported and reported in one line."""
+        started = time.monotonic()
+        budget = min(timeout, self.settings.shutdown_timeout_s)
+        deadline = started + budget
+        done = super().shutdown(budget)  # our queue drained, exporters flushed (``flush``)
         if not done:
             for exporter in self._exporters.values():
                 exporter.abort()
         for exporter in self._exporters.values():
-            done = exporter.stop(max(0.1, deadline - time.monotonic())) and done
+            done = exporter.stop(max(0.0, deadline - time.monotonic())) and done
+        with self._queue.mutex:  # records the thread did not get to (no stop/flush markers)
+            unencoded = sum(isinstance(item, Record) for item in self._queue.queue)
+        left = self._tally.close(unencoded)
         dropped, failed = self._tally.losses()
-        if dropped or failed:
+        if unencoded or any(left.values()):
+            errors = sorted({e.last_error for e in self._exporters.values() if e.last_error})
+            log.warning("OTLP export stopped after %.1f s (shutdown budget %g s) with %d "
+                        "span(s) and %d log record(s) unsent and %d exchange(s) not encoded; "
+                        "in all %d exchange(s) dropped and %d span(s)/log record(s) not "
+                        "exported%s", time.monotonic() - started, budget, left.get("traces", 0),
+                        left.get("logs", 0), unencoded, dropped, failed,
+                        f" (last error: {', '.join(errors)})" if errors else "")
+        elif dropped or failed:
             log.warning("OTLP export stopped: %d exchange(s) dropped, %d span(s)/log record(s) "
                         "not exported", dropped, failed)
         return done

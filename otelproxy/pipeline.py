@@ -27,6 +27,8 @@ from otelproxy.record import Exchange, Record
 
 log = logging.getLogger("otelproxy.pipeline")
 
+EXPORT_OFF: dict[str, str | None] = {"export_status": "off", "export_last_error": None}
+
 
 class Processor(Protocol):
     """Derives something from a record, in place. Runs on the pipeline thread, in list order."""
@@ -243,6 +245,15 @@ class Pipeline(Worker):
         deadline = time.monotonic() + timeout
         done = Worker.shutdown(self, timeout)
         return self.close(max(0.1, deadline - time.monotonic())) and done
+
+    def export_status(self) -> dict[str, str | None]:
+        """The OTLP export's health (``OtlpSink.export_status``); ``off`` without export."""
+        for sink in self.sinks:
+            status = getattr(sink, "export_status", None)
+            if status is not None:
+                result: dict[str, str | None] = status()
+                return result
+        return dict(EXPORT_OFF)
 
     def counters(self) -> dict[str, int]:
         out = {"records_dropped": self.dropped, "sink_errors": self.failures.total}

@@ -1,10 +1,16 @@
-"""One-line previews of a turn's user and assistant text, for ``otelproxy show`` and the index."""
+"""One-line previews of a turn's user and assistant text, for ``otelproxy show`` and the index.
+
+A preview is cut from text that was obfuscated already; it is obfuscated once more before the
+cut all the same (``redact_text``), so no decoding path can bring a key into the index whole.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
+
+from otelproxy.redact import redact_text
 
 _LIMIT = 160
 
@@ -13,7 +19,7 @@ def _line(text: str) -> str:
     for line in text.splitlines():
         stripped = line.strip()
         if stripped:
-            return stripped[:_LIMIT]
+            return redact_text(stripped)[:_LIMIT]
     return ""
 
 

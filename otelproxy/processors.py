@@ -1,9 +1,11 @@
 """The processors every record goes through, in this order (see ``default_processors``).
 
-1. ``Redact``: obfuscate secrets in headers, query and bodies (``otelproxy.redact``).
+1. ``Redact``: obfuscate secrets in headers, path, query, request body and error
+   (``otelproxy.redact``).
 2. ``DecodeBody``: undo ``content-encoding`` on a copy of the response and, for
    ``text/event-stream``, split it into SSE events, each stamped with the arrival time of the
-   network chunk that completed it.
+   network chunk that completed it; obfuscate secrets in it, keys a stream delivers in pieces
+   across events included (``redact_stream``).
 3. ``ProviderParse``: provider knowledge — model, stream flag, messages, the reassembled
    assistant message, usage, finish reasons (``otelproxy.providers``).
 4. the session processor (``otelproxy.sessions``), which needs 3.
@@ -13,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from collections.abc import Hashable
 from typing import Any
 
 import orjson
 
-from otelproxy.providers import anthropic, openai
+from otelproxy.providers import anthropic, decode_event, openai
 from otelproxy.record import Event, Record
-from otelproxy.redact import redact_bytes, redact_headers, redact_text
+from otelproxy.redact import redact_bytes, redact_headers, redact_pieces, redact_text
 
 try:
     import brotli
@@ -36,6 +39,10 @@ def header(headers: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
+MAX_DECODED_REQUEST = 128 * 1024 * 1024
+"""A compressed request body is decoded for the record up to this size (else not recorded)."""
+
+
 class Redact:
     name = "redact"
 
@@ -43,10 +50,51 @@ class Redact:
         exchange = record.exchange
         record.request_headers = redact_headers(exchange.request_headers)
         record.response_headers = redact_headers(exchange.response_headers)
-        record.request_body = redact_bytes(exchange.request_body)
+        record.request_body = redact_bytes(self._request_body(record))
+        exchange.path = redact_text(exchange.path)
         exchange.query = redact_text(exchange.query)
         if exchange.error:
             exchange.error = redact_text(exchange.error)
+
+    @staticmethod
+    def _request_body(record: Record) -> bytes:
+        """The request body to record: decoded when the client compressed it, since a key is
+        only found in the decoded bytes; nothing when it cannot be decoded."""
+        body = record.exchange.request_body
+        encoding = (header(record.exchange.request_headers, "content-encoding")
+                    or "identity").strip().lower()
+        if encoding == "identity" or not body:
+            return body
+        try:
+            decoded = decode_whole(encoding, body, MAX_DECODED_REQUEST)
+        except Exception as exc:  # whatever fails, the body cannot be searched for secrets
+            record.notes.append(redact_text(
+                f"request body not recorded: content-encoding {encoding} did not decode "
+                f"({type(exc).__name__}: {exc}), so it could not be searched for secrets"))
+            return b""
+        record.request_content_encoding = encoding
+        return decoded
+
+
+def decode_whole(encoding: str, data: bytes, limit: int) -> bytes:
+    """A whole body without its content-encoding; ValueError when it decodes to more than
+    ``limit`` bytes, is cut short or the encoding is unknown."""
+    out: bytes
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        inflater = zlib.decompressobj(wbits=15 if encoding == "deflate" else 47)
+        out = inflater.decompress(data, limit + 1)
+        finished = inflater.eof
+    elif encoding == "br" and brotli is not None:
+        decompressor = brotli.Decompressor()
+        out = decompressor.process(data, output_buffer_limit=limit + 1)
+        finished = decompressor.is_finished()
+    else:
+        raise ValueError(f"unsupported content-encoding {encoding!r}")
+    if len(out) > limit:
+        raise ValueError(f"decodes to more than {limit} bytes")
+    if not finished:
+        raise ValueError("the compressed data is cut short")
+    return out
 
 
 class _Decoder:
@@ -117,15 +165,70 @@ class DecodeBody:
                 decoder = _Decoder(encoding)
                 chunks = [(ns, decoder.feed(data)) for ns, data in chunks]
             except (ValueError, zlib.error, RuntimeError) as exc:
-                record.decode_error = f"{encoding}: {exc}"
+                record.decode_error = redact_text(f"{encoding}: {exc}")
                 chunks = exchange.chunks
                 record.content_encoding = None
         record.streaming = content_type.startswith("text/event-stream")
         if record.streaming:
-            record.events = [Event(e.ns, redact_bytes(e.raw)) for e in split_sse(chunks)]
+            record.events, record.payloads = redact_stream(exchange.provider, split_sse(chunks))
             record.response_body = b"".join(e.raw for e in record.events)
         else:
             record.response_body = redact_bytes(b"".join(data for _, data in chunks))
+
+
+def redact_stream(provider: str, events: list[Event]) -> tuple[list[Event], list[tuple[str, Any]]]:
+    """The events with secrets obfuscated, and their decoded payloads (for ``ProviderParse``).
+
+    Obfuscating each event alone is not enough: a model echoing a key sends it in pieces, one
+    per delta event, and the reassembled text would hold it whole. So the pieces of each text
+    (``stream_pieces`` of the provider) are obfuscated together first (``redact_pieces``), the
+    events that held a share of a key are rewritten, and then every event is scanned alone."""
+    module = anthropic if provider == "anthropic" else openai
+    payloads = [decode_event(event.raw) for event in events]
+    texts: dict[Hashable, list[tuple[int, tuple[str | int, ...], str]]] = {}
+    for number, (_, payload) in enumerate(payloads):
+        for channel, path, piece in module.stream_pieces(payload):
+            texts.setdefault(channel, []).append((number, path, piece))
+    rewritten: set[int] = set()
+    for places in texts.values():
+        redacted = redact_pieces([piece for _, _, piece in places])
+        if redacted is None:
+            continue
+        for (number, path, old), new in zip(places, redacted, strict=True):
+            if new != old:
+                _set(payloads[number][1], path, new)
+                rewritten.add(number)
+    out: list[Event] = []
+    for number, event in enumerate(events):
+        raw = event.raw
+        if number in rewritten:
+            raw = _with_data(raw, orjson.dumps(payloads[number][1]))
+        redacted_raw = redact_bytes(raw)
+        if redacted_raw is not raw and redacted_raw != raw:
+            payloads[number] = decode_event(redacted_raw)
+        out.append(Event(event.ns, redacted_raw))
+    return out, payloads
+
+
+def _set(payload: Any, path: tuple[str | int, ...], value: str) -> None:
+    for step in path[:-1]:
+        payload = payload[step]
+    payload[path[-1]] = value
+
+
+def _with_data(raw: bytes, data: bytes) -> bytes:
+    """An SSE event with its data line(s) replaced by one line holding ``data``."""
+    out: list[bytes] = []
+    placed = False
+    for line in raw.splitlines(keepends=True):
+        if not line.startswith(b"data:"):
+            out.append(line)
+        elif not placed:
+            placed = True
+            content = line.rstrip(b"\r\n")
+            prefix = b"data: " if content.startswith(b"data: ") else b"data:"
+            out.append(prefix + data + line[len(content):])
+    return b"".join(out)
 
 
 class ProviderParse:

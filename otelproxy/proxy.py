@@ -76,7 +76,9 @@ async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     stats = state.stats
     counters = state.pipeline.counters()
-    healthy = counters.get("sink_errors", 0) == 0 and counters.get("records_dropped", 0) == 0
+    export = state.pipeline.export_status()  # OTLP: "off", "ok" or "failing" (+ last error)
+    healthy = (counters.get("sink_errors", 0) == 0 and counters.get("records_dropped", 0) == 0
+               and export["export_status"] != "failing")
     body = {
         "status": "ok" if healthy else "degraded",
         "version": __version__,
@@ -89,6 +91,7 @@ async def healthz(request: web.Request) -> web.Response:
         "upstream_aborts": stats.upstream_aborts,
         "records_pending": state.pipeline.pending,
         **counters,
+        **export,
     }
     return web.json_response(body)
 

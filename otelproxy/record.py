@@ -207,13 +207,20 @@ class Record:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     """Redacted response headers."""
     request_body: bytes = b""
-    """Request body with secrets obfuscated (the record's copy, never the forwarded bytes)."""
+    """Request body with secrets obfuscated (the record's copy, never the forwarded bytes);
+    decoded when the client compressed it."""
+    request_content_encoding: str | None = None
+    """The request's ``content-encoding`` when ``request_body`` was decoded from it."""
     response_body: bytes = b""
     """Decoded (content-encoding removed), secrets obfuscated response body."""
     content_encoding: str | None = None
     decode_error: str | None = None
     streaming: bool = False
     events: list[Event] = field(default_factory=list)
+    """The response's SSE events, secrets obfuscated (keys split across events included)."""
+    payloads: list[tuple[str, Any]] = field(default_factory=list)
+    """Each event's name and data, decoded from the obfuscated event
+    (``otelproxy.providers.decode_event``)."""
     parsed: Parsed = field(default_factory=Parsed)
     session: SessionInfo | None = None
     notes: list[str] = field(default_factory=list)

@@ -43,11 +43,12 @@ from typing import Any
 
 from otelproxy import otlp
 from otelproxy.config import Config
-from otelproxy.pipeline import Pipeline, Sink
+from otelproxy.pipeline import EXPORT_OFF, Pipeline, Sink
 from otelproxy.processors import default_processors
 from otelproxy.record import Exchange
+from otelproxy.redact import redact_logging
 from otelproxy.sessions import SessionTracker
-from otelproxy.store import LocalStore
+from otelproxy.store import LocalStore, make_private
 
 log = logging.getLogger("otelproxy.recorder")
 
@@ -60,6 +61,8 @@ LINGER = 0.02
 RECORDER_NICE = 5
 """Added to the recorder's nice value: under CPU contention the proxy's loop runs first."""
 _COUNTER_INTERVAL = 0.1
+_IDLE_WAIT = 0.25
+"""An idle recorder reports its counters and the export's health this often."""
 _HEADER = struct.Struct("!I")
 _MAX_BUFFER_BYTES = 256 * 1024 * 1024
 """Framed exchanges waiting in the proxy for room in the pipe; beyond this they are dropped."""
@@ -219,6 +222,7 @@ class Recorder:
         self._reader = threading.Thread(target=self._read, name="otelproxy-recorder-reader",
                                         daemon=True)
         self._counters: dict[str, int] = {}
+        self._export: dict[str, str | None] = dict(EXPORT_OFF)
         self.submitted = 0
         self.dropped = 0
         self._drop_logs = 0
@@ -344,6 +348,11 @@ class Recorder:
             out["sink_errors"] += 1
         return out
 
+    def export_status(self) -> dict[str, str | None]:
+        """The OTLP export's health as the recorder process last reported it (within
+        ``_IDLE_WAIT``)."""
+        return dict(self._export)
+
     # -- blocking calls, for shutdown and tests ------------------------------------------------
 
     def _control(self, message: tuple[str, int, bool, float], timeout: float) -> bool:
@@ -399,6 +408,8 @@ class Recorder:
             if kind == "counters":
                 self._processed = payload.pop("processed", self._processed)
                 self._counters = payload
+            elif kind == "export":
+                self._export = payload
             elif kind == "ready":
                 self._ready.set()
             elif kind == "ack":
@@ -417,6 +428,7 @@ def build_pipeline(
 ) -> Pipeline:
     """The processors and sinks of the record: redact → decode → provider → session; then the
     local store (sharing the session tracker's SQLite connection) and, when configured, OTLP."""
+    make_private(config.log_dir)  # before SQLite opens (and maybe creates) its files
     sessions = SessionTracker(config.db_path)
     sinks: list[Sink] = [LocalStore(config.log_dir, sessions.db)]
     exporter = otlp.build_sink(config, env)
@@ -455,8 +467,10 @@ def recorder_main(config: Config, env: dict[str, str], inbox: Connection,
     """The recorder process: read exchanges in groups and run them through the pipeline."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.umask(0o077)  # everything this process creates is the record: owner-only
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logging()
     with contextlib.suppress(OSError):
         os.nice(RECORDER_NICE)
     pipeline = build_pipeline(config, env)
@@ -464,13 +478,18 @@ def recorder_main(config: Config, env: dict[str, str], inbox: Connection,
     source = _Inbox(inbox)
     processed = 0
     last_report = 0.0
+    last_export: dict[str, str | None] = {}
 
     def report(force: bool = False) -> None:
-        nonlocal last_report
+        nonlocal last_report, last_export
         now = time.monotonic()
         if force or now - last_report >= _COUNTER_INTERVAL:
             last_report = now
             results.send(("counters", {**pipeline.counters(), "processed": processed}))
+            export = pipeline.export_status()
+            if export != last_export:
+                last_export = export
+                results.send(("export", export))
 
     def record(batch: list[object]) -> None:
         nonlocal processed
@@ -478,12 +497,12 @@ def recorder_main(config: Config, env: dict[str, str], inbox: Connection,
             pipeline.handle_segment(batch[start:start + _MAX_BATCH])
         processed += len(batch)
 
+    report(force=True)  # before "ready": the proxy knows the export's state once started
     results.send(("ready", None))
-    report(force=True)
     batch: list[object] = []
     first_at = 0.0
     while True:
-        wait = first_at + LINGER - time.monotonic() if batch else 1.0
+        wait = first_at + LINGER - time.monotonic() if batch else _IDLE_WAIT
         items = source.receive(wait)
         if not items and not batch:
             if source.closed:  # the proxy is gone: finish up and leave

@@ -62,7 +62,7 @@ class Server:
         """``recorder``: where finished exchanges go; by default a ``Recorder`` process. An
         in-process ``Pipeline`` (``recorder.build_pipeline``) also works, e.g. to add a sink."""
         self.config = config
-        config.log_dir.mkdir(parents=True, exist_ok=True)
+        config.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.pipeline = recorder if recorder is not None else Recorder(config)
         self.state = ProxyState(config, Upstream(config), self.pipeline)
         self.app = build_app(self.state)

@@ -219,7 +219,7 @@ def output_messages(output: dict[str, Any] | None) -> list[Any]:
 
 
 def _header(record: Record, name: str) -> str | None:
-    for key, value in record.exchange.request_headers:
+    for key, value in record.request_headers:  # redacted: whatever a client puts there
         if key.lower() == name and value.strip():
             return value.strip()
     return None

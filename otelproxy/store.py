@@ -28,13 +28,61 @@ from typing import Any
 import orjson
 
 from otelproxy.compact import DeltaEncoder
+from otelproxy.config import PROVIDERS
 from otelproxy.pipeline import Failures
 from otelproxy.preview import assistant_preview, user_preview
 from otelproxy.record import SCHEMA_VERSION, Outcome, Record, SessionKind, iso
 
 log = logging.getLogger("otelproxy.store")
 
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+"""The record holds conversations: only its owner may read it (the SQLite files included)."""
 
+
+def make_private(log_dir: Path) -> None:
+    """Create ``log_dir`` owner-only and make the record already in it owner-only:
+    ``sessions.db*`` and JSONL files 0600, the provider folders 0700. Nothing else is touched,
+    and the log dir's own mode only changes when it holds nothing but the record: a
+    ``--log-dir`` shared with other files (``.``, a home folder) keeps its mode, with a
+    warning. What cannot be changed is reported once, not fatal."""
+    log_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    record: list[tuple[os.DirEntry[str], int]] = []  # (entry, wanted mode)
+    others: list[str] = []
+    with os.scandir(log_dir) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and entry.name in PROVIDERS:
+                record.append((entry, PRIVATE_DIR))
+                with os.scandir(entry.path) as files:
+                    record.extend((item, PRIVATE_FILE) for item in files if _is_record_file(item))
+            elif _is_record_file(entry):
+                record.append((entry, PRIVATE_FILE))
+            else:
+                others.append(entry.name)
+    changes = [(entry.path, mode, entry.stat(follow_symlinks=False).st_mode)
+               for entry, mode in record]
+    if others:
+        log.warning("the log dir %s holds more than the record (%s): its own mode is left as it "
+                    "is; give otelproxy a folder of its own to keep the record private", log_dir,
+                    ", ".join(sorted(others)[:3]) + (", …" if len(others) > 3 else ""))
+    else:
+        changes.append((str(log_dir), PRIVATE_DIR, log_dir.stat().st_mode))
+    refused: list[str] = []
+    for path, mode, current in changes:
+        if current & 0o777 != mode:
+            try:
+                os.chmod(path, mode)
+            except OSError as exc:
+                refused.append(f"{path}: {exc.strerror}")
+    if refused:
+        log.warning("cannot make %d path(s) of the record owner-only (first: %s)",
+                    len(refused), refused[0])
+
+
+def _is_record_file(entry: os.DirEntry[str]) -> bool:
+    """A JSONL file or one of SQLite's files of the index (not a symlink)."""
+    return entry.is_file(follow_symlinks=False) and (
+        entry.name.endswith(".jsonl") or entry.name.startswith("sessions.db"))
 
 
 FORK_KINDS = (SessionKind.BRANCH, SessionKind.SESSION_FORK)
@@ -79,6 +127,8 @@ def request_entry(record: Record) -> dict[str, Any]:
         **body_fields(record.request_body),
         "size": len(exchange.request_body),
     }
+    if record.request_content_encoding:  # the body is the decoded one
+        entry["content_encoding"] = record.request_content_encoding
     if parsed.model:
         entry["model"] = parsed.model
     if session:
@@ -185,7 +235,7 @@ class LocalStore:
         self._open: dict[str, int] = {}
         self._dirs: set[str] = set()
         self._deltas = DeltaEncoder()
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
 
     def submit(self, record: Record) -> None:
         try:
@@ -283,9 +333,9 @@ class LocalStore:
             path = os.path.join(self.log_dir, relative)
             folder = os.path.dirname(path)
             if folder not in self._dirs:
-                os.makedirs(folder, exist_ok=True)
+                os.makedirs(folder, mode=PRIVATE_DIR, exist_ok=True)
                 self._dirs.add(folder)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
             while len(self._open) >= self.max_open_files:
                 os.close(self._open.pop(next(iter(self._open))))
         self._open[relative] = fd

@@ -106,8 +106,8 @@ def test_every_setting_is_reachable_from_the_environment() -> None:
         "max_request_bytes": "2048", "grace_period": "1.5", "upstream_connect_timeout": "2",
         "upstream_read_timeout": "3", "max_connections": "4", "record_queue_size": "5",
         "seq_url": "http://seq:5341", "seq_api_key": "k", "otlp_max_body": "1024",
-        "otlp_chunk_events": "true", "log_level": "debug", "retention_days": "7",
-        "retention_max_bytes": str(2**30),
+        "otlp_chunk_events": "true", "otlp_shutdown_timeout": "2.5", "log_level": "debug",
+        "retention_days": "7", "retention_max_bytes": str(2**30),
     }
     fields = {f.name for f in dataclasses.fields(Config)}
     assert set(values) == fields
@@ -115,6 +115,7 @@ def test_every_setting_is_reachable_from_the_environment() -> None:
     assert config.port == 1 and config.grace_period == 1.5 and config.otlp_chunk_events is True
     assert config.seq_url == "http://seq:5341" and config.log_level == "debug"
     assert config.retention_days == 7 and config.retention_max_bytes == 2**30
+    assert config.otlp_shutdown_timeout == 2.5
     assert "http://u:1" in urls(config) and config.default_provider == "openai"
 
 

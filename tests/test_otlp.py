@@ -656,8 +656,8 @@ def test_chunk_events_only_with_the_option(
 def test_receiver_down_leaves_proxying_and_local_record_intact(
     fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With nothing listening at the Seq URL, answers and the local record are unchanged and
-    /healthz counts the failed exports without calling the proxy degraded."""
+    """With nothing listening at the Seq URL, answers and the local record are unchanged;
+    /healthz counts the failed exports and says the export is failing (degraded)."""
     fast_batches(monkeypatch)
     proxy = RunningProxy(fake, tmp_path / "logs", seq_url=unused_url(), seq_api_key=SEQ_KEY)
     try:
@@ -665,7 +665,8 @@ def test_receiver_down_leaves_proxying_and_local_record_intact(
         answers = [stream_text(client, f"ping {n}") for n in range(5)]
         assert answers == [f"Echo: ping {n}" for n in range(5)]
         body = wait_health(proxy, "otlp_export_failed")
-        assert body["status"] == "ok"
+        assert body["status"] == "degraded" and body["export_status"] == "failing"
+        assert body["export_last_error"].startswith("connection failed")
         assert body["records_dropped"] == 0
         entries = local_entries(proxy)
         assert [e["type"] for e in entries].count("response") == 5
@@ -766,6 +767,76 @@ def test_exporting_sink_counters_on_healthz(
     assert body["otlp_dropped"] == 0 and body["otlp_export_failed"] == 0
     assert body["otlp_pending"] == 0
     assert body["status"] == "ok"
+    assert body["export_status"] == "ok" and body["export_last_error"] is None
+
+
+def wait_export_status(proxy: RunningProxy, status: str, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (body := healthz(proxy))["export_status"] != status:
+        assert time.monotonic() < deadline, f"/healthz never showed export {status}: {body}"
+        time.sleep(0.02)
+    return body
+
+
+def test_a_refusing_seq_shows_on_healthz_before_the_export_gives_up(
+    fake: FakeUpstream, seq: OtlpReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seq answering 503: /healthz is degraded with the error as soon as an attempt fails
+    (the batch is still being retried, nothing counted failed yet), and ok again once an
+    export goes through."""
+    fast_batches(monkeypatch, timeout="10")
+    seq.status = 503
+    proxy = RunningProxy(fake, tmp_path / "logs", seq_url=seq.url, seq_api_key=SEQ_KEY)
+    try:
+        assert healthz(proxy)["export_status"] == "ok"
+        stream_text(claude(proxy), "ping")
+        body = wait_export_status(proxy, "failing")
+        assert body["status"] == "degraded" and body["export_last_error"] == "HTTP 503"
+        assert body["otlp_export_failed"] == 0  # still retrying: reported before it gives up
+        seq.status = 200
+        body = wait_export_status(proxy, "ok")
+        assert body["status"] == "ok" and body["export_last_error"] == "HTTP 503"
+        assert wait_health(proxy, "otlp_exported_logs")["otlp_export_failed"] == 0
+    finally:
+        proxy.stop()
+
+
+def test_a_hanging_seq_shows_on_healthz_and_shutdown_stays_bounded_and_counted(
+    fake: FakeUpstream, seq: OtlpReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Seq not answering: /healthz is degraded while the export still waits; shutdown gives
+    the export its --otlp-shutdown-timeout (not the grace period), counts everything not
+    exported in the final counters and says so in one line."""
+    fast_batches(monkeypatch, timeout="60")
+    seq.delay = 60.0
+    proxy = RunningProxy(fake, tmp_path / "logs", seq_url=seq.url, seq_api_key=SEQ_KEY,
+                         grace_period=20, otlp_shutdown_timeout=1)
+    stopped = False
+    try:
+        client = claude(proxy)
+        for n in range(3):
+            assert stream_text(client, f"ping {n}") == f"Echo: ping {n}"
+        body = wait_export_status(proxy, "failing")
+        assert seq.waiting > 0 and body["status"] == "degraded"
+        assert body["export_last_error"].startswith("no answer for")
+        assert body["otlp_export_failed"] == 0
+        assert len(local_entries(proxy)) == 9  # 3 x (session start, request, response)
+        started = time.monotonic()
+        proxy.stop()
+        stopped = True
+        took = time.monotonic() - started
+    finally:
+        if not stopped:
+            proxy.stop()
+    assert took < 10  # the export had 1 s; before, shutdown waited out the 20 s grace period
+    final = proxy.server.pipeline.counters()
+    assert final["otlp_exported_spans"] == final["otlp_exported_logs"] == 0
+    assert final["otlp_export_failed"] == 3 * 4  # SERVER + CLIENT span, 2 log records each
+    assert final["otlp_pending"] == 0 and final["otlp_dropped"] == 0
+    lines = [line for line in capfd.readouterr().err.splitlines()
+             if "OTLP export stopped" in line]
+    assert len(lines) == 1 and "6 span(s) and 6 log record(s) unsent" in lines[0], lines
 
 
 # -- configuration -------------------------------------------------------------------------------

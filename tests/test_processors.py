@@ -13,7 +13,7 @@ import httpx2
 import orjson
 import pytest
 
-from otelproxy.processors import split_sse
+from otelproxy.processors import redact_stream, split_sse
 from otelproxy.record import Event
 from tests.conftest import RunningProxy
 from tests.raw_upstream import RawUpstream, Slow
@@ -165,3 +165,37 @@ def test_a_non_sse_body_is_recorded_whole(
     assert _fetch_raw(raw_proxy) == b"".join(parts)
     response = _response(raw_proxy)
     assert response["body"] == '{"a": "b", "c": 1}' and "chunks" not in response
+
+
+def test_redact_stream_joins_the_pieces_of_each_responses_text() -> None:
+    """OpenAI Responses deltas: a key split across output_text deltas is obfuscated in the
+    event where it starts, the rest of it removed from the others; other texts, the events'
+    framing and a key whole in the final event are handled too."""
+    key = "sk-proj-" + "R" * 50 + "RESP"
+    text = f"the key {key} ok"
+    deltas = [text[i:i + 6] for i in range(0, len(text), 6)]
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return b"event: " + name.encode() + b"\r\ndata: " + orjson.dumps(data) + b"\r\n\r\n"
+
+    raws = [event("response.output_text.delta",
+                  {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+                   "content_index": 0, "delta": piece, "sequence_number": n})
+            for n, piece in enumerate(deltas)]
+    raws.append(event("response.output_text.delta",
+                      {"type": "response.output_text.delta", "item_id": "msg_2",
+                       "output_index": 1, "content_index": 0, "delta": "sk-proj-"}))
+    raws.append(event("response.completed", {"type": "response.completed", "response": {
+        "object": "response", "output": [{"type": "message", "content": [
+            {"type": "output_text", "text": text}]}]}}))
+    events, payloads = redact_stream("openai", [Event(n, raw) for n, raw in enumerate(raws)])
+    pieces = [p["delta"] for _, p in payloads[:len(deltas)]]
+    assert "".join(pieces) == "the key sk-proj-...RESP ok"
+    assert payloads[len(deltas)][1]["delta"] == "sk-proj-"  # another text: left as it is
+    assert payloads[-1][1]["response"]["output"][0]["content"][0]["text"] == (
+        "the key sk-proj-...RESP ok")
+    for raw, (_, payload) in zip([e.raw for e in events], payloads, strict=True):
+        assert raw.startswith(b"event: response.") and raw.endswith(b"\r\n\r\n")
+        assert orjson.loads(raw.split(b"data: ", 1)[1]) == payload
+    assert key.encode() not in b"".join(e.raw for e in events)
+    assert [e.ns for e in events] == list(range(len(raws)))

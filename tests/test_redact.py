@@ -4,8 +4,13 @@ what it forwards."""
 from __future__ import annotations
 
 import base64
+import gzip
+import itertools
 import secrets
+import socket
 import string
+import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +20,10 @@ import openai
 import orjson
 import pytest
 
-from otelproxy.redact import obfuscate, redact_bytes, redact_headers, redact_text
+from otelproxy.redact import obfuscate, redact_bytes, redact_headers, redact_pieces, redact_text
+from tests.conftest import RunningProxy
 from tests.fake_upstream import FakeUpstream, Reply
+from tests.otlp_receiver import OtlpReceiver
 from tests.proxy_process import ProxyProcess
 
 ALPHABET = string.ascii_letters + string.digits
@@ -197,3 +204,322 @@ def test_no_full_key_reaches_the_record_or_the_log_but_all_reach_the_upstream(
         assert secret not in record_text, secret[:12]
         assert secret not in running.stderr, secret[:12]
     assert any(p.name.startswith("sessions.db") for p in log_dir.iterdir())
+
+
+# -- escaped keys, keys in pieces --------------------------------------------------------------
+
+
+def _key(tail: str = "WXYZ") -> str:
+    return "sk-ant-api03-" + token(60) + tail
+
+
+def _json_escaped(text: str, every: int = 1) -> str:
+    """``text`` with every ``every``-th character written as a JSON ``\\u00XX`` escape."""
+    return "".join(f"\\u{ord(c):04x}" if i % every == 0 else c for i, c in enumerate(text))
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "\\u0073k-ant-api03-{body}",                       # the escaped first letter
+        "{escaped_all}",                                   # every character escaped
+        "{escaped_third}",                                 # every third one, any case of hex
+        "line one\\nsk-ant-api03-{body}",                  # a key at the start of a JSON line
+        "\\\\u0073k-ant-api03-{body}",                     # JSON text inside JSON text
+        "quoted \\u0022sk-ant-api03-{body}\\u0022",
+    ],
+    ids=["escaped-s", "all-escaped", "every-third", "after-newline", "double-escaped",
+         "after-escaped-quote"],
+)
+def test_json_escaped_keys_are_obfuscated_and_the_json_stays_valid(written: str) -> None:
+    """A key written with JSON \\u escapes (anywhere in it) is obfuscated in the bytes; the
+    result still parses, and decoded it shows the obfuscated key only."""
+    key = _key()
+    body = key.removeprefix("sk-ant-api03-")
+    text = written.format(body=body, escaped_all=_json_escaped(key),
+                          escaped_third=_json_escaped(key, 3))
+    document = ('{"messages": [{"role": "user", "content": "' + text + '"}]}').encode()
+    decoded_before = orjson.loads(document)["messages"][0]["content"]
+    assert key in decoded_before.replace("\\u0073", "s")  # the test writes the key, really
+    redacted = redact_bytes(document)
+    content = orjson.loads(redacted)["messages"][0]["content"]
+    assert key not in content and key not in redacted.decode()
+    assert "sk-ant-...WXYZ" in content
+    assert redact_text(document.decode()) == redacted.decode()
+
+
+def test_percent_encoded_keys_in_paths_and_queries_are_obfuscated() -> None:
+    """URL escapes (%2D, %73) inside or before a key do not hide it."""
+    key = _key()
+    encoded = key.replace("-", "%2D").replace("s", "%73", 1)
+    assert redact_text(f"/v1/files/{encoded}/content") == "/v1/files/sk-ant-...WXYZ/content"
+    assert redact_text(f"key%3D{key}&x=1") == "key%3Dsk-ant-...WXYZ&x=1"
+
+
+def test_a_key_split_into_pieces_is_obfuscated_where_it_starts() -> None:
+    """The pieces of a text are obfuscated together: the key's obfuscated form replaces its
+    first piece's share, the other pieces lose theirs, and they still join to the text."""
+    one, two = _key("AAAA"), "sk-proj-" + token(50) + "BBBB"
+    text = f"first {one} then {two} end"
+    cuts = [0, 8, 11, 30, 55, 70, 90, 100, len(text)]
+    pieces = [text[a:b] for a, b in itertools.pairwise(cuts)]
+    redacted = redact_pieces(pieces)
+    assert redacted is not None and len(redacted) == len(pieces)
+    assert "".join(redacted) == "first sk-ant-...AAAA then sk-proj-...BBBB end"
+    assert redact_pieces(["no ", "key ", "here"]) is None
+
+
+def _anthropic_events(pieces: list[str], tool_json: list[str]) -> bytes:
+    """A Messages stream whose text arrives in ``pieces`` and whose tool input JSON arrives in
+    ``tool_json`` fragments, one delta event each."""
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {orjson.dumps(data).decode()}\n\n".encode()
+
+    message = {"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-x",
+               "content": [], "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": 10, "output_tokens": 1}}
+    events = [event("message_start", {"type": "message_start", "message": message}),
+              event("content_block_start", {"type": "content_block_start", "index": 0,
+                                            "content_block": {"type": "text", "text": ""}})]
+    events += [event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": piece}})
+               for piece in pieces]
+    events += [event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               event("content_block_start", {"type": "content_block_start", "index": 1,
+                                             "content_block": {"type": "tool_use",
+                                                               "id": "toolu_01", "name": "save",
+                                                               "input": {}}})]
+    events += [event("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                             "delta": {"type": "input_json_delta",
+                                                       "partial_json": fragment}})
+               for fragment in tool_json]
+    events += [event("content_block_stop", {"type": "content_block_stop", "index": 1}),
+               event("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": "tool_use"},
+                                       "usage": {"output_tokens": 40}}),
+               event("message_stop", {"type": "message_stop"})]
+    return b"".join(events)
+
+
+def _chat_events(pieces: list[str]) -> bytes:
+    """An OpenAI chat stream whose content arrives in ``pieces``."""
+    chunks = [{"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+               "model": "gpt-x", "choices": [{"index": 0, "delta": {"content": piece},
+                                              "finish_reason": None}]} for piece in pieces]
+    chunks.append({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                   "model": "gpt-x", "choices": [{"index": 0, "delta": {},
+                                                  "finish_reason": "stop"}]})
+    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def _cut(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def _sse_texts(entry: dict[str, Any], *path: str | int) -> str:
+    """The pieces at ``path`` in a recorded stream's chunks, joined."""
+    out = []
+    for chunk in entry["chunks"]:
+        data = "".join(line[5:].strip() for line in chunk["raw"].splitlines()
+                       if line.startswith("data:"))
+        if not data.startswith("{"):
+            continue
+        value: Any = orjson.loads(data)
+        for step in path:
+            value = value.get(step) if isinstance(value, dict) else (
+                value[step] if isinstance(value, list) and len(value) > int(step) else None)
+        if isinstance(value, str):
+            out.append(value)
+    return "".join(out)
+
+
+def test_keys_a_stream_splits_across_events_never_reach_the_record_whole(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """A key the model echoes in pieces (text deltas, tool input JSON fragments, OpenAI chat
+    deltas) reaches the client whole, but the recorded chunks, the index's preview and the
+    OTLP output message all carry the obfuscated key, and no file holds the key."""
+    text_key, tool_key, chat_key = _key("TEXT"), _key("TOOL"), "sk-proj-" + token(60) + "CHAT"
+    text = f"Your key is {text_key} - keep it safe."
+    tool_json = '{"api_key": "' + _json_escaped(tool_key, 5) + '", "n": 1}'
+    fake.replies.append(Reply(body=_anthropic_events(_cut(text, 5), _cut(tool_json, 7)),
+                              headers=[("content-type", "text/event-stream")]))
+    fake.replies.append(Reply(body=_chat_events(_cut(f"{chat_key} is yours", 3)),
+                              headers=[("content-type", "text/event-stream")]))
+    with OtlpReceiver(api_key="seq-key") as seq:
+        running = RunningProxy(fake, tmp_path / "logs", seq_url=seq.url, seq_api_key="seq-key")
+        try:
+            client = anthropic.Anthropic(base_url=running.base(), api_key="sk-ant-x",
+                                         max_retries=0)
+            with client.messages.stream(model="claude-x", max_tokens=50,
+                                        messages=[{"role": "user", "content": "key?"}]) as s:
+                message = s.get_final_message()
+            assert message.content[0].text == text  # forwarded untouched
+            assert message.content[1].input == {"api_key": tool_key, "n": 1}
+            oclient = openai.OpenAI(base_url=running.base("openai") + "/v1", api_key="sk-x",
+                                    max_retries=0)
+            chunks = oclient.chat.completions.create(
+                model="gpt-x", stream=True, messages=[{"role": "user", "content": "key?"}])
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) \
+                == f"{chat_key} is yours"
+            entries = running.entries()
+            with closing(running.db()) as conn:
+                previews = [row[0] for row in conn.execute(
+                    "SELECT assistant_preview FROM exchanges ORDER BY ts")]
+            deadline = time.monotonic() + 20
+            while len(seq.logs()) < 4:
+                assert time.monotonic() < deadline, "the export did not arrive"
+                time.sleep(0.05)
+        finally:
+            running.stop()
+    responses = [e for e in entries if e["type"] == "response"]
+    shown_text = "Your key is sk-ant-...TEXT - keep it safe."
+    assert _sse_texts(responses[0], "delta", "text") == shown_text
+    assert orjson.loads(_sse_texts(responses[0], "delta", "partial_json")) == {
+        "api_key": "sk-ant-...TOOL", "n": 1}
+    assert _sse_texts(responses[1], "choices", 0, "delta", "content") == "sk-proj-...CHAT is yours"
+    assert previews == [shown_text, "sk-proj-...CHAT is yours"]
+    outputs = [orjson.loads(log.attributes["gen_ai.output.messages"]) for log in seq.logs()
+               if "gen_ai.output.messages" in log.attributes]
+    assert outputs[0][0]["content"][0]["text"] == shown_text
+    assert outputs[0][0]["content"][1]["input"] == {"api_key": "sk-ant-...TOOL", "n": 1}
+    assert outputs[1][0]["content"] == "sk-proj-...CHAT is yours"
+    everything = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("*") if p.is_file())
+    exported = repr([log.attributes for log in seq.logs()] + [s.attributes for s in seq.spans()])
+    for key in (text_key, tool_key, chat_key):
+        assert key.encode() not in everything and key not in exported
+        assert key[-30:].encode() not in everything  # no piece of it beyond the last 4 either
+
+
+def test_escaped_keys_in_requests_and_keys_in_paths_are_obfuscated_everywhere(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """A JSON-escaped key in a request body, and a key (plain or %-encoded) in the URL path,
+    reach the upstream as sent but the JSONL, the index (preview, path) and OTLP (input
+    messages, url.path, url.full, the record bodies) show them obfuscated."""
+    body_key, path_key, encoded_key = _key("BODY"), _key("PATH"), _key("PCNT")
+    escaped = _json_escaped(body_key, 4)
+    raw = ('{"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": '
+           f'"my key is {escaped}"}}]}}').encode()
+    with OtlpReceiver(api_key="seq-key") as seq:
+        running = RunningProxy(fake, tmp_path / "logs", seq_url=seq.url, seq_api_key="seq-key")
+        try:
+            answer = httpx2.post(f"{running.base()}/v1/messages", content=raw,
+                                 headers={"content-type": "application/json"})
+            assert answer.status_code == 200
+            for path in (f"/v1/files/{path_key}",
+                         "/v1/files/" + encoded_key.replace("-", "%2D")):
+                assert httpx2.get(running.base() + path).status_code == 404
+            refused = httpx2.get(f"{running.url}/anthropic/{path_key}/v1/models")
+            assert refused.status_code == 403
+            entries = running.entries() + running.entries("rejected-*.jsonl")
+            with closing(running.db()) as conn:
+                rows = [dict(r) for r in conn.execute(
+                    "SELECT path, user_preview FROM exchanges ORDER BY ts")]
+            deadline = time.monotonic() + 20
+            while len(seq.logs()) < 8:
+                assert time.monotonic() < deadline, "the export did not arrive"
+                time.sleep(0.05)
+        finally:
+            running.stop()
+    assert fake.received[0].body == raw  # forwarded as sent
+    assert fake.received[1].path == f"/v1/files/{path_key}"
+    request = next(e for e in entries if e["type"] == "request" and e["path"] == "/v1/messages")
+    assert orjson.loads(request["body"])["messages"][0]["content"] == "my key is sk-ant-...BODY"
+    assert rows[0]["user_preview"] == "my key is sk-ant-...BODY"
+    assert [r["path"] for r in rows[1:]] == ["/v1/files/sk-ant-...PATH",
+                                            "/v1/files/sk-ant-...PCNT"]
+    assert [e["path"] for e in entries if e["type"] == "rejected"] == [
+        "/anthropic/sk-ant-...PATH/v1/models"]
+    new = [orjson.loads(log.attributes["gen_ai.input.messages.new"]) for log in seq.logs()
+           if "gen_ai.input.messages.new" in log.attributes]
+    assert new == [[{"role": "user", "content": "my key is sk-ant-...BODY"}]]
+    paths = sorted({s.attributes["url.path"] for s in seq.spans() if "url.path" in s.attributes})
+    assert paths == ["/anthropic/sk-ant-...PATH/v1/models", "/v1/files/sk-ant-...PATH",
+                     "/v1/files/sk-ant-...PCNT", "/v1/messages"]
+    everything = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("*") if p.is_file())
+    exported = repr([(log.body, log.attributes) for log in seq.logs()]
+                    + [s.attributes for s in seq.spans()])
+    for key in (body_key, path_key, encoded_key):
+        assert key.encode() not in everything and key not in exported
+    assert escaped.encode() not in everything and escaped not in exported
+
+
+def test_a_malformed_header_carrying_a_key_is_not_logged_whole(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """aiohttp logs a malformed request with its header line; the proxy's stderr shows the key
+    obfuscated (every log line of the proxy goes through the redacting filter)."""
+    key = _key()
+    with ProxyProcess(["--upstream", fake.url, "--log-dir", str(tmp_path / "logs")]) as running:
+        for request in (f"GET /x HTTP/1.1\r\nHost: a\r\nx-api-key: {key}\x00\r\n\r\n",
+                        f"GET /{key} HTTP/1.1 junk\r\nHost: a\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", running.port), timeout=5) as conn:
+                conn.sendall(request.encode())
+                assert conn.recv(100).startswith(b"HTTP/1.0 400")
+        deadline = time.monotonic() + 10
+        while running.stderr.count("Error handling request") < 2:
+            assert time.monotonic() < deadline, running.stderr
+            time.sleep(0.05)
+    assert key not in running.stderr
+    assert running.stderr.count("sk-ant-...WXYZ") >= 2
+
+
+def test_compressed_request_bodies_are_recorded_decoded_and_obfuscated(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """A gzip request body is forwarded as sent and recorded decoded with its key obfuscated
+    (compressed, the key would be one gunzip away); one that does not decode is not recorded,
+    with a note; a key used as a header name is obfuscated too."""
+    key, other = _key("GZIP"), _key("BADZ")
+    body = orjson.dumps({"model": "claude-x", "max_tokens": 5,
+                         "messages": [{"role": "user", "content": f"key {key}"}]})
+    packed = gzip.compress(body)
+    sent = httpx2.post(f"{proxy.base()}/v1/messages", content=packed,
+                       headers={"content-type": "application/json", "content-encoding": "gzip",
+                                other: "header named by a key"})
+    assert sent.status_code == 200  # the fake inflated what it got: the gzip bytes as sent
+    assert fake.received[0].body == body and fake.received[0].header("content-encoding") == "gzip"
+    broken = gzip.compress(b"prefix " + other.encode())[:-12]
+    httpx2.post(f"{proxy.base()}/v1/files", content=broken,
+                headers={"content-encoding": "gzip"})
+    entries = proxy.entries()
+    first, second = [e for e in entries if e["type"] == "request"]
+    assert first["content_encoding"] == "gzip" and first["size"] == len(packed)
+    assert orjson.loads(first["body"])["messages"][0]["content"] == "key sk-ant-...GZIP"
+    assert first["headers"]["sk-ant-...badz"] == "header named by a key"
+    assert second["body"] == "" and "content_encoding" not in second
+    [response] = [e for e in entries if e["type"] == "response" and e["exchange_id"]
+                  == second["exchange_id"]]
+    assert any("request body not recorded" in note for note in response["notes"])
+    everything = b"".join(p.read_bytes() for p in proxy.log_dir.rglob("*") if p.is_file())
+    for secret in (key, other, key.lower(), other.lower()):
+        assert secret.encode() not in everything
+    assert packed not in everything and base64.b64encode(packed) not in everything
+
+
+def test_a_conversation_echoing_a_split_key_stays_one_session(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """The assistant turn is fingerprinted obfuscated and the client's next request (holding
+    the key whole) is obfuscated the same way, so the conversation continues its session."""
+    key = _key("ECHO")
+    text = f"Your key is {key} - keep it safe."
+    tool_json = '{"k": "' + key + '"}'
+    fake.replies.append(Reply(body=_anthropic_events(_cut(text, 4), _cut(tool_json, 5)),
+                              headers=[("content-type", "text/event-stream")]))
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    first = [{"role": "user", "content": "what is my key?"}]
+    with client.messages.stream(model="claude-x", max_tokens=50, messages=first) as stream:
+        answer = stream.get_final_message()
+    assert answer.content[1].input == {"k": key}
+    tool_result = [{"type": "tool_result", "tool_use_id": answer.content[1].id, "content": "ok"}]
+    replayed = [block.model_dump() for block in answer.content]
+    client.messages.create(
+        model="claude-x", max_tokens=50,
+        messages=[*first, {"role": "assistant", "content": replayed},
+                  {"role": "user", "content": tool_result}])
+    with closing(proxy.db()) as conn:
+        turns = [tuple(row) for row in conn.execute(
+            "SELECT session_id, seq FROM exchanges ORDER BY ts")]
+    assert len(turns) == 2 and turns[0][0] == turns[1][0] and [t[1] for t in turns] == [1, 2]

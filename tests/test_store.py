@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import openai
 import orjson
 import pytest
 
+from otelproxy.store import make_private
 from tests.conftest import RunningProxy
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.raw_upstream import closed_port
@@ -281,3 +284,62 @@ def test_unparseable_json_body_is_recorded_with_its_parse_error(proxy: RunningPr
                  if e["type"] == "response"]
     assert len(responses) == 1
     assert responses[0]["parse_error"].startswith("request body is not JSON")
+
+
+def test_the_log_dir_is_private_sqlite_files_and_existing_files_included(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The log dir and its folders are 0700 and every file in it 0600 — JSONL, sessions.db and
+    its -wal/-shm files — whatever the umask; files and folders already there are made so."""
+    log_dir = tmp_path / "logs"
+    (log_dir / "anthropic").mkdir(parents=True, mode=0o755)
+    log_dir.chmod(0o755)
+    old = log_dir / "anthropic" / "untracked-20250101.jsonl"
+    old.write_text("{}\n")
+    old.chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        running = RunningProxy(fake, log_dir)
+    finally:
+        os.umask(previous)
+    try:
+        client = anthropic_client(running)
+        client.messages.create(model="m", max_tokens=5, messages=USER)
+        httpx2.get(f"{running.base()}/v1/models")
+        running.flush()
+        paths = [log_dir, *log_dir.rglob("*")]
+        names = {p.name for p in paths}
+        assert {"sessions.db", "sessions.db-wal", "sessions.db-shm"} <= names
+        assert any(p.suffix == ".jsonl" and p != old for p in paths)
+        modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+        assert modes == {name: 0o700 if (tmp_path / name).is_dir() else 0o600 for name in modes}
+    finally:
+        running.stop()
+
+
+def test_a_log_dir_shared_with_other_files_keeps_its_mode_and_their_modes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--log-dir pointing at a folder with other things in it (".", a home folder): only the
+    record's own files and folders are made private; the folder and the rest keep their modes,
+    and one warning says why."""
+    shared = tmp_path / "project"
+    (shared / "openai").mkdir(parents=True)
+    (shared / "scripts").mkdir()
+    files = {"run.sh": 0o755, "notes.txt": 0o644, "sessions.db": 0o644,
+             "rejected-20250101.jsonl": 0o644, "openai/untracked-20250101.jsonl": 0o644,
+             "scripts/tool.jsonl": 0o644}
+    for name, mode in files.items():
+        (shared / name).write_text("x")
+        (shared / name).chmod(mode)
+    shared.chmod(0o755)
+    (shared / "openai").chmod(0o755)
+    with caplog.at_level("WARNING", logger="otelproxy.store"):
+        make_private(shared)
+    mode = {name: stat.S_IMODE((shared / name).stat().st_mode)
+            for name in [".", "openai", "scripts", *files]}
+    assert mode == {".": 0o755, "openai": 0o700, "scripts": 0o755, "run.sh": 0o755,
+                    "notes.txt": 0o644, "sessions.db": 0o600, "rejected-20250101.jsonl": 0o600,
+                    "openai/untracked-20250101.jsonl": 0o600, "scripts/tool.jsonl": 0o644}
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "holds more than the record (notes.txt, run.sh, scripts)" in warning

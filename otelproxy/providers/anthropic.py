@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from otelproxy.providers import as_int, sse_fields
+from otelproxy.providers import UNDECODABLE, Pieces, as_int
 from otelproxy.record import Parsed, Record
 
 TRACKED_PATHS = ("/v1/messages",)
@@ -80,23 +80,36 @@ def parse_response(record: Record) -> None:
         else:
             parsed.response_json = message
         return
-    message = reassemble([event.raw for event in record.events], record.notes)
+    message = reassemble(record.payloads, record.notes)
     if message is not None:
         _finish_message(parsed, message)
 
 
-def reassemble(events: list[bytes], notes: list[str]) -> dict[str, Any] | None:
-    """The final message object a non-streaming call would have returned, from SSE events."""
+_DELTA_TEXT_KEYS = {"text_delta": "text", "thinking_delta": "thinking",
+                    "input_json_delta": "partial_json"}
+
+
+def stream_pieces(payload: Any) -> Pieces:
+    """The text, thinking and tool input JSON a ``content_block_delta`` carries, per block."""
+    if not isinstance(payload, dict) or payload.get("type") != "content_block_delta":
+        return []
+    delta = payload.get("delta")
+    if not isinstance(delta, dict):
+        return []
+    key = _DELTA_TEXT_KEYS.get(str(delta.get("type")))
+    if key is None or not isinstance(piece := delta.get(key), str):
+        return []
+    return [((payload.get("index"), key), ("delta", key), piece)]
+
+
+def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any] | None:
+    """The final message object a non-streaming call would have returned, from SSE events
+    (each as ``decode_event`` gives it)."""
     message: dict[str, Any] | None = None
     blocks: dict[int, dict[str, Any]] = {}
     partial_json: dict[int, list[str]] = {}
-    for raw in events:
-        name, data = sse_fields(raw)
-        if not data:
-            continue
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
+    for name, payload in events:
+        if payload is UNDECODABLE:
             notes.append(f"anthropic: undecodable data in {name!r} event")
             continue
         if not isinstance(payload, dict):

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from otelproxy.providers import as_int, sse_fields
+from otelproxy.providers import Pieces, as_int
 from otelproxy.record import Parsed, Record, Usage
 
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
@@ -71,11 +71,11 @@ def parse_response(record: Record) -> None:
     parsed = record.parsed
     if record.streaming:
         if _is_responses(parsed):
-            response = _final_response([e.raw for e in record.events])
+            response = _final_response(record.payloads)
             if response is not None:
                 _finish_response(parsed, response)
         else:
-            _finish_chat(parsed, reassemble_chat([e.raw for e in record.events]))
+            _finish_chat(parsed, reassemble_chat(record.payloads))
         return
     try:
         body = orjson.loads(record.response_body)
@@ -118,15 +118,8 @@ def _finish_response(parsed: Parsed, response: dict[str, Any]) -> None:
                              else []}
 
 
-def _final_response(events: list[bytes]) -> dict[str, Any] | None:
-    for raw in reversed(events):
-        name, data = sse_fields(raw)
-        if not data:
-            continue
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
+def _final_response(events: list[tuple[str, Any]]) -> dict[str, Any] | None:
+    for name, payload in reversed(events):
         if not isinstance(payload, dict):
             continue
         kind = payload.get("type", name)
@@ -136,18 +129,47 @@ def _final_response(events: list[bytes]) -> dict[str, Any] | None:
     return None
 
 
-def reassemble_chat(events: list[bytes]) -> dict[str, Any]:
+_CHAT_TEXT_KEYS = ("content", "refusal", "reasoning_content", "reasoning")
+
+
+def stream_pieces(payload: Any) -> Pieces:
+    """Chat: each choice's text and each tool call's arguments; Responses: every ``….delta``
+    event's text, per output item and part."""
+    if not isinstance(payload, dict):
+        return []
+    kind = payload.get("type")
+    delta_text = payload.get("delta")
+    if isinstance(kind, str) and kind.endswith(".delta") and isinstance(delta_text, str):
+        return [((kind, payload.get("item_id"), payload.get("output_index"),
+                  payload.get("content_index"), payload.get("summary_index")), ("delta",),
+                 delta_text)]
+    choices = payload.get("choices")
+    if not isinstance(choices, list):
+        return []
+    pieces: Pieces = []
+    for at, choice in enumerate(choices):
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        index = choice.get("index")
+        pieces += [((index, key), ("choices", at, "delta", key), delta[key])
+                   for key in _CHAT_TEXT_KEYS if isinstance(delta.get(key), str)]
+        calls = delta.get("tool_calls")
+        for call_at, call in enumerate(calls if isinstance(calls, list) else []):
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str):
+                pieces.append(((index, "tool_call", call.get("index")),
+                               ("choices", at, "delta", "tool_calls", call_at, "function",
+                                "arguments"), arguments))
+    return pieces
+
+
+def reassemble_chat(events: list[tuple[str, Any]]) -> dict[str, Any]:
     """The ``chat.completion`` object a non-streaming call would have returned."""
     completion: dict[str, Any] = {"object": "chat.completion", "choices": []}
     choices: dict[int, dict[str, Any]] = {}
-    for raw in events:
-        _, data = sse_fields(raw)
-        if not data or data.strip() == "[DONE]":
-            continue
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
+    for _, chunk in events:
         if not isinstance(chunk, dict):
             continue
         for key in ("id", "model", "created", "system_fingerprint", "service_tier"):
@@ -196,9 +218,7 @@ def _apply_chat_delta(message: dict[str, Any], delta: dict[str, Any]) -> None:
                         call["function"]["name"] += function["name"]
                     if function.get("arguments"):
                         call["function"]["arguments"] += function["arguments"]
-        elif key in ("content", "refusal", "reasoning_content", "reasoning") and isinstance(
-            value, str
-        ):
+        elif key in _CHAT_TEXT_KEYS and isinstance(value, str):
             message[key] = (message.get(key) or "") + value
         elif value is not None:
             message[key] = value
