@@ -168,6 +168,7 @@ def test_long_prompt_turns_are_recorded_as_deltas_and_rebuilt(proxy: RunningProx
                                        messages=messages)
         messages.append({"role": "assistant", "content": reply.content[0].text})
     calls = fake.model_calls()
+    proxy.flush()
     [session_file] = proxy.log_dir.glob("anthropic/2*.jsonl")
     requests = [e for e in proxy.entries(f"anthropic/{session_file.name}")
                 if e["type"] == "request"]
