@@ -3,6 +3,8 @@
     OtelproxyError                  base of everything we raise on purpose
     ├── ConfigError                 bad configuration: one clear line, exit status 2
     ├── RouteError                  a request the proxy refuses before sending anything upstream
+    │   ├── InvalidTarget           400: the request target is not a path (absolute-form, ``*``)
+    │   ├── RequestTimeout          408: the request body did not arrive in time
     │   ├── UnknownProvider         404: the first path segment names no provider
     │   ├── UpstreamNotAllowed      403: the upstream origin is not on the allowlist
     │   └── RequestTooLarge         413: the request body exceeds ``max_request_bytes``
@@ -32,6 +34,16 @@ class RouteError(OtelproxyError):
 
     status = 400
     error_type = "invalid_request_error"
+
+
+class InvalidTarget(RouteError):
+    """The request target does not start with ``/``: absolute-form (``GET http://host/…``),
+    asterisk-form (``OPTIONS *``) and anything else a proxy for API clients never needs."""
+
+
+class RequestTimeout(RouteError):
+    status = 408
+    error_type = "timeout_error"
 
 
 class UnknownProvider(RouteError):

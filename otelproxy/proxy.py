@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from otelproxy import __version__
 from otelproxy.config import Config
@@ -275,10 +276,37 @@ def _upstream_failed(exchange: Exchange, exc: UpstreamError) -> web.Response:
     return web.Response(status=exc.status, body=body, content_type="application/json")
 
 
+class EveryTarget(web.Resource):
+    """A route resource matching every request target, ``*`` included: aiohttp's path patterns
+    need a leading ``/``, so ``OPTIONS *`` would get aiohttp's own plain-text 404 instead of the
+    proxy's 400 in the provider's shape and a record (``routing.resolve`` refuses it)."""
+
+    @property
+    def canonical(self) -> str:
+        return "/"
+
+    def _match(self, path: str) -> dict[str, str]:
+        return {}
+
+    def raw_match(self, path: str) -> bool:
+        return True
+
+    def get_info(self) -> dict[str, str]:  # type: ignore[override]
+        return {"path": "*"}
+
+    def url_for(self) -> URL:  # type: ignore[override]
+        return URL("/")
+
+    def add_prefix(self, prefix: str) -> None:
+        raise NotImplementedError("the proxy route is not mounted under a prefix")
+
+
 def build_app(state: ProxyState) -> web.Application:
     app = web.Application(client_max_size=state.config.max_request_bytes + 1)
     app[STATE] = state
     app.on_response_prepare.append(_drop_added_headers)
     app.router.add_get("/healthz", healthz)
-    app.router.add_route("*", "/{tail:.*}", proxy)
+    every_target = EveryTarget()
+    app.router.register_resource(every_target)
+    every_target.add_route("*", proxy)
     return app

@@ -5,6 +5,10 @@
 The scheme comes from the allowlist entry, never from the client, so the proxy is no open relay.
 With a default upstream configured, a path whose first segment is not a provider goes there whole
 (``ANTHROPIC_BASE_URL=http://proxy:8000`` then works without the prefix).
+
+Only origin-form targets are routed: a target that does not start with ``/`` (absolute-form
+``GET http://other/x``, ``evil://…``, asterisk-form ``*``) is refused with a 400, never glued
+onto an upstream origin.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from otelproxy.config import PROVIDERS, Config, Origin
-from otelproxy.errors import UnknownProvider, UpstreamNotAllowed
+from otelproxy.errors import InvalidTarget, UnknownProvider, UpstreamNotAllowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +29,11 @@ class Route:
 
 def resolve(raw_path: str, config: Config) -> Route:
     """Route a raw request path (without the query string)."""
+    if not raw_path.startswith("/"):
+        raise InvalidTarget(
+            "request target must be a path starting with '/' (absolute-form and other targets "
+            "are not accepted); point the client's base URL at this proxy instead"
+        )
     segments = raw_path.split("/", 3)  # "", provider, host, rest
     first = segments[1] if len(segments) > 1 else ""
     if first in PROVIDERS:

@@ -9,12 +9,13 @@ from typing import Any
 
 import anthropic
 import httpx2
+import orjson
 import openai
 import pytest
 
 from otelproxy import __version__
 from otelproxy.config import DEFAULT_UPSTREAMS, build
-from otelproxy.errors import UnknownProvider, UpstreamNotAllowed
+from otelproxy.errors import InvalidTarget, UnknownProvider, UpstreamNotAllowed
 from otelproxy.routing import resolve
 from tests.conftest import RunningProxy
 from tests.fake_upstream import FakeUpstream, Reply
@@ -127,6 +128,43 @@ def test_default_upstream_keeps_the_raw_path_and_query(
     request = b"GET /v1/models%2Fx?a=%20b HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
     assert parse_response(roundtrip(running.server.port, request)).status == 200
     assert raw_upstream.requests[0].target == "/v1/models%2Fx?a=%20b"
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [("GET", "http://{other}/v1/models"), ("POST", "evil://x/v1/messages"),
+     ("GET", "http://{upstream}/v1/models"), ("OPTIONS", "*")],
+    ids=["absolute-other-host", "odd-scheme", "absolute-default-host", "asterisk"],
+)
+def test_a_target_that_is_not_a_path_is_400_and_nothing_is_sent(
+    make_proxy: Any, raw_upstream: RawUpstream, method: str, target: str
+) -> None:
+    """Absolute-form and asterisk targets get a 400 in the provider shape, recorded as rejected,
+    and no connection anywhere (not the default upstream with the target glued on)."""
+    running = make_proxy(raw_upstream, default_upstream=raw_upstream.url,
+                         default_provider="anthropic")
+    with RawUpstream() as bystander:
+        target = target.format(other=bystander.host_port, upstream=raw_upstream.host_port)
+        request = (f"{method} {target} HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n"
+                   "Connection: close\r\n\r\n{}").encode()
+        answer = parse_response(roundtrip(running.server.port, request))
+        assert answer.status == 400
+        error = orjson.loads(answer.body)
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        assert "must be a path" in error["error"]["message"]
+        assert bystander.connections == 0 and raw_upstream.connections == 0
+    [rejected] = running.entries("rejected-*.jsonl")
+    assert rejected["status"] == 400 and rejected["path"] == target
+    assert [e for e in running.entries() if e["type"] == "response"] == []
+
+
+def test_resolve_refuses_targets_not_starting_with_a_slash() -> None:
+    """resolve() raises InvalidTarget for anything but a path, default upstream or not."""
+    config = build({"default_upstream": "http://127.0.0.1:9100", "default_provider": "openai"},
+                   list(DEFAULT_UPSTREAMS))
+    for target in ("http://127.0.0.1:9100/v1/models", "evil://api", "*", "v1/models", ""):
+        with pytest.raises(InvalidTarget):
+            resolve(target, config)
 
 
 def test_without_a_default_upstream_unprefixed_paths_are_404(
