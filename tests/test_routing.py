@@ -9,8 +9,8 @@ from typing import Any
 
 import anthropic
 import httpx2
-import orjson
 import openai
+import orjson
 import pytest
 
 from otelproxy import __version__
