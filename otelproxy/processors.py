@@ -1,7 +1,8 @@
 """The processors every record goes through, in this order (see ``default_processors``).
 
 1. ``Redact``: obfuscate secrets in headers, path, query, request body and error
-   (``otelproxy.redact``).
+   (``otelproxy.redact``); header bytes that were not UTF-8 become ``\\xNN``
+   (``otelproxy.header_bytes.escape``).
 2. ``DecodeBody``: undo ``content-encoding`` on a copy of the response and, for
    ``text/event-stream``, split it into SSE events, each stamped with the arrival time of the
    network chunk that completed it; obfuscate secrets in it, keys a stream delivers in pieces
@@ -20,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from otelproxy.header_bytes import escape
 from otelproxy.providers import anthropic, decode_event, openai
 from otelproxy.record import Event, Record
 from otelproxy.redact import redact_bytes, redact_headers, redact_pieces, redact_text
@@ -48,6 +50,10 @@ class Redact:
 
     def __call__(self, record: Record) -> None:
         exchange = record.exchange
+        # The exchange's own copy too: later processors read the raw headers (client session
+        # id, traceparent), and JSON, SQLite and OTLP only carry valid text.
+        exchange.request_headers = escape(exchange.request_headers)
+        exchange.response_headers = escape(exchange.response_headers)
         record.request_headers = redact_headers(exchange.request_headers)
         record.response_headers = redact_headers(exchange.response_headers)
         record.request_body = redact_bytes(self._request_body(record))

@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from otelproxy import __version__
+from otelproxy import __version__, header_bytes
 from otelproxy.config import Config
 from otelproxy.errors import RequestTooLarge, RouteError, UpstreamError
 from otelproxy.pipeline import Pipeline
@@ -302,6 +302,7 @@ class EveryTarget(web.Resource):
 
 
 def build_app(state: ProxyState) -> web.Application:
+    header_bytes.install()  # header values forwarded byte for byte, both ways
     app = web.Application(client_max_size=state.config.max_request_bytes + 1)
     app[STATE] = state
     app.on_response_prepare.append(_drop_added_headers)

@@ -193,6 +193,35 @@ def test_sdk_request_arrives_with_its_own_headers(
         assert recorded[lower] == expected, lower
 
 
+def test_non_utf8_header_bytes_are_forwarded_exactly_and_recorded_escaped(
+    raw_proxy: RunningProxy, raw_upstream: RawUpstream
+) -> None:
+    """A latin-1 byte in a request or response header value crosses the proxy byte for byte,
+    and the exchange is still recorded (JSONL and DB), the byte written as \\xNN."""
+    answer_head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                   b"X-Answer: na\xefve \xe2\x82\xac\r\nContent-Length: 2\r\n"
+                   b"Connection: close\r\n\r\n{}")
+    raw_upstream.respond(answer_head)
+    request = (
+        f"POST /anthropic/{raw_upstream.host_port}/v1/messages/count_tokens HTTP/1.1\r\n"
+        "Host: proxy\r\nContent-Length: 2\r\nConnection: close\r\n"
+    ).encode() + b"X-Note: caf\xe9 \xe2\x82\xac\r\nX-Claude-Code-Session-Id: s\xe9\r\n\r\n{}"
+    raw = roundtrip(raw_proxy.server.port, request)
+    assert b"\r\nX-Answer: na\xefve \xe2\x82\xac\r\n" in raw
+    assert parse_response(raw).status == 200
+    [got] = raw_upstream.requests
+    assert b"\r\nX-Note: caf\xe9 \xe2\x82\xac\r\n" in got.head + b"\r\n"
+    assert b"\r\nX-Claude-Code-Session-Id: s\xe9\r\n" in got.head + b"\r\n"
+    request_entry, response_entry = raw_proxy.entries()
+    assert request_entry["headers"]["x-note"] == "caf\\xe9 \u20ac"
+    assert request_entry["headers"]["x-claude-code-session-id"] == "s\\xe9"
+    assert response_entry["headers"]["x-answer"] == "na\\xefve \u20ac"
+    assert response_entry["outcome"] == "complete"
+    with raw_proxy.db() as conn:
+        [row] = conn.execute("SELECT outcome FROM exchanges").fetchall()
+    assert row["outcome"] == "complete"
+
+
 # -- request size limit ----------------------------------------------------------------------
 
 
