@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from otelproxy.config import Config
+from otelproxy.http_log import HTTP_LOG
 from otelproxy.pipeline import Pipeline
 from otelproxy.proxy import STATE, ProxyState, build_app
 from otelproxy.recorder import Recorder
@@ -68,7 +69,7 @@ class Server:
         self.app = build_app(self.state)
         self.app.cleanup_ctx.append(_lifecycle)
         self._runner = web.AppRunner(
-            self.app, handler_cancellation=True, access_log=None,
+            self.app, handler_cancellation=True, access_log=None, logger=HTTP_LOG,
             shutdown_timeout=config.grace_period,
             # A request body with Content-Encoding is forwarded as the client compressed it.
             auto_decompress=False,

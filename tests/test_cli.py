@@ -239,3 +239,4 @@ def test_idle_proxy_stops_promptly_on_sigterm(tmp_path: Path) -> None:
         assert running.stop(signal.SIGTERM) == 0
         assert time.monotonic() - started < 3
     assert "stopped" in running.stderr
+

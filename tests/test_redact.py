@@ -448,8 +448,9 @@ def test_escaped_keys_in_requests_and_keys_in_paths_are_obfuscated_everywhere(
 def test_a_malformed_header_carrying_a_key_is_not_logged_whole(
     fake: FakeUpstream, tmp_path: Path
 ) -> None:
-    """aiohttp logs a malformed request with its header line; the proxy's stderr shows the key
-    obfuscated (every log line of the proxy goes through the redacting filter)."""
+    """aiohttp logs a malformed request with its header line; the proxy's stderr never shows
+    the key (the HTTP server's log drops the quoted line, and every log line of the proxy goes
+    through the redacting filter)."""
     key = _key()
     with ProxyProcess(["--upstream", fake.url, "--log-dir", str(tmp_path / "logs")]) as running:
         for request in (f"GET /x HTTP/1.1\r\nHost: a\r\nx-api-key: {key}\x00\r\n\r\n",
@@ -461,8 +462,7 @@ def test_a_malformed_header_carrying_a_key_is_not_logged_whole(
         while running.stderr.count("Error handling request") < 2:
             assert time.monotonic() < deadline, running.stderr
             time.sleep(0.05)
-    assert key not in running.stderr
-    assert running.stderr.count("sk-ant-...WXYZ") >= 2
+    assert key not in running.stderr and key[13:40] not in running.stderr
 
 
 def test_compressed_request_bodies_are_recorded_decoded_and_obfuscated(
