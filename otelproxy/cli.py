@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-bytes", metavar="N",
                        help="largest request body accepted (default 33554432 = 32 MiB)")
     serve.add_argument("--grace-period", metavar="SECONDS",
-                       help="on SIGTERM/SIGINT, how long streams in flight may finish (default 30)")
+                       help="on SIGTERM/SIGINT, seconds in all that requests in flight get to "
+                       "finish; then they are cut and recorded shutdown_cut (default 30)")
     serve.add_argument("--upstream-connect-timeout", metavar="SECONDS",
                        help="connect timeout to the upstream (default 30)")
     serve.add_argument("--upstream-read-timeout", metavar="SECONDS",

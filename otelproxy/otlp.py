@@ -46,9 +46,9 @@ conventions), ``user_agent.original``; ``gen_ai.provider.name``, ``gen_ai.operat
 ``gen_ai.usage.output_tokens``, ``gen_ai.usage.cache_read.input_tokens``,
 ``gen_ai.usage.cache_creation.input_tokens``; ``proxy.ttfb_ms``, ``proxy.total_ms``,
 ``proxy.overhead_ms``, ``proxy.outcome`` (``complete|client_aborted|upstream_aborted|
-upstream_error``, or ``rejected`` for a request the proxy refused), ``error.type`` (on errors),
-``http.request.body.size``, ``http.response.body.size`` (bytes on the wire); for streams
-``stream.chunk_count`` and ``stream.chunk_offsets_ms`` (ms from the request's arrival to each
+upstream_error|shutdown_cut``, or ``rejected`` for a request the proxy refused), ``error.type``
+(on errors), ``http.request.body.size``, ``http.response.body.size`` (bytes on the wire); for
+streams ``stream.chunk_count`` and ``stream.chunk_offsets_ms`` (ms from the request's arrival to each
 SSE event, the same events as the local record's ``chunks``).
 Only on ``request``: ``http.request.header.<name>``, and for a tracked call
 ``gen_ai.input.messages.new`` (JSON of the messages added since the session's previous turn)
@@ -147,7 +147,7 @@ SLOW_EXPORT_S: Final = 1.0
 """An export unanswered for this long counts as failing (``export_status``) while it waits."""
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 5.0
 _ABORTS: Final = frozenset({Outcome.CLIENT_ABORTED, Outcome.UPSTREAM_ABORTED,
-                            Outcome.UPSTREAM_ERROR})
+                            Outcome.UPSTREAM_ERROR, Outcome.SHUTDOWN_CUT})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 COMPRESSIONS: Final = ("none", "gzip", "deflate")

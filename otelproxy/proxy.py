@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -44,15 +45,22 @@ class Stats:
     upstream_errors: int = 0
     client_aborts: int = 0
     upstream_aborts: int = 0
+    shutdown_cuts: int = 0
     shutting_down: bool = False
 
 
 @dataclass
 class ProxyState:
+    """What the handlers share: configuration, the upstream seam, the recorder, counters."""
+
     config: Config
     upstream: Upstream
     pipeline: Recorder | Pipeline
     stats: Stats = field(default_factory=Stats)
+    requests_in_flight: dict[asyncio.Task[Any], web.Request] = field(default_factory=dict)
+    """Every proxied request being handled, by its handler task (the shutdown waits for them)."""
+    cut_for_shutdown: set[asyncio.Task[Any]] = field(default_factory=set)
+    """Handler tasks the shutdown cancelled after the grace period (recorded ``shutdown_cut``)."""
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -90,6 +98,7 @@ async def healthz(request: web.Request) -> web.Response:
         "upstream_errors": stats.upstream_errors,
         "client_aborts": stats.client_aborts,
         "upstream_aborts": stats.upstream_aborts,
+        "shutdown_cuts": stats.shutdown_cuts,
         "records_pending": state.pipeline.pending,
         **counters,
         **export,
@@ -111,26 +120,38 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         upstream_url="", method=request.method, path=raw_path, query=query,
         request_headers=headers, started_wall=started_wall, started_ns=started_ns,
     )
+    task = asyncio.current_task()
+    assert task is not None
+    state.requests_in_flight[task] = request
     try:
-        route = resolve(raw_path, config)
-        exchange.provider, exchange.path = route.provider, route.path
-        exchange.upstream_url = route.origin.url
-        if request.content_length is not None and request.content_length > config.max_request_bytes:
-            raise RequestTooLarge(_too_large(config))
-        exchange.request_body = await _read_body(request, config.max_request_bytes)
-    except RouteError as exc:
-        return _reject(request, state, exchange, exc)
+        try:
+            route = resolve(raw_path, config)
+            exchange.provider, exchange.path = route.provider, route.path
+            exchange.upstream_url = route.origin.url
+            if (request.content_length is not None
+                    and request.content_length > config.max_request_bytes):
+                raise RequestTooLarge(_too_large(config))
+            exchange.request_body = await _read_body(request, config.max_request_bytes)
+        except RouteError as exc:
+            return _reject(request, state, exchange, exc)
+        except asyncio.CancelledError:
+            _client_gone(state, exchange, "client disconnected while sending the request")
+            state.pipeline.submit(exchange)
+            raise
 
-    stats = state.stats
-    stats.exchanges += 1
-    stats.in_flight += 1
-    try:
-        return await _forward(request, state, exchange)
+        stats = state.stats
+        stats.exchanges += 1
+        stats.in_flight += 1
+        try:
+            return await _forward(request, state, exchange)
+        finally:
+            if exchange.finished_ns is None:
+                exchange.finished_ns = time.monotonic_ns()
+            state.pipeline.submit(exchange)
+            stats.in_flight -= 1  # after submit: in_flight == 0 means every exchange is queued
     finally:
-        if exchange.finished_ns is None:
-            exchange.finished_ns = time.monotonic_ns()
-        state.pipeline.submit(exchange)
-        stats.in_flight -= 1  # after submit: in_flight == 0 means every exchange is queued
+        del state.requests_in_flight[task]
+        state.cut_for_shutdown.discard(task)
 
 
 def _too_large(config: Config) -> str:
@@ -249,9 +270,16 @@ async def _drop_added_headers(request: web.Request, response: web.StreamResponse
 
 
 def _client_gone(state: ProxyState, exchange: Exchange, why: str) -> None:
-    state.stats.client_aborts += 1
-    exchange.outcome = Outcome.CLIENT_ABORTED
-    exchange.error = why + (" (proxy shutting down)" if state.stats.shutting_down else "")
+    """The handler was cancelled: the client went away, or the shutdown cut the request."""
+    if asyncio.current_task() in state.cut_for_shutdown:
+        state.stats.shutdown_cuts += 1
+        exchange.outcome = Outcome.SHUTDOWN_CUT
+        exchange.error = (f"cut by the proxy's shutdown: still running after the "
+                          f"{state.config.grace_period:g} s grace period")
+    else:
+        state.stats.client_aborts += 1
+        exchange.outcome = Outcome.CLIENT_ABORTED
+        exchange.error = why + (" (proxy shutting down)" if state.stats.shutting_down else "")
     exchange.finished_ns = time.monotonic_ns()
 
 

@@ -47,6 +47,9 @@ class Outcome(StrEnum):
     """The upstream connection broke after the response head; the client saw the stream cut."""
     UPSTREAM_ERROR = "upstream_error"
     """The upstream could not be reached or failed before the response head; the proxy said 502."""
+    SHUTDOWN_CUT = "shutdown_cut"
+    """The proxy was shutting down (SIGTERM/SIGINT) and the request was still running when the
+    grace period ended: the proxy cut it, client and upstream side."""
     REJECTED = "rejected"
     """The proxy refused the request (unknown provider, host not allowed, too large); nothing was
     sent upstream. Recorded in ``rejected-{date}.jsonl``, never counted as a forwarded request."""

@@ -22,6 +22,9 @@ log = logging.getLogger("otelproxy")
 
 T = TypeVar("T")
 
+CLOSE_TIMEOUT = 2.0
+"""Seconds a cut request's handler, and then aiohttp's own shutdown, get to finish."""
+
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when it is installed (a dependency wherever it builds: Linux, macOS),
@@ -70,7 +73,9 @@ class Server:
         self.app.cleanup_ctx.append(_lifecycle)
         self._runner = web.AppRunner(
             self.app, handler_cancellation=True, access_log=None, logger=HTTP_LOG,
-            shutdown_timeout=config.grace_period,
+            # Server.stop() has waited for the grace period and cut what was left; what remains
+            # for aiohttp's own shutdown is closing idle connections.
+            shutdown_timeout=CLOSE_TIMEOUT,
             # A request body with Content-Encoding is forwarded as the client compressed it.
             auto_decompress=False,
         )
@@ -85,8 +90,35 @@ class Server:
             self.port = int(addresses[0][1])
 
     async def stop(self) -> None:
+        """Stop accepting, give the requests in flight ``grace_period`` seconds in all, cut the
+        ones still running (recorded ``shutdown_cut``), then close and flush the record."""
         self.state.stats.shutting_down = True
+        for site in list(self._runner.sites):
+            await site.stop()
+        if self._runner.server is not None:
+            self._runner.server.pre_shutdown()  # idle keep-alive connections close now
+        await self._drain(self.config.grace_period)
         await self._runner.cleanup()
+
+    async def _drain(self, grace: float) -> None:
+        in_flight = self.state.requests_in_flight
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while in_flight and (remaining := deadline - loop.time()) > 0:
+            # again if a kept-alive connection started another request meanwhile
+            await asyncio.wait(list(in_flight), timeout=remaining)
+        if not in_flight:
+            return
+        log.warning("shutdown: grace period of %g s over, cutting %d request(s) in flight",
+                    grace, len(in_flight))
+        cut = list(in_flight.items())
+        for task, _ in cut:
+            self.state.cut_for_shutdown.add(task)
+            task.cancel()
+        await asyncio.wait([task for task, _ in cut], timeout=CLOSE_TIMEOUT)
+        for _, request in cut:
+            if request.transport is not None:
+                request.transport.close()
 
 
 async def serve(config: Config) -> int:
