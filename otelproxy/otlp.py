@@ -48,8 +48,8 @@ conventions), ``user_agent.original``; ``gen_ai.provider.name``, ``gen_ai.operat
 ``proxy.overhead_ms``, ``proxy.outcome`` (``complete|client_aborted|upstream_aborted|
 upstream_error|shutdown_cut``, or ``rejected`` for a request the proxy refused), ``error.type``
 (on errors), ``http.request.body.size``, ``http.response.body.size`` (bytes on the wire); for
-streams ``stream.chunk_count`` and ``stream.chunk_offsets_ms`` (ms from the request's arrival to each
-SSE event, the same events as the local record's ``chunks``).
+streams ``stream.chunk_count`` and ``stream.chunk_offsets_ms`` (ms from the request's arrival to
+each SSE event, the same events as the local record's ``chunks``).
 Only on ``request``: ``http.request.header.<name>``, and for a tracked call
 ``gen_ai.input.messages.new`` (JSON of the messages added since the session's previous turn)
 and ``gen_ai.system_instructions.sha256``, otherwise ``http.request.body.content``.
