@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from otelproxy import __version__, config
+from otelproxy import __version__, config, open_files
 from otelproxy.errors import ConfigError
 
 COMMANDS = ("serve", "sessions", "show")
@@ -27,7 +27,9 @@ environment (flags win over environment, environment over the TOML file):
   OTELPROXY_UPSTREAMS (comma-separated), OTELPROXY_DEFAULT_UPSTREAM,
   OTELPROXY_DEFAULT_PROVIDER, OTELPROXY_MAX_REQUEST_BYTES, OTELPROXY_GRACE_PERIOD,
   OTELPROXY_UPSTREAM_CONNECT_TIMEOUT, OTELPROXY_UPSTREAM_READ_TIMEOUT,
-  OTELPROXY_MAX_CONNECTIONS, OTELPROXY_RECORD_QUEUE_SIZE, OTELPROXY_LOG_LEVEL,
+  OTELPROXY_MAX_CONNECTIONS, OTELPROXY_MAX_CLIENT_CONNECTIONS, OTELPROXY_HEADER_TIMEOUT,
+  OTELPROXY_BODY_TIMEOUT, OTELPROXY_KEEPALIVE_TIMEOUT, OTELPROXY_RECORD_QUEUE_SIZE,
+  OTELPROXY_LOG_LEVEL,
   OTELPROXY_SEQ_URL, OTELPROXY_SEQ_API_KEY, OTELPROXY_OTLP_MAX_BODY,
   OTELPROXY_OTLP_CHUNK_EVENTS, OTELPROXY_OTLP_SHUTDOWN_TIMEOUT, OTELPROXY_RETENTION_DAYS,
   OTELPROXY_RETENTION_MAX_BYTES, and the standard OpenTelemetry variables
@@ -85,7 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-read-timeout", metavar="SECONDS",
                        help="longest silence between two upstream reads (default 600)")
     serve.add_argument("--max-connections", metavar="N",
-                       help="concurrent upstream connections (default 1000)")
+                       help="concurrent upstream connections (default: sized to the open-file "
+                       "limit, (limit - 128) / 2, at most 10000)")
+    serve.add_argument("--max-client-connections", metavar="N",
+                       help="concurrent client connections; one more gets a 503 (default: "
+                       "sized like --max-connections)")
+    serve.add_argument("--header-timeout", metavar="SECONDS",
+                       help="a request head must be complete this long after its first byte, "
+                       "else 408 and the connection is closed (default 30)")
+    serve.add_argument("--body-timeout", metavar="SECONDS",
+                       help="longest silence while a request body is read, else 408 "
+                       "(default 60)")
+    serve.add_argument("--keepalive-timeout", metavar="SECONDS",
+                       help="an idle keep-alive client connection is closed after this "
+                       "(default 75)")
     serve.add_argument("--record-queue-size", metavar="N",
                        help="finished exchanges not yet recorded before new ones are dropped "
                        "from the record and counted (default 10000)")
@@ -191,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args_list or args_list[0] not in (*COMMANDS, "--version"):
         args_list.insert(0, "serve")
     args = build_parser().parse_args(args_list)
+    if args.command == "serve":  # before the configuration: its defaults are sized to it
+        open_files.raise_soft_limit()
     try:
         cfg = config.load(_flags(args), os.environ)
         if args.command in ("sessions", "show"):

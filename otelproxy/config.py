@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from otelproxy import open_files
 from otelproxy.errors import ConfigError
 
 PROVIDERS = ("anthropic", "openai")
@@ -74,7 +75,17 @@ class Config:
     grace_period: float = 30.0
     upstream_connect_timeout: float = 30.0
     upstream_read_timeout: float = 600.0
-    max_connections: int = 1000
+    max_connections: int = field(default_factory=open_files.connection_budget)
+    """Concurrent upstream connections; by default sized to the open-file limit."""
+    max_client_connections: int = field(default_factory=open_files.connection_budget)
+    """Concurrent client connections; one more gets a 503. By default sized to the open-file
+    limit."""
+    header_timeout: float = 30.0
+    """Seconds a request head may take from its first byte to its end (then: 408, closed)."""
+    body_timeout: float = 60.0
+    """Longest silence while a request body is read (then: 408, recorded as rejected)."""
+    keepalive_timeout: float = 75.0
+    """Seconds an idle keep-alive client connection stays open."""
     record_queue_size: int = 10_000
     seq_url: str | None = None
     seq_api_key: str | None = field(default=None, repr=False)
@@ -200,8 +211,10 @@ def build(values: Mapping[str, Any], upstream_urls: list[str]) -> Config:
             kwargs[key] = _to_int("port", value, 0, 65535)
         elif key in ("max_request_bytes", "otlp_max_body"):
             kwargs[key] = _to_int(key, value, 1024, 2**31)
-        elif key in ("max_connections", "record_queue_size"):
+        elif key in ("max_connections", "max_client_connections", "record_queue_size"):
             kwargs[key] = _to_int(key, value, 1, 1_000_000)
+        elif key in ("header_timeout", "body_timeout", "keepalive_timeout"):
+            kwargs[key] = _to_float(key, value, 0.01)
         elif key in ("grace_period", "upstream_connect_timeout", "upstream_read_timeout",
                      "otlp_shutdown_timeout"):
             kwargs[key] = _to_float(key, value, 0.0)

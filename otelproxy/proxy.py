@@ -23,7 +23,7 @@ from yarl import URL
 
 from otelproxy import __version__, header_bytes
 from otelproxy.config import Config
-from otelproxy.errors import RequestTooLarge, RouteError, UpstreamError
+from otelproxy.errors import RequestTimeout, RequestTooLarge, RouteError, UpstreamError
 from otelproxy.pipeline import Pipeline
 from otelproxy.providers import error_body
 from otelproxy.record import Exchange, Outcome
@@ -46,6 +46,12 @@ class Stats:
     client_aborts: int = 0
     upstream_aborts: int = 0
     shutdown_cuts: int = 0
+    client_connections: int = 0
+    """Client connections open now (``otelproxy.listener``)."""
+    connections_refused: int = 0
+    """Client connections refused with a 503 because ``max_client_connections`` were open."""
+    head_timeouts: int = 0
+    """Connections closed because a request head was not complete within ``header_timeout``."""
     shutting_down: bool = False
 
 
@@ -99,6 +105,9 @@ async def healthz(request: web.Request) -> web.Response:
         "client_aborts": stats.client_aborts,
         "upstream_aborts": stats.upstream_aborts,
         "shutdown_cuts": stats.shutdown_cuts,
+        "client_connections": stats.client_connections,
+        "connections_refused": stats.connections_refused,
+        "head_timeouts": stats.head_timeouts,
         "records_pending": state.pipeline.pending,
         **counters,
         **export,
@@ -131,9 +140,14 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             if (request.content_length is not None
                     and request.content_length > config.max_request_bytes):
                 raise RequestTooLarge(_too_large(config))
-            exchange.request_body = await _read_body(request, config.max_request_bytes)
+            exchange.request_body = await _read_body(request, config)
         except RouteError as exc:
-            return _reject(request, state, exchange, exc)
+            response = _reject(request, state, exchange, exc)
+            if isinstance(exc, RequestTimeout):  # a stalled client: answer, then hang up now
+                await response.prepare(request)
+                await response.write_eof()
+                _cut_client(request)
+            return response
         except asyncio.CancelledError:
             _client_gone(state, exchange, "client disconnected while sending the request")
             state.pipeline.submit(exchange)
@@ -158,12 +172,24 @@ def _too_large(config: Config) -> str:
     return f"request body exceeds this proxy's limit of {config.max_request_bytes} bytes"
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, config: Config) -> bytes:
+    """The whole request body; ``RequestTooLarge`` beyond the limit, ``RequestTimeout`` after
+    ``body_timeout`` seconds without a byte."""
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise RequestTooLarge(_too_large(request.app[STATE].config))
+    content = request.content
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(config.body_timeout) as silence:
+            while chunk := await content.readany():
+                body += chunk
+                if len(body) > config.max_request_bytes:
+                    raise RequestTooLarge(_too_large(config))
+                silence.reschedule(loop.time() + config.body_timeout)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"request body stalled: nothing received for {config.body_timeout:g} s "
+            f"({len(body)} bytes read)"
+        ) from None
     return bytes(body)
 
 
@@ -182,7 +208,7 @@ def _reject(
         status=exc.status, body=error_body(provider, exc.error_type, str(exc)),
         content_type="application/json",
     )
-    if isinstance(exc, RequestTooLarge):
+    if isinstance(exc, RequestTooLarge | RequestTimeout):
         response.force_close()  # the rest of the body was not read
     return response
 

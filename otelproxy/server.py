@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from otelproxy import open_files
 from otelproxy.config import Config
-from otelproxy.http_log import HTTP_LOG
+from otelproxy.listener import Listener
 from otelproxy.pipeline import Pipeline
 from otelproxy.proxy import STATE, ProxyState, build_app
 from otelproxy.recorder import Recorder
@@ -71,30 +72,30 @@ class Server:
         self.state = ProxyState(config, Upstream(config), self.pipeline)
         self.app = build_app(self.state)
         self.app.cleanup_ctx.append(_lifecycle)
+        # The runner's server dispatches requests to the app; connections are accepted and
+        # served by otelproxy.listener (its ClientConnection carries the handler options).
         self._runner = web.AppRunner(
-            self.app, handler_cancellation=True, access_log=None, logger=HTTP_LOG,
+            self.app, handler_cancellation=True,
             # Server.stop() has waited for the grace period and cut what was left; what remains
             # for aiohttp's own shutdown is closing idle connections.
             shutdown_timeout=CLOSE_TIMEOUT,
-            # A request body with Content-Encoding is forwarded as the client compressed it.
-            auto_decompress=False,
         )
+        self._listener: Listener | None = None
         self.port = config.port
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=1024)
-        await site.start()
-        addresses = self._runner.addresses
-        if addresses:
-            self.port = int(addresses[0][1])
+        assert self._runner.server is not None
+        self._listener = Listener(self.config, self.state.stats, self._runner.server)
+        await self._listener.start()
+        self.port = self._listener.port
 
     async def stop(self) -> None:
         """Stop accepting, give the requests in flight ``grace_period`` seconds in all, cut the
         ones still running (recorded ``shutdown_cut``), then close and flush the record."""
         self.state.stats.shutting_down = True
-        for site in list(self._runner.sites):
-            await site.stop()
+        if self._listener is not None:
+            self._listener.close()
         if self._runner.server is not None:
             self._runner.server.pre_shutdown()  # idle keep-alive connections close now
         await self._drain(self.config.grace_period)
@@ -121,6 +122,16 @@ class Server:
                 request.transport.close()
 
 
+def _report_limits(config: Config) -> None:
+    files = open_files.soft_limit()
+    log.info("open-file limit %d: up to %d client and %d upstream connections", files,
+             config.max_client_connections, config.max_connections)
+    if config.max_client_connections + config.max_connections > files - open_files.RESERVED:
+        log.warning("--max-client-connections + --max-connections (%d) exceed what the "
+                    "open-file limit of %d carries: streams may fail with 502 under load",
+                    config.max_client_connections + config.max_connections, files)
+
+
 async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT, then drain streams in flight, flush the record and return 0."""
     stop = asyncio.Event()
@@ -135,6 +146,7 @@ async def serve(config: Config) -> int:
         raise
     log.info("otelproxy listening on http://%s:%d, recording to %s", config.host, server.port,
              config.log_dir)
+    _report_limits(config)
     await stop.wait()
     log.info("shutting down: waiting up to %g s for %d stream(s) in flight",
              config.grace_period, server.state.stats.in_flight)

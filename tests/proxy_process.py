@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -55,14 +55,16 @@ class ProxyProcess:
     def __init__(
         self, args: Sequence[str], env: Mapping[str, str] | None = None,
         cwd: Path | None = None, startup_timeout: float = 20,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        """``preexec_fn`` runs in the child before otelproxy starts (e.g. to lower a limit)."""
         if "--port" not in args:
             args = [*args, "--port", "0"]
         self._stderr_file = tempfile.NamedTemporaryFile(prefix="otelproxy-stderr-")  # noqa: SIM115
         self._saved_stderr: str | None = None
         self.process = subprocess.Popen(
             otelproxy_command(args), stdout=subprocess.DEVNULL, stderr=self._stderr_file,
-            env=child_env(env), cwd=cwd or REPO,
+            env=child_env(env), cwd=cwd or REPO, preexec_fn=preexec_fn,
         )
         self.port = self._wait_listening(startup_timeout)
         self.url = f"http://127.0.0.1:{self.port}"

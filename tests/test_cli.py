@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import signal
 import socket
 import threading
@@ -246,3 +247,33 @@ def test_idle_proxy_stops_promptly_on_sigterm(tmp_path: Path) -> None:
         assert time.monotonic() - started < 3
     assert "stopped" in running.stderr
 
+
+def _soft_open_files(pid: int) -> tuple[int, int]:
+    """(soft, hard) open-file limits of a process, read from /proc/PID/limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file line in /proc/PID/limits")
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits")
+def test_the_proxy_raises_its_open_file_limit_and_sizes_connection_limits_to_it(
+    tmp_path: Path
+) -> None:
+    """Started with a soft limit of 512 open files, the proxy process raises it to the hard
+    limit and sizes both connection limits to what that limit carries."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard != resource.RLIM_INFINITY and hard > 512, "needs a finite hard limit above 512"
+
+    def lower_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    with ProxyProcess(["--log-dir", str(tmp_path)], preexec_fn=lower_soft_limit) as running:
+        soft, child_hard = _soft_open_files(running.process.pid)
+        health = httpx2.get(running.url + "/healthz").json()
+    assert child_hard == hard and soft == hard and soft > 512
+    budget = min(10_000, (soft - 128) // 2)
+    assert f"open-file limit {soft}: up to {budget} client and {budget} upstream" in (
+        running.stderr)
+    assert health["client_connections"] == 1

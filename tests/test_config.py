@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from otelproxy import open_files
 from otelproxy.config import DEFAULT_UPSTREAMS, Config, Origin, load
 from otelproxy.errors import ConfigError
 
@@ -108,6 +109,8 @@ def test_every_setting_is_reachable_from_the_environment() -> None:
         "seq_url": "http://seq:5341", "seq_api_key": "k", "otlp_max_body": "1024",
         "otlp_chunk_events": "true", "otlp_shutdown_timeout": "2.5", "log_level": "debug",
         "retention_days": "7", "retention_max_bytes": str(2**30),
+        "max_client_connections": "6", "header_timeout": "7", "body_timeout": "8",
+        "keepalive_timeout": "9",
     }
     fields = {f.name for f in dataclasses.fields(Config)}
     assert set(values) == fields
@@ -117,6 +120,8 @@ def test_every_setting_is_reachable_from_the_environment() -> None:
     assert config.retention_days == 7 and config.retention_max_bytes == 2**30
     assert config.otlp_shutdown_timeout == 2.5
     assert "http://u:1" in urls(config) and config.default_provider == "openai"
+    assert (config.max_connections, config.max_client_connections) == (4, 6)
+    assert (config.header_timeout, config.body_timeout, config.keepalive_timeout) == (7, 8, 9)
 
 
 def test_config_is_frozen() -> None:
@@ -143,6 +148,10 @@ def test_config_is_frozen() -> None:
          "unknown provider 'gemini'"),
         ({"max_request_bytes": "12"}, {}, None, "max_request_bytes: 12 is out of range"),
         ({"grace_period": "-1"}, {}, None, "grace_period: -1.0 must be >= 0"),
+        ({"header_timeout": "0"}, {}, None, "header_timeout: 0.0 must be >= 0.01"),
+        ({}, {"OTELPROXY_MAX_CLIENT_CONNECTIONS": "0"}, None,
+         "max_client_connections: 0 is out of range"),
+        ({}, {}, "keepalive_timeout = 'long'\n", "keepalive_timeout: expected a number"),
         ({}, {"OTELPROXY_OTLP_CHUNK_EVENTS": "maybe"}, None, "expected true/false"),
         ({"log_level": "loud"}, {}, None, "log_level: expected debug|info|warning|error"),
         ({}, {}, "port = [\n", "invalid TOML"),
@@ -177,3 +186,16 @@ def test_origin_names_its_default_port_implicitly() -> None:
     assert origin == Origin("https", "api.anthropic.com", 443)
     assert (origin.authority, origin.url) == ("api.anthropic.com", "https://api.anthropic.com")
     assert Origin.parse("http://127.0.0.1:9100").authority == "127.0.0.1:9100"
+
+
+def test_connection_limits_default_to_the_open_file_budget() -> None:
+    """Without a setting, both connection limits are (soft open-file limit - 128) / 2, capped at
+    10000, so 1000 streams fit in a limit of 20000 and a limit of 1024 refuses rather than
+    running out of descriptors."""
+    budget = open_files.connection_budget()
+    assert budget == min(10_000, (open_files.soft_limit() - 128) // 2)
+    config = load({}, {})
+    assert config.max_client_connections == config.max_connections == budget
+    assert open_files.connection_budget(1024) == 448
+    assert open_files.connection_budget(20_000) == 9936
+    assert open_files.connection_budget(1 << 20) == 10_000

@@ -1,0 +1,151 @@
+"""The listening side: request-head timeout, body timeout, keep-alive timeout, connection cap.
+
+Raw sockets as clients against a real proxy and a real loopback upstream; the timeouts are set
+small and every wait on the proxy has a generous deadline (a loaded machine only makes the proxy
+later, never earlier).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx2
+import orjson
+
+from tests.conftest import RunningProxy
+from tests.fake_upstream import FakeUpstream
+from tests.raw_upstream import RawUpstream, parse_response, roundtrip
+
+
+def _read_until_closed(conn: socket.socket, deadline: float) -> tuple[bytes, bool]:
+    """Everything the proxy sends until it closes (True) or the deadline passes (False)."""
+    received = b""
+    while time.monotonic() < deadline:
+        conn.settimeout(max(0.01, min(0.2, deadline - time.monotonic())))
+        try:
+            data = conn.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return received, True
+        if not data:
+            return received, True
+        received += data
+    return received, False
+
+
+def test_a_request_head_sent_one_byte_at_a_time_is_cut_after_the_header_timeout(
+    make_proxy: Callable[..., RunningProxy], raw_upstream: RawUpstream
+) -> None:
+    """A slowloris client that keeps sending header bytes gets a 408 and its connection closed
+    once the head has taken --header-timeout; nothing reaches the upstream."""
+    running = make_proxy(raw_upstream, header_timeout=0.5)
+    head = (f"GET /anthropic/{raw_upstream.host_port}/v1/models HTTP/1.1\r\nHost: p\r\n"
+            "X-Slow: " + "a" * 200).encode()
+    started = time.monotonic()
+    closed = False
+    received = b""
+    with socket.create_connection(("127.0.0.1", running.server.port), timeout=5) as conn:
+        for byte in head:
+            try:
+                conn.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            received, closed = _read_until_closed(conn, time.monotonic() + 0.05)
+            if closed or time.monotonic() - started > 10:
+                break
+        if not closed:
+            received, closed = _read_until_closed(conn, time.monotonic() + 5)
+    assert closed, "the slow head was never cut"
+    assert 0.5 <= time.monotonic() - started < 10
+    answer = parse_response(received)
+    assert answer.status == 408
+    assert orjson.loads(answer.body)["error"]["type"] == "timeout_error"
+    assert raw_upstream.connections == 0
+    assert httpx2.get(running.url + "/healthz").json()["head_timeouts"] == 1
+
+
+def test_a_slow_body_is_not_cut_by_the_header_timeout_but_a_stalled_one_is_408(
+    make_proxy: Callable[..., RunningProxy], raw_upstream: RawUpstream
+) -> None:
+    """Body bytes trickling in after a complete head are the body's business, not the head
+    timer's; a body that stops for --body-timeout gets a 408 in the provider shape and is
+    recorded as rejected, with nothing sent upstream."""
+    running = make_proxy(raw_upstream, header_timeout=0.3, body_timeout=1.5)
+    head = (f"POST /openai/{raw_upstream.host_port}/v1/chat/completions HTTP/1.1\r\n"
+            "Host: p\r\nContent-Length: 8\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", running.server.port), timeout=10) as conn:
+        conn.sendall(head)
+        for byte in b"{}      ":
+            time.sleep(0.1)  # 0.8 s in all: longer than the header timeout
+            conn.sendall(bytes([byte]))
+        received, closed = _read_until_closed(conn, time.monotonic() + 10)
+    assert closed and parse_response(received).status == 200
+    assert raw_upstream.requests[0].body == b"{}      "
+
+    with socket.create_connection(("127.0.0.1", running.server.port), timeout=10) as conn:
+        conn.sendall(head + b"{")
+        received, closed = _read_until_closed(conn, time.monotonic() + 10)
+    assert closed
+    answer = parse_response(received)
+    assert answer.status == 408
+    assert orjson.loads(answer.body)["error"]["type"] == "timeout_error"  # openai shape
+    assert "stalled" in orjson.loads(answer.body)["error"]["message"]
+    assert len(raw_upstream.requests) == 1
+    [rejected] = running.entries("rejected-*.jsonl")
+    assert rejected["type"] == "rejected" and rejected["status"] == 408
+    assert "stalled" in rejected["error"]
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
+    make_proxy: Callable[..., RunningProxy], fake: FakeUpstream
+) -> None:
+    """After its answer, a kept-alive connection left idle is closed by the proxy after
+    --keepalive-timeout (aiohttp's default was about an hour)."""
+    running = make_proxy(fake, keepalive_timeout=0.5)
+    request = b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", running.server.port), timeout=10) as conn:
+        conn.sendall(request)
+        answered = time.monotonic()
+        received, closed = _read_until_closed(conn, answered + 10)
+    assert closed and received.startswith(b"HTTP/1.1 200")
+    assert time.monotonic() - answered >= 0.5
+
+
+def _connect_and_wait_accepted(running: RunningProxy, expected_open: int) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", running.server.port), timeout=10)
+    deadline = time.monotonic() + 10
+    while running.server.state.stats.client_connections < expected_open:
+        assert time.monotonic() < deadline, "the proxy never took the connection"
+        time.sleep(0.01)
+    return conn
+
+
+def test_one_connection_over_the_cap_gets_a_503_and_a_freed_slot_is_reused(
+    make_proxy: Callable[..., RunningProxy], fake: FakeUpstream
+) -> None:
+    """With --max-client-connections 2 and two connections open, a third gets 503
+    overloaded_error with Retry-After and is closed; once one closes, new ones are served."""
+    running: Any = make_proxy(fake, max_client_connections=2)
+    first = _connect_and_wait_accepted(running, 1)
+    second = _connect_and_wait_accepted(running, 2)
+    try:
+        answer = parse_response(roundtrip(running.server.port, b"GET /healthz HTTP/1.1\r\n"
+                                          b"Host: p\r\nConnection: close\r\n\r\n"))
+        assert answer.status == 503 and answer.values("retry-after") == ["1"]
+        error = orjson.loads(answer.body)["error"]
+        assert error["type"] == "overloaded_error" and "limit 2" in error["message"]
+        first.close()
+        deadline = time.monotonic() + 10
+        while running.server.state.stats.client_connections > 1:
+            assert time.monotonic() < deadline, "the closed connection was never counted"
+            time.sleep(0.01)
+        health = httpx2.get(running.url + "/healthz").json()
+        assert health["connections_refused"] == 1
+    finally:
+        first.close()
+        second.close()
