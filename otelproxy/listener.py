@@ -5,8 +5,9 @@ sending one byte a second kept its connection for ever) and an idle keep-alive t
 an hour. ``Listener`` opens the listening socket itself, so every accepted connection is served
 by ``ClientConnection`` (aiohttp's ``RequestHandler`` with these rules) or refused:
 
-- at most ``max_client_connections`` connections at once; one more is answered
-  ``503 overloaded_error`` (with ``Retry-After``) and closed, counted in ``/healthz``;
+- at most ``max_client_connections`` connections at once; one more has its request head read,
+  is answered ``503 overloaded_error`` (with ``Retry-After``) and closed, counted in
+  ``/healthz``;
 - a request head must be complete ``header_timeout`` seconds after its first byte, else the
   connection gets a ``408`` and is closed (a connection that sends nothing at all is closed by
   the keep-alive timer, as aiohttp does);
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.streams import StreamReader
@@ -34,8 +35,10 @@ log = logging.getLogger("otelproxy.listener")
 
 WARN_INTERVAL_S = 60.0
 """At most one warning per this many seconds about refused connections."""
-REFUSED_LINGER_S = 1.0
-"""A refused connection stays open this long for the client to read the 503 (then closed)."""
+REFUSED_LINGER_S = 2.0
+"""After its 503, a refused connection waits this long for the client to close first."""
+_REFUSED_HEAD_MAX = 65536
+"""A refused connection reads at most this much of the request head before it answers."""
 
 
 def _canned_response(status: str, error_type: str, message: str, provider: str | None,
@@ -87,22 +90,66 @@ class ClientConnection(web.RequestHandler):
 
 
 class RefusedConnection(asyncio.Protocol):
-    """A connection over the cap: it gets the 503 at once and is closed shortly after."""
+    """A connection over the cap: it reads the request head (so the client is past sending it
+    and reads an answer, not a reset), answers 503 in the shape of the provider the path names,
+    and closes once the client has (or ``REFUSED_LINGER_S`` after the answer)."""
 
-    def __init__(self, response: bytes) -> None:
-        self._response = response
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        self._head = bytearray()
+        self._answered = False
         self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.write(self._response)
-        if transport.can_write_eof():
-            transport.write_eof()
-        asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check here
+        self._transport = cast(asyncio.Transport, transport)
+        self._timer = asyncio.get_running_loop().call_later(
+            self._listener.config.header_timeout, self._transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._answered:
+            self._head += data[:_REFUSED_HEAD_MAX]
+            if len(self._head) >= _REFUSED_HEAD_MAX or _request_complete(self._head):
+                self._answer()
 
     def eof_received(self) -> bool:
-        return False  # the client is done too: close now
+        if not self._answered:
+            self._answer()
+        return False  # the client is done: close once the answer is written
+
+    def _answer(self) -> None:
+        self._answered = True
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        target = bytes(self._head.split(b"\r\n", 1)[0]).split(b" ")
+        provider = "openai" if len(target) > 1 and target[1].startswith(b"/openai/") else None
+        transport.write(self._listener.refusal(provider))
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _request_complete(received: bytes | bytearray) -> bool:
+    """Whether ``received`` holds a whole request: the head and, when it announces one, its
+    body (clients that are still writing a body treat an early answer as a broken connection)."""
+    head, found, body = bytes(received).partition(b"\r\n\r\n")
+    if not found:
+        return False
+    for line in head.lower().split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value.strip())
+        if name.strip() == b"transfer-encoding" and b"chunked" in value:
+            return body.startswith(b"0\r\n") or b"\r\n0\r\n" in body
+    return True
 
 
 class Listener:
@@ -123,10 +170,13 @@ class Listener:
         self.head_timeout_response = _canned_response(
             "408 Request Timeout", "timeout_error",
             f"request head not complete after {config.header_timeout:g} s", provider)
-        self._refusal = _canned_response(
-            "503 Service Unavailable", "overloaded_error",
-            f"too many client connections (limit {config.max_client_connections})", provider,
-            extra="Retry-After: 1\r\n")
+        self._refusals = {
+            name: _canned_response(
+                "503 Service Unavailable", "overloaded_error",
+                f"too many client connections (limit {config.max_client_connections})", name,
+                extra="Retry-After: 1\r\n")
+            for name in (provider, "openai")
+        }
         self._warned_at = -WARN_INTERVAL_S
 
     @property
@@ -144,6 +194,11 @@ class Listener:
         if self._listening is not None:
             self._listening.close()
 
+    def refusal(self, provider: str | None) -> bytes:
+        """The 503 for a connection over the cap (the default provider's shape unless the path
+        names openai)."""
+        return self._refusals.get(provider) or self._refusals[self.config.default_provider]
+
     def _connection(self) -> asyncio.Protocol:
         stats = self.stats
         if stats.client_connections >= self.config.max_client_connections:
@@ -154,7 +209,7 @@ class Listener:
                 log.warning("client connection limit of %d reached: refusing connections with "
                             "503 (%d so far; --max-client-connections)",
                             self.config.max_client_connections, stats.connections_refused)
-            return RefusedConnection(self._refusal)
+            return RefusedConnection(self)
         stats.client_connections += 1  # here, not in connection_made: accepts come in bursts
         return ClientConnection(self, self._server, loop=asyncio.get_running_loop(),
                                 **self._handler_options)

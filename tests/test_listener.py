@@ -7,16 +7,22 @@ later, never earlier).
 
 from __future__ import annotations
 
+import asyncio
+import resource
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx2
 import orjson
 
 from tests.conftest import RunningProxy
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, Reply
+from tests.proxy_process import ProxyProcess
 from tests.raw_upstream import RawUpstream, parse_response, roundtrip
 
 
@@ -149,3 +155,43 @@ def test_one_connection_over_the_cap_gets_a_503_and_a_freed_slot_is_reused(
     finally:
         first.close()
         second.close()
+
+
+def test_with_few_open_files_a_burst_of_streams_is_refused_up_front_never_502(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """A proxy process limited to 300 open files sizes its connection limits to them (86): of
+    150 concurrent streams each is either relayed whole or refused with a 503 at connect, none
+    fails with a 502 or a broken stream for lack of descriptors."""
+    streams = 150
+    for _ in range(streams):
+        fake.replies.append(Reply(event_delay=0.3))  # ~10 events: each stream lasts ~3 s
+
+    def few_open_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+    async def one_stream(session: aiohttp.ClientSession, url: str) -> str:
+        body = {"model": "m", "max_tokens": 5, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}
+        try:
+            async with session.post(url, json=body) as answer:
+                data = await answer.read()
+                if answer.status == 200:
+                    return "complete" if b"event: message_stop" in data else "cut"
+                return str(answer.status)
+        except aiohttp.ClientError as exc:
+            return type(exc).__name__
+
+    async def burst(url: str) -> list[str]:
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            return await asyncio.gather(*(one_stream(session, url) for _ in range(streams)))
+
+    with ProxyProcess(["--upstream", fake.url, "--log-dir", str(tmp_path)],
+                      preexec_fn=few_open_files) as running:
+        url = f"{running.url}/anthropic/{fake.host_port}/v1/messages"
+        outcomes = asyncio.run(burst(url))
+    assert "open-file limit 300: up to 86 client and 86 upstream connections" in running.stderr
+    counted = Counter(outcomes)
+    assert set(counted) <= {"complete", "503"}, counted
+    assert counted["complete"] > 0 and counted["503"] > 0, counted
