@@ -75,6 +75,12 @@ class ClientConnection(web.RequestHandler):
             self._body = body if isinstance(body, StreamReader) else None
 
     def _head_too_slow(self) -> None:
+        if self._current_request is not None:
+            # A head pipelined behind a request still being answered waits its turn: closing
+            # now would cut that answer. Its time starts again.
+            self._head_timer = self._loop.call_later(
+                self._listener.config.header_timeout, self._head_too_slow)
+            return
         self._head_timer = None
         self._listener.stats.head_timeouts += 1
         if self.transport is not None:

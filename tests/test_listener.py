@@ -195,3 +195,25 @@ def test_with_few_open_files_a_burst_of_streams_is_refused_up_front_never_502(
     counted = Counter(outcomes)
     assert set(counted) <= {"complete", "503"}, counted
     assert counted["complete"] > 0 and counted["503"] > 0, counted
+
+
+def test_a_head_pipelined_behind_a_running_stream_does_not_cut_that_stream(
+    make_proxy: Callable[..., RunningProxy], fake: FakeUpstream
+) -> None:
+    """A client that starts its next request head while a stream is still being answered on
+    the same connection gets that stream whole, even past --header-timeout."""
+    fake.replies.append(Reply(event_delay=0.15))  # ~10 events: ~1.5 s
+    running = make_proxy(fake, header_timeout=0.3)
+    body = orjson.dumps({"model": "m", "max_tokens": 5, "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    request = (f"POST /anthropic/{fake.host_port}/v1/messages HTTP/1.1\r\nHost: p\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    with socket.create_connection(("127.0.0.1", running.server.port), timeout=10) as conn:
+        conn.sendall(request)
+        received = conn.recv(65536)  # the stream has started
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nX-Partial: ")
+        more, _ = _read_until_closed(conn, time.monotonic() + 3)
+        received += more
+    assert parse_response(received).status == 200
+    assert b"event: message_stop" in received
