@@ -27,9 +27,9 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 
 from otelproxy.config import Config
+from otelproxy.http_log import HTTP_LOG
 from otelproxy.providers import error_body
 from otelproxy.proxy import Stats
-from otelproxy.http_log import HTTP_LOG
 
 log = logging.getLogger("otelproxy.listener")
 
