@@ -29,7 +29,7 @@ environment (flags win over environment, environment over the TOML file):
   OTELPROXY_UPSTREAM_CONNECT_TIMEOUT, OTELPROXY_UPSTREAM_READ_TIMEOUT,
   OTELPROXY_MAX_CONNECTIONS, OTELPROXY_MAX_CLIENT_CONNECTIONS, OTELPROXY_HEADER_TIMEOUT,
   OTELPROXY_BODY_TIMEOUT, OTELPROXY_KEEPALIVE_TIMEOUT, OTELPROXY_RECORD_QUEUE_SIZE,
-  OTELPROXY_LOG_LEVEL,
+  OTELPROXY_RECORD_MAX_BODY, OTELPROXY_LOG_LEVEL,
   OTELPROXY_SEQ_URL, OTELPROXY_SEQ_API_KEY, OTELPROXY_OTLP_MAX_BODY,
   OTELPROXY_OTLP_CHUNK_EVENTS, OTELPROXY_OTLP_SHUTDOWN_TIMEOUT, OTELPROXY_RETENTION_DAYS,
   OTELPROXY_RETENTION_MAX_BYTES, and the standard OpenTelemetry variables
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retention-max-bytes", metavar="N",
                        help="keep the JSONL record under N bytes, least recently active "
                        "conversations deleted first (default: no cap)")
+    serve.add_argument("--record-max-body", metavar="BYTES",
+                       help="the record keeps this much of a larger body, with its size and "
+                       "SHA-256 (default 33554432 = 32 MiB)")
     serve.add_argument("--seq-url", metavar="URL",
                        help="export OTLP to Seq at URL (sets the endpoint to URL/ingest/otlp)")
     serve.add_argument("--seq-api-key", metavar="KEY",

@@ -87,6 +87,7 @@ class Config:
     keepalive_timeout: float = 75.0
     """Seconds an idle keep-alive client connection stays open."""
     record_queue_size: int = 10_000
+    record_max_body: int = 32 * 1024 * 1024
     seq_url: str | None = None
     seq_api_key: str | None = field(default=None, repr=False)
     otlp_max_body: int = 64 * 1024
@@ -209,7 +210,7 @@ def build(values: Mapping[str, Any], upstream_urls: list[str]) -> Config:
     for key, value in values.items():
         if key in ("port",):
             kwargs[key] = _to_int("port", value, 0, 65535)
-        elif key in ("max_request_bytes", "otlp_max_body"):
+        elif key in ("max_request_bytes", "otlp_max_body", "record_max_body"):
             kwargs[key] = _to_int(key, value, 1024, 2**31)
         elif key in ("max_connections", "max_client_connections", "record_queue_size"):
             kwargs[key] = _to_int(key, value, 1, 1_000_000)

@@ -11,6 +11,9 @@ Tables (``PRAGMA user_version`` holds ``DB_VERSION``):
   because a branch shares its parent's history and two clients may send the same first turn.
 - ``exchanges``: one row per forwarded request (tracked or not) with where its entries sit in
   which JSONL file, so listing never scans files. Owned by the local store sink.
+- ``record_journal``: the JSONL bytes of the last batch, committed with its rows and written to
+  the files after the commit; a crash or a failed write leaves them here and the store writes
+  them before anything else (so JSONL and index agree after any crash). Empty most of the time.
 
 WAL mode: the proxy's writer threads and ``otelproxy sessions``/``show`` readers run at once.
 """
@@ -82,6 +85,11 @@ CREATE TABLE IF NOT EXISTS exchanges (
     length INTEGER NOT NULL,
     agent_id TEXT,
     compaction TEXT
+);
+CREATE TABLE IF NOT EXISTS record_journal (
+    file_path TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idx_fingerprints_session ON fingerprints(session_id);
 CREATE INDEX IF NOT EXISTS idx_sessions_provider ON sessions(provider);

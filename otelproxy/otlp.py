@@ -515,7 +515,7 @@ def common_attributes(record: Record) -> Attributes:
     out["proxy.overhead_ms"] = _ms(exchange.proxy_ns)
     out["proxy.outcome"] = str(exchange.outcome)
     _put(out, "error.type", error_type(record))
-    out["http.request.body.size"] = len(exchange.request_body)
+    out["http.request.body.size"] = exchange.request_size
     out["http.response.body.size"] = exchange.response_size
 
     if record.streaming:

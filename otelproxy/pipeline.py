@@ -195,10 +195,11 @@ class Pipeline(Worker):
         self.put(exchange)
 
     def handle_batch(self, items: list[object]) -> None:
-        """Processors with a ``batch()`` context (the session tracker) wrap the whole batch."""
+        """Sinks with a ``batch()`` context (the local store: one transaction, whose session
+        state the session processor writes) wrap the whole batch."""
         with ExitStack() as stack:
-            for processor in self.processors:
-                batch = getattr(processor, "batch", None)
+            for sink in self.sinks:
+                batch = getattr(sink, "batch", None)
                 if batch is not None:
                     stack.enter_context(batch())
             super().handle_batch(items)
@@ -254,6 +255,24 @@ class Pipeline(Worker):
                 result: dict[str, str | None] = status()
                 return result
         return dict(EXPORT_OFF)
+
+    def tick(self) -> None:
+        """While idle: let sinks that watch something (the local store's log dir) look."""
+        for sink in self.sinks:
+            tick = getattr(sink, "tick", None)
+            if tick is not None:
+                try:
+                    tick()
+                except Exception as exc:
+                    self.failures.record(f"sink {sink.name}", exc)
+
+    def record_error(self) -> str | None:
+        """Why the local record is not being written now (None while it is)."""
+        for sink in self.sinks:
+            error = getattr(sink, "record_error", None)
+            if isinstance(error, str):
+                return error
+        return None
 
     def counters(self) -> dict[str, int]:
         out = {"records_dropped": self.dropped, "sink_errors": self.failures.total}

@@ -9,6 +9,7 @@ record I/O happen later, on the pipeline's threads.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import os
@@ -26,7 +27,7 @@ from otelproxy.config import Config
 from otelproxy.errors import RequestTimeout, RequestTooLarge, RouteError, UpstreamError
 from otelproxy.pipeline import Pipeline
 from otelproxy.providers import error_body
-from otelproxy.record import Exchange, Outcome
+from otelproxy.record import BodyCut, Exchange, Outcome
 from otelproxy.recorder import Recorder
 from otelproxy.routing import resolve
 from otelproxy.upstream import Upstream, request_headers, response_headers
@@ -87,15 +88,17 @@ def _provider_guess(raw_path: str, state: ProxyState) -> str | None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: status, version, uptime and counters as JSON."""
+    """``GET /healthz``: status, version, uptime and counters as JSON. HTTP 503 and
+    ``failing`` (with ``record_error``) while the record is not being written."""
     state = request.app[STATE]
     stats = state.stats
     counters = state.pipeline.counters()
     export = state.pipeline.export_status()  # OTLP: "off", "ok" or "failing" (+ last error)
-    healthy = (counters.get("sink_errors", 0) == 0 and counters.get("records_dropped", 0) == 0
-               and export["export_status"] != "failing")
+    healthy = export["export_status"] != "failing" and not any(counters.get(key, 0) for key in (
+        "sink_errors", "records_dropped", "records_unrecorded", "records_without_bodies"))
+    record_error = state.pipeline.record_error()
     body = {
-        "status": "ok" if healthy else "degraded",
+        "status": "failing" if record_error else "ok" if healthy else "degraded",
         "version": __version__,
         "uptime_s": round(time.monotonic() - stats.started, 3),
         "exchanges": stats.exchanges,
@@ -112,7 +115,9 @@ async def healthz(request: web.Request) -> web.Response:
         **counters,
         **export,
     }
-    return web.json_response(body)
+    if record_error:
+        body["record_error"] = record_error
+    return web.json_response(body, status=503 if record_error else 200)
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -152,6 +157,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             _client_gone(state, exchange, "client disconnected while sending the request")
             state.pipeline.submit(exchange)
             raise
+        if len(exchange.request_body) > config.record_max_body:
+            hasher = Oversize()
+            await hasher.catch_up([exchange.request_body])
+            exchange.request_cut = hasher.cut()
 
         stats = state.stats
         stats.exchanges += 1
@@ -161,6 +170,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         finally:
             if exchange.finished_ns is None:
                 exchange.finished_ns = time.monotonic_ns()
+            if exchange.request_cut is not None:  # forwarded whole; the record keeps the start
+                exchange.request_body = exchange.request_body[:config.record_max_body]
             state.pipeline.submit(exchange)
             stats.in_flight -= 1  # after submit: in_flight == 0 means every exchange is queued
     finally:
@@ -247,6 +258,8 @@ async def _forward(
             exchange.proxy_ns += time.monotonic_ns() - mark
             chunks = exchange.chunks
             reader = upstream.content
+            room = state.config.record_max_body  # what the record may still keep
+            oversize: Oversize | None = None
             while True:
                 try:
                     data = await reader.readany()
@@ -259,7 +272,16 @@ async def _forward(
                 if not data:
                     break
                 received = time.monotonic_ns()
-                chunks.append((received, data))
+                if oversize is None and len(data) <= room:
+                    room -= len(data)
+                    chunks.append((received, data))
+                else:  # past the cap (rare): keep the start, hash and count all of it
+                    if oversize is None:
+                        oversize = Oversize()
+                        await oversize.catch_up([chunk for _, chunk in chunks])
+                        chunks.append((received, data[:room]))
+                    oversize.update(data)
+                    exchange.response_cut = oversize.cut()
                 await response.write(data)
                 exchange.proxy_ns += time.monotonic_ns() - received
             await response.write_eof()
@@ -273,6 +295,30 @@ async def _forward(
             raise
     exchange.finished_ns = time.monotonic_ns()
     return response
+
+
+class Oversize:
+    """Size and SHA-256 of a body larger than the record keeps (``record_max_body``). Only a
+    body that crosses the cap pays for hashing: what was kept so far is hashed on a thread
+    (hashlib releases the GIL), every later chunk as it passes."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._size = 0
+
+    async def catch_up(self, parts: list[bytes]) -> None:
+        await asyncio.to_thread(self._update_all, parts)
+
+    def _update_all(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.update(part)
+
+    def update(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._size += len(data)
+
+    def cut(self) -> BodyCut:
+        return BodyCut(self._size, self._sha.hexdigest())
 
 
 class RelayedResponse(web.StreamResponse):

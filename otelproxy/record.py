@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _second_cache: dict[int, str] = {}
 
@@ -53,6 +53,15 @@ class Outcome(StrEnum):
     REJECTED = "rejected"
     """The proxy refused the request (unknown provider, host not allowed, too large); nothing was
     sent upstream. Recorded in ``rejected-{date}.jsonl``, never counted as a forwarded request."""
+
+
+@dataclass(slots=True)
+class BodyCut:
+    """A body the record keeps only the start of (``record_max_body``), or none of (the proxy's
+    buffer to the recorder was full): its full size and, when known, the SHA-256 of all of it."""
+
+    size: int
+    sha256: str | None = None
 
 
 @dataclass(slots=True)
@@ -94,6 +103,10 @@ class Exchange:
     """Time the proxy itself spent: before forwarding, preparing headers, writing chunks."""
     generated_response: bool = False
     """True when the proxy wrote the response itself (502/504 on upstream failure)."""
+    request_cut: BodyCut | None = None
+    """Set when ``request_body`` holds only the start of the body the client sent."""
+    response_cut: BodyCut | None = None
+    """Set when ``chunks`` hold only the start of the response body."""
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled as the constructor's arguments, in field order: the proxy pickles every
@@ -102,7 +115,17 @@ class Exchange:
 
     @property
     def response_size(self) -> int:
+        """Bytes of the response body on the wire (all of them, also when cut)."""
+        if self.response_cut is not None:
+            return self.response_cut.size
         return sum(len(chunk) for _, chunk in self.chunks)
+
+    @property
+    def request_size(self) -> int:
+        """Bytes of the request body the client sent (all of them, also when cut)."""
+        if self.request_cut is not None:
+            return self.request_cut.size
+        return len(self.request_body)
 
     def ms_since_start(self, ns: int | None) -> float | None:
         return None if ns is None else round((ns - self.started_ns) / 1e6, 3)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import itertools
 import logging
@@ -45,10 +46,10 @@ from otelproxy import otlp
 from otelproxy.config import Config
 from otelproxy.pipeline import EXPORT_OFF, Pipeline, Sink
 from otelproxy.processors import default_processors
-from otelproxy.record import Exchange
+from otelproxy.record import BodyCut, Exchange
 from otelproxy.redact import redact_logging
 from otelproxy.sessions import SessionTracker
-from otelproxy.store import LocalStore, make_private
+from otelproxy.store import LocalStore
 
 log = logging.getLogger("otelproxy.recorder")
 
@@ -66,8 +67,17 @@ _IDLE_WAIT = 0.25
 _HEADER = struct.Struct("!I")
 _MAX_BUFFER_BYTES = 256 * 1024 * 1024
 """Framed exchanges waiting in the proxy for room in the pipe; beyond this they are dropped."""
+_STUB_RESERVE = 16 * 1024 * 1024
+"""Room past that limit for exchanges sent without their bodies when the buffer is full: the
+record keeps at least their request and response entries (``body_truncated``)."""
 _PIPE_SIZE = 1024 * 1024
 """Asked of the kernel for the pipe (``F_SETPIPE_SZ``; Linux caps it at pipe-max-size)."""
+RESTART_FIRST = 0.5
+"""Seconds before restarting a recorder that died again soon after a restart (then doubled)."""
+RESTART_MAX = 30.0
+"""The longest wait between two restarts of a recorder that keeps dying."""
+STABLE_AFTER = 60.0
+"""A recorder that ran this long before it died is replaced at once, and its death logged."""
 
 
 def frame(item: object) -> bytes:
@@ -117,11 +127,12 @@ class Channel:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def send(self, item: object) -> bool:
-        """Queue ``item`` for the recorder; False when the buffer is full or the pipe broken."""
+    def send(self, item: object, reserve: int = 0) -> bool:
+        """Queue ``item`` for the recorder; False when the buffer is full (past its limit plus
+        ``reserve``) or the pipe broken."""
         data = frame(item)
         with self._lock:
-            if self.broken or len(self._buffer) + len(data) > self._limit:
+            if self.broken or len(self._buffer) + len(data) > self._limit + reserve:
                 return False
             written = 0 if self._buffer else self._write(data)  # keep frames in order
             if written < len(data):
@@ -205,8 +216,11 @@ class Channel:
 class Recorder:
     """The proxy's handle on the recorder process; the interface the handler and /healthz use."""
 
-    def __init__(self, config: Config, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Config, env: dict[str, str] | None = None,
+                 buffer_limit: int = _MAX_BUFFER_BYTES) -> None:
+        """``buffer_limit``: bytes of framed exchanges that may wait in the proxy for the pipe."""
         self.config = config
+        self._buffer_limit = buffer_limit
         self._env = dict(os.environ if env is None else env)
         otlp.resolve(config, self._env)  # a bad OTLP setting fails here, as a ConfigError
         self._context = multiprocessing.get_context("spawn")
@@ -225,10 +239,17 @@ class Recorder:
         self._export: dict[str, str | None] = dict(EXPORT_OFF)
         self.submitted = 0
         self.dropped = 0
+        self.without_bodies = 0
         self._drop_logs = 0
         self._outbox: list[Exchange] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._processed = 0
+        self._child_error: str | None = None
+        self._down_error: str | None = None
+        self._started_at = 0.0
+        self._restart_wait = 0.0
+        self._exited = threading.Event()
+        self._stop_waiting = threading.Event()
 
     def _make_process(self) -> tuple[Channel, Connection, tuple[Connection, Connection], Any]:
         inbox, feed = self._context.Pipe(duplex=False)
@@ -239,18 +260,21 @@ class Recorder:
             # A daemonic process may not have children; then shutdown() must stop it.
             daemon=not multiprocessing.current_process().daemon,
         )
-        return Channel(feed), receive, (inbox, send), process
+        return Channel(feed, self._buffer_limit), receive, (inbox, send), process
 
     def _start_process(self) -> None:
         self._process.start()
+        self._started_at = time.monotonic()
         for end in self._child_ends:  # the child has its copies; EOF must reach each side
             end.close()
 
     def _restart(self) -> None:
-        """The recorder died (killed, out of memory): start another so recording goes on.
-
-        The exchanges it had not recorded are lost with it, and counted as dropped."""
+        """The recorder died (killed, out of memory, SIGBUS on a full disk): start another so
+        recording goes on. The exchanges it had not recorded are lost with it, and counted as
+        dropped. One that keeps dying is restarted after a doubling wait (``RESTART_FIRST`` …
+        ``RESTART_MAX``) and logged once; new exchanges wait in the new pipe meanwhile."""
         self._process.join(5)
+        self._exited.set()
         self.restarts += 1
         for key, value in self._counters.items():
             self._earlier[key] = self._earlier.get(key, 0) + value
@@ -258,19 +282,49 @@ class Recorder:
         self._counters, self._processed = {}, 0
         lost = self.pending
         self.dropped += lost
-        log.error("the recorder process exited (status %s) with %d exchange(s) unrecorded; "
-                  "starting a new one (restart %d)", self._process.exitcode, lost, self.restarts)
+        if time.monotonic() - self._started_at >= STABLE_AFTER:
+            self._restart_wait = 0.0
+        wait = self._restart_wait
+        self._restart_wait = min(RESTART_MAX, max(RESTART_FIRST, wait * 2))
+        status = _exit_status(self._process.exitcode)
+        self._down_error = (f"the recorder process exited ({status}); "
+                            f"restarting it in {wait:g} s" if wait else
+                            f"the recorder process exited ({status}); restarting it")
+        if wait == 0.0:  # the first exit after a good run: said once, then counted
+            log.error("the recorder process exited (%s) with %d exchange(s) unrecorded; "
+                      "starting a new one (restart %d). If it keeps exiting it is restarted "
+                      "with a wait of up to %g s, counted on /healthz and not logged again",
+                      status, lost, self.restarts, RESTART_MAX)
+        else:
+            log.debug("the recorder process exited again (%s); restart %d in %g s",
+                      status, self.restarts, wait)
         old = self._channel
         self._channel, self._results, self._child_ends, self._process = self._make_process()
         old.close()
+        if self._stop_waiting.wait(wait):
+            return
         self._start_process()
+        self._down_error = None
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the recorder process and wait until it has opened the record."""
+        """Start the recorder process and wait until it has opened the record (or died: it is
+        restarted in the background and the proxy serves meanwhile)."""
         self._start_process()
         self._reader.start()
-        if not self._ready.wait(timeout) or not self._process.is_alive():
-            raise RuntimeError("the recorder process did not start (see its error above)")
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05) and not self._exited.is_set():
+            if time.monotonic() > deadline:
+                log.error("the recorder process did not start in %g s", timeout)
+                return
+
+    def record_error(self) -> str | None:
+        """Why the record is not being written now (None while it is): the recorder process is
+        down, or the one running cannot write (its last error)."""
+        if self._down_error is not None:
+            return self._down_error
+        if not self._process.is_alive() and not self._stopped.is_set():
+            return "the recorder process is not running"
+        return self._child_error
 
     # -- used on the proxy's event loop: must never block -------------------------------------
 
@@ -297,8 +351,17 @@ class Recorder:
             self._send(batch)
 
     def _send(self, batch: list[Exchange]) -> None:
-        if not self._channel.send(batch):
-            self._drop(len(batch), "record buffer full")
+        channel = self._channel
+        if channel.send(batch):
+            return
+        if not channel.broken and channel.send([without_bodies(e) for e in batch],
+                                               _STUB_RESERVE):
+            self.without_bodies += len(batch)
+            if self.without_bodies == len(batch):
+                log.error("record buffer full: exchanges are recorded without their bodies "
+                          "(counted in records_without_bodies)")
+            return
+        self._drop(len(batch), "recorder gone" if channel.broken else "record buffer full")
 
     def _drop(self, count: int, why: str) -> None:
         self.dropped += count
@@ -341,6 +404,7 @@ class Recorder:
             if key != "processed":
                 out[key] = out.get(key, 0) + value
         out["records_dropped"] = out.get("records_dropped", 0) + self.dropped
+        out["records_without_bodies"] = self.without_bodies
         out["recorder_restarts"] = self.restarts
         # A recorder that died counts as a sink error: /healthz turns "degraded".
         out["sink_errors"] = out.get("sink_errors", 0) + self.restarts
@@ -381,7 +445,9 @@ class Recorder:
     def shutdown(self, timeout: float) -> bool:
         """Record everything submitted, flush the sinks, stop the process."""
         self._stopping = True
-        if not self._process.is_alive():
+        self._stop_waiting.set()
+        if not self._process.is_alive():  # dead, or waiting to be restarted: nothing to flush
+            self._channel.close()
             return False
         deadline = time.monotonic() + timeout
         if not self._control((_STOP, 0, True, timeout), timeout):
@@ -400,13 +466,16 @@ class Recorder:
             try:
                 kind, payload = self._results.recv()
             except (EOFError, OSError):
-                if self._stopping or self._stopped.is_set() or not self._ready.is_set():
+                if self._stopping or self._stopped.is_set():
                     self._ready.set()
                     return
                 self._restart()
+                if self._stop_waiting.is_set():
+                    return
                 continue
             if kind == "counters":
                 self._processed = payload.pop("processed", self._processed)
+                self._child_error = payload.pop("record_error", None)
                 self._counters = payload
             elif kind == "export":
                 self._export = payload
@@ -423,14 +492,31 @@ class Recorder:
                 self._stopped.set()
 
 
+def without_bodies(exchange: Exchange) -> Exchange:
+    """The exchange with its bodies left out (sizes, hashes when known, first-byte time kept)."""
+    request_cut, response_cut = exchange.request_cut, exchange.response_cut
+    return dataclasses.replace(
+        exchange, request_body=b"", chunks=exchange.chunks[:1] and [(exchange.chunks[0][0], b"")],
+        request_cut=BodyCut(exchange.request_size, request_cut.sha256 if request_cut else None),
+        response_cut=BodyCut(exchange.response_size,
+                             response_cut.sha256 if response_cut else None),
+    )
+
+
+def _exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"status {code}"
+
+
 def build_pipeline(
     config: Config, env: Mapping[str, str], extra_sinks: Sequence[Sink] = ()
 ) -> Pipeline:
     """The processors and sinks of the record: redact → decode → provider → session; then the
     local store (sharing the session tracker's SQLite connection) and, when configured, OTLP."""
-    make_private(config.log_dir)  # before SQLite opens (and maybe creates) its files
     sessions = SessionTracker(config.db_path)
-    sinks: list[Sink] = [LocalStore(config.log_dir, sessions.db)]
+    sinks: list[Sink] = [LocalStore(config.log_dir, sessions)]
     exporter = otlp.build_sink(config, env)
     if exporter is not None:
         sinks.append(exporter)
@@ -485,7 +571,8 @@ def recorder_main(config: Config, env: dict[str, str], inbox: Connection,
         now = time.monotonic()
         if force or now - last_report >= _COUNTER_INTERVAL:
             last_report = now
-            results.send(("counters", {**pipeline.counters(), "processed": processed}))
+            results.send(("counters", {**pipeline.counters(), "processed": processed,
+                                       "record_error": pipeline.record_error()}))
             export = pipeline.export_status()
             if export != last_export:
                 last_export = export
@@ -508,6 +595,7 @@ def recorder_main(config: Config, env: dict[str, str], inbox: Connection,
             if source.closed:  # the proxy is gone: finish up and leave
                 items = [(_STOP, 0, True, 10.0)]
             else:
+                pipeline.tick()
                 report()
                 continue
         if not batch and items:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
@@ -67,7 +68,8 @@ class Server:
         """``recorder``: where finished exchanges go; by default a ``Recorder`` process. An
         in-process ``Pipeline`` (``recorder.build_pipeline``) also works, e.g. to add a sink."""
         self.config = config
-        config.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # the recorder reports it and keeps trying
+            config.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.pipeline = recorder if recorder is not None else Recorder(config)
         self.state = ProxyState(config, Upstream(config), self.pipeline)
         self.app = build_app(self.state)

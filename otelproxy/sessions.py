@@ -340,45 +340,59 @@ class SessionTracker:
     name = "session"
 
     def __init__(self, db_path: Path) -> None:
-        self._db: sqlite3.Connection = db.connect(db_path)
+        self.path = db_path
+        self._db: sqlite3.Connection | None = None
         self._in_batch = False
 
     @property
     def db(self) -> sqlite3.Connection:
         """The one writer connection; the local store writes its index rows through it too."""
+        assert self._db is not None, "the session index is not open"
         return self._db
 
+    def open(self) -> None:
+        """Open (or create) the index; the local store calls this and retries when it fails."""
+        self.close()
+        self._db = db.connect(self.path)
+
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            conn, self._db = self._db, None
+            conn.close()
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
-        """One write transaction for a batch of records (each record in its own savepoint)."""
-        self._db.execute("BEGIN IMMEDIATE")
+    def transaction(self) -> Iterator[None]:
+        """One write transaction for a batch of records (each record in its own savepoint),
+        opened by the local store: it commits, or rolls back entirely when anything fails."""
+        conn = self.db
+        conn.execute("BEGIN IMMEDIATE")
         self._in_batch = True
         try:
             yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         finally:
             self._in_batch = False
-            self._db.execute("COMMIT")
 
     def __call__(self, record: Record) -> None:
+        """Place a tracked call in its session. Outside the store's transaction (the record
+        cannot be written now) nothing is placed: the record has no session."""
         parsed = record.parsed
-        if not parsed.tracked or parsed.messages is None:
+        if not parsed.tracked or parsed.messages is None or not self._in_batch:
             return
         messages = conversation(parsed.messages)
-        if not self._in_batch:
-            with self.batch():
-                self._track(record, messages)
-            return
-        self._db.execute("SAVEPOINT record")
+        conn = self.db
+        conn.execute("SAVEPOINT record")
         try:
             self._track(record, messages)
         except BaseException:
-            self._db.execute("ROLLBACK TO record")
+            conn.execute("ROLLBACK TO record")
             raise
         finally:
-            self._db.execute("RELEASE record")
+            conn.execute("RELEASE record")
 
     def _track(self, record: Record, messages: list[Any]) -> None:
         parsed = record.parsed
@@ -410,12 +424,12 @@ class SessionTracker:
         if lane is not None:
             query += " AND s.client_session_id = ? AND s.agent_id IS ?"
             args += (lane.client_session_id, lane.agent_id)
-        return self._db.execute(query + " ORDER BY s.last_activity DESC", args).fetchall()
+        return self.db.execute(query + " ORDER BY s.last_activity DESC", args).fetchall()
 
     def _lane_session(self, lane: Lane, provider: str) -> sqlite3.Row | None:
         """The lane's current conversation: the latest active one that has more than one turn
         (a one-message side call of the same client session is not it), else the latest."""
-        row: sqlite3.Row | None = self._db.execute(
+        row: sqlite3.Row | None = self.db.execute(
             "SELECT id AS session_id, last_seq, file_path, kind FROM sessions"
             " WHERE client_session_id = ? AND agent_id IS ? AND provider = ?"
             " ORDER BY last_seq > 1 DESC, last_activity DESC LIMIT 1",
@@ -446,7 +460,7 @@ class SessionTracker:
         )
 
     def _exists(self, session_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM sessions WHERE id = ?",
+        return self.db.execute("SELECT 1 FROM sessions WHERE id = ?",
                                 (session_id,)).fetchone() is not None
 
     def _place(self, record: Record, messages: list[Any], lane: Lane | None) -> SessionInfo:
@@ -528,7 +542,7 @@ class SessionTracker:
         while self._exists(branch_id):
             branch_number += 1
             branch_id = f"{row['session_id']}_b{branch_number}"
-        self._db.execute("UPDATE sessions SET branch_count = ? WHERE id = ?",
+        self.db.execute("UPDATE sessions SET branch_count = ? WHERE id = ?",
                          (branch_number, row["session_id"]))
         info = self._new(record, fingerprint=key, kind=SessionKind.BRANCH, parent=row,
                          parent_seq=row["seq"], reason="message_history_diverged",
@@ -564,7 +578,7 @@ class SessionTracker:
                   usage.cache_read_input_tokens or 0, usage.cache_creation_input_tokens or 0)
         compacted = 1 if info.compaction == "compacted" else 0
         if info.new_session:
-            self._db.execute(
+            self.db.execute(
                 "INSERT INTO sessions (id, provider, upstream, created_at, last_activity,"
                 " last_seq, last_fingerprint, state_seq, file_path, parent_id, fork_from_seq,"
                 " client_session_id, model, system_sha256, last_response_id, input_tokens,"
@@ -578,7 +592,7 @@ class SessionTracker:
                  info.kind, info.agent_id, info.parent_agent_id, compacted),
             )
         else:
-            self._db.execute(
+            self.db.execute(
                 "UPDATE sessions SET last_activity = ?, last_seq = ?, model = COALESCE(?, model),"
                 " system_sha256 = COALESCE(?, system_sha256),"
                 " client_session_id = COALESCE(client_session_id, ?),"
@@ -600,7 +614,7 @@ class SessionTracker:
         if parsed.response_id and exchange.path.rstrip("/").endswith("/responses"):
             # Responses API turns are chained by previous_response_id.
             keys.append(("resp:" + parsed.response_id, info.id, info.seq))
-        self._db.executemany(
+        self.db.executemany(
             "INSERT OR REPLACE INTO fingerprints (fingerprint, session_id, seq) VALUES (?,?,?)",
             keys,
         )

@@ -18,9 +18,14 @@ the failure (visible on ``/healthz``) while the proxy keeps forwarding.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import logging
 import os
 import sqlite3
+import stat
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,8 @@ from otelproxy.compact import DeltaEncoder
 from otelproxy.config import PROVIDERS
 from otelproxy.pipeline import Failures
 from otelproxy.preview import assistant_preview, user_preview
-from otelproxy.record import SCHEMA_VERSION, Outcome, Record, SessionKind, iso
+from otelproxy.record import SCHEMA_VERSION, BodyCut, Outcome, Record, SessionKind, iso
+from otelproxy.sessions import SessionTracker
 
 log = logging.getLogger("otelproxy.store")
 
@@ -96,6 +102,15 @@ def body_fields(data: bytes, key: str = "body") -> dict[str, Any]:
         return {key: base64.b64encode(data).decode("ascii"), f"{key}_encoding": "base64"}
 
 
+def cut_fields(cut: BodyCut | None) -> dict[str, Any]:
+    """``body_truncated`` and, when known, ``body_wire_sha256``: the SHA-256 of the whole body
+    as it crossed the proxy (before redaction; ``body_sha256`` is a compact entry's own)."""
+    if cut is None:
+        return {}
+    return {"body_truncated": True,
+            **({"body_wire_sha256": cut.sha256} if cut.sha256 else {})}
+
+
 def headers_dict(headers: list[tuple[str, str]]) -> dict[str, str | list[str]]:
     """Headers as a JSON object; a repeated header becomes a list of its values."""
     out: dict[str, str | list[str]] = {}
@@ -125,7 +140,8 @@ def request_entry(record: Record) -> dict[str, Any]:
         "upstream": exchange.upstream_url,
         "headers": headers_dict(record.request_headers),
         **body_fields(record.request_body),
-        "size": len(exchange.request_body),
+        "size": exchange.request_size,
+        **cut_fields(exchange.request_cut),
     }
     if record.request_content_encoding:  # the body is the decoded one
         entry["content_encoding"] = record.request_content_encoding
@@ -175,6 +191,7 @@ def response_entry(record: Record) -> dict[str, Any]:
     else:
         entry.update(body_fields(record.response_body))
     entry["size"] = exchange.response_size
+    entry.update(cut_fields(exchange.response_cut))
     if record.content_encoding:
         entry["content_encoding"] = record.content_encoding
         entry["decoded_size"] = len(record.response_body)
@@ -215,116 +232,317 @@ def _dumps(entry: dict[str, Any]) -> bytes:
     return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
 
 
-class LocalStore:
-    """The local record: writes JSONL lines and ``exchanges`` rows, inline on the pipeline thread.
+RETRY_FIRST = 0.5
+"""Seconds before the first new attempt to open a record that could not be opened."""
+RETRY_MAX = 30.0
+"""The longest wait between attempts (the wait doubles from ``RETRY_FIRST``)."""
+FREE_MARGIN = 64 * 1024
+"""After a batch failed on a full disk, /healthz says ``failing`` until the disk has that
+batch's size plus this much free again (or the next batch succeeds)."""
+_SQLITE_FULL = 13
 
-    It shares the session tracker's SQLite connection, so a batch's session state and index rows
-    commit in one transaction and the JSONL files never disagree with the DB; a second writer
-    connection would also make the two wait on SQLite's write lock. Failures are counted and
-    logged (``Failures``) and shown on ``/healthz``; they never reach the proxy.
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of a path, None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class LocalStore:
+    """The local record: JSONL lines and ``exchanges`` rows, written a batch at a time.
+
+    Lines never reach a file one by one. A batch's lines are staged per file while the session
+    tracker and this store fill one SQLite transaction; the staged bytes go into that transaction
+    too (table ``record_journal``), then it commits, then each file gets its bytes in one
+    ``os.write`` loop. So a crash at any point leaves either nothing of the batch (before the
+    commit) or the whole batch in the journal, and ``open`` rewrites the journal's bytes that did
+    not reach their file. A short write or an error (ENOSPC, EIO…) truncates the file back to the
+    end of its last whole line; the journal keeps the bytes and the next batch writes them first.
+    When that fails too the batch is rolled back, counted in ``records_unrecorded`` and the
+    error shown on ``/healthz`` (``record_error``), and nothing half-written is left behind.
+
+    The log dir is checked (device and inode) before every batch and about once a second when
+    idle: deleted or replaced, it is created again with a new index and counted as a sink error.
+    An unopenable record (unwritable or missing dir) is retried with a doubling wait
+    (``RETRY_FIRST`` … ``RETRY_MAX``); exchanges meanwhile are counted, not recorded.
     """
 
     name = "local-store"
     max_open_files = 64
 
-    def __init__(self, log_dir: Path, conn: sqlite3.Connection | None = None) -> None:
+    def __init__(self, log_dir: Path, sessions: SessionTracker) -> None:
         self.log_dir = log_dir
         self.written = 0
+        self.unrecorded = 0
+        self.dirs_recreated = 0
         self.failures = Failures()
-        self._db = conn
+        self.record_error: str | None = None
+        """Why the record is not being written now (None while it is)."""
+        self._sessions = sessions
         self._open: dict[str, int] = {}
         self._dirs: set[str] = set()
+        self._staged: dict[str, bytearray] = {}
+        self._staged_sessions: set[str] = set()
+        self._ends: dict[str, int] = {}
         self._deltas = DeltaEncoder()
-        log_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        self._staged_records = 0
+        self._in_batch = False
+        self._unwritten = True  # until open() has compared the journal with the files
+        self._dir_id: tuple[int, int] | None = None
+        self._db_id: tuple[int, int] | None = None
+        self._retry_at = 0.0
+        self._retry_wait = RETRY_FIRST
+        self._room_needed = 0
+        self.open()
+
+    # -- opening, checking, reopening ------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._dir_id is not None
+
+    def open(self) -> bool:
+        """Open the log dir and its index, finish a journal a crash left; False (error set,
+        next attempt scheduled) when it cannot."""
+        try:
+            make_private(self.log_dir)  # before SQLite opens (and maybe creates) its files
+            self._sessions.open()
+            self._unwritten = True
+            self._redo_journal()
+            self._dir_id = _identity(self.log_dir)
+            self._db_id = _identity(self._sessions.path)
+        except (OSError, sqlite3.Error) as exc:
+            self._close()
+            self._unavailable(f"cannot open the record in {self.log_dir}: {_describe(exc)}")
+            return False
+        if self.record_error is not None:
+            log.warning("the record in %s is open again", self.log_dir)
+        self.record_error = None
+        self._retry_wait = RETRY_FIRST
+        return True
+
+    def _unavailable(self, why: str) -> None:
+        if self.record_error is None:  # say it once; /healthz keeps saying it
+            log.error("%s; retrying with backoff up to %g s, exchanges meanwhile are counted "
+                      "as unrecorded", why, RETRY_MAX)
+        self.record_error = why
+        self._retry_at = time.monotonic() + self._retry_wait
+        self._retry_wait = min(RETRY_MAX, self._retry_wait * 2)
+
+    def _close(self) -> None:
+        self._deltas = DeltaEncoder()  # a reopened record may not hold the bases
+        self._close_files()
+        self._dirs.clear()
+        self._ends.clear()
+        self._dir_id = self._db_id = None
+        with contextlib.suppress(sqlite3.Error):
+            self._sessions.close()
+
+    def check(self) -> bool:
+        """Cheap per-batch check (two ``stat`` calls): is the record open and in place? Reopens
+        it when its dir or index was deleted, or when a retry is due. True when it is usable."""
+        if self.is_open:
+            if _identity(self.log_dir) == self._dir_id and \
+                    _identity(self._sessions.path) == self._db_id:
+                return True
+            self.dirs_recreated += 1
+            self.failures.record(self.name, FileNotFoundError(
+                f"the log dir {self.log_dir} or its index was deleted or replaced while "
+                "recording; recording again into a new one"))
+            self._close()
+            self._retry_at = 0.0
+        if time.monotonic() < self._retry_at:
+            return False
+        return self.open()
+
+    def tick(self) -> None:
+        """Called when the recorder is idle: notice a deleted dir, retry opening, retry writing
+        what the journal holds (so /healthz recovers without traffic)."""
+        if not self._in_batch and self.check() and self._write_journal() and \
+                self._room_needed and _free_bytes(self.log_dir) >= self._room_needed:
+            self._room_needed = 0  # the disk that was full has room for that batch again
+            self.record_error = None
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction for a batch (the session tracker's state and this store's rows); the
+        staged lines are written after it commits. Unusable, the batch is counted unrecorded."""
+        if not (self.check() and self._write_journal()):
+            yield  # submit() counts each record; the tracker assigns no session
+            return
+        self._in_batch = True
+        try:
+            with self._sessions.transaction():
+                self._sessions.db.execute("DELETE FROM record_journal")
+                yield
+                self._journal_staged()
+        except Exception as exc:
+            self._discard_staged(exc)
+            return
+        finally:
+            self._in_batch = False
+        self._write_staged()
 
     def submit(self, record: Record) -> None:
+        if not self._in_batch:
+            self.unrecorded += 1
+            return
         try:
             self.write(record)
         except Exception as exc:
+            self.unrecorded += 1
             self.failures.record(self.name, exc)
+            if record.session is not None:
+                self._deltas.forget(record.session.id)
             return
-        self.written += 1
+        self._staged_records += 1
 
     def counters(self) -> dict[str, int]:
-        return {"records_written": self.written, "sink_errors": self.failures.total}
+        return {"records_written": self.written, "sink_errors": self.failures.total,
+                "records_unrecorded": self.unrecorded,
+                "log_dir_recreated": self.dirs_recreated}
 
     def flush(self, timeout: float) -> bool:
-        return True  # every line is written by the time submit() returns
+        return True  # every line is written by the time the batch ends
 
     def shutdown(self, timeout: float) -> bool:
         self._close_files()
         return True
 
-    def write(self, record: Record) -> None:
-        exchange = record.exchange
-        if exchange.outcome is Outcome.REJECTED:
-            name = f"rejected-{_day(exchange.started_wall)}.jsonl"
-            self._append(name, [_dumps(rejected_entry(record))])
-            return
-        session = record.session
-        lines: list[bytes] = []
-        if session is not None:
-            relative = session.file
-            if session.new_session and session.kind in FORK_KINDS:
-                self._start_branch(record)
-            elif session.new_session:
-                lines.append(_dumps(session_start_entry(record)))
-        else:
-            relative = f"{exchange.provider}/untracked-{_day(exchange.started_wall)}.jsonl"
-        request = request_entry(record)
-        if session is not None:
-            self._compact(record, request)
-        request_line = _dumps(request)
+    # -- staging, the journal and the files ------------------------------------------------------
+
+    def _end(self, relative: str) -> int:
+        """Where the next staged byte of a file will sit."""
+        end = self._ends.get(relative)
+        if end is None:
+            try:
+                st = os.stat(os.path.join(self.log_dir, relative))
+                end = st.st_size if stat.S_ISREG(st.st_mode) else 0
+            except OSError:  # not there yet (or unreachable: the write after the commit says)
+                end = 0
+            self._ends[relative] = end
+        return end + len(self._staged.get(relative, b""))
+
+    def _stage(self, relative: str, lines: list[bytes]) -> int:
+        """Queue lines for a file (written after the commit); the offset they will have."""
+        offset = self._end(relative)
+        for line in lines:
+            self._staged.setdefault(relative, bytearray()).extend(line)
+        return offset
+
+    def _journal_staged(self) -> None:
+        """Inside the transaction: the staged bytes, so a crash after the commit loses none."""
+        self._sessions.db.executemany(
+            "INSERT INTO record_journal (file_path, offset, data) VALUES (?,?,?)",
+            [(relative, self._ends[relative], bytes(data))
+             for relative, data in self._staged.items()],
+        )
+
+    def _write_journal(self) -> bool:
+        """Before a batch: the bytes a failed write left in the journal go to their files first
+        (the next transaction empties the journal). False when they still cannot be written."""
+        if not self._unwritten:
+            return True
         try:
-            offset, _ = self._append(relative,
-                                     [*lines, request_line, _dumps(response_entry(record))])
+            self._redo_journal()
+        except (OSError, sqlite3.Error) as exc:
+            self.failures.record(self.name, exc)
+            self.record_error = f"cannot write the record in {self.log_dir}: {_describe(exc)}"
+            return False
+        self.record_error = None
+        return True
+
+    def _redo_journal(self) -> None:
+        """Write the journal's bytes that are not in their files (after a crash, at open, or
+        after a failed write)."""
+        rows = self._sessions.db.execute(
+            "SELECT file_path, offset, data FROM record_journal ORDER BY rowid").fetchall()
+        for relative, offset, data in rows:
+            self._redo_row(relative, offset, data)
+        self._ends.clear()
+        self._unwritten = False
+        if rows and self.record_error is None:
+            log.info("wrote %d journal entr%s a crash had left unwritten",
+                     len(rows), "y" if len(rows) == 1 else "ies")
+
+    def _redo_row(self, relative: str, offset: int, data: bytes) -> None:
+        path = os.path.join(self.log_dir, relative)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            size = 0
+        if size >= offset + len(data):
+            return  # it reached the file before the crash
+        self._write_file(relative, offset, data)
+        self._ends.pop(relative, None)
+
+    def _write_staged(self) -> None:
+        """After the commit: each file's bytes in one write; a failure leaves them in the
+        journal for the next batch."""
+        staged, self._staged = self._staged, {}
+        records, self._staged_records = self._staged_records, 0
+        self._staged_sessions.clear()
+        try:
+            for relative, data in staged.items():
+                start = self._write_file(relative, self._ends[relative], bytes(data))
+                self._ends[relative] = start + len(data)
+        except OSError as exc:
+            self._ends.clear()
+            self._unwritten = True
+            self.failures.record(self.name, exc)
+            self.record_error = f"cannot write the record in {self.log_dir}: {_describe(exc)}"
+            self.written += records  # in the index and the journal: written on the next batch
+            return
+        self.written += records
+        self.record_error = None
+
+    def _discard_staged(self, exc: BaseException) -> None:
+        """The transaction failed (the index's disk is full…): the batch is not recorded."""
+        if _disk_full(exc):
+            self._room_needed = sum(map(len, self._staged.values())) + FREE_MARGIN
+        for session_id in self._staged_sessions:  # their next body must not name these
+            self._deltas.forget(session_id)
+        self._staged_sessions.clear()
+        self._staged = {}
+        self._ends.clear()
+        self.unrecorded += self._staged_records
+        self._staged_records = 0
+        self.failures.record(self.name, exc)
+        self.record_error = f"cannot write the record in {self.log_dir}: {_describe(exc)}"
+
+    def _write_file(self, relative: str, offset: int, data: bytes) -> int:
+        """Append ``data`` at ``offset`` as a whole: a torn tail past ``offset`` (a crash, an
+        earlier short write) is cut first; a short write or an error truncates the file back to
+        where it started, then raises."""
+        fd = self._fd(relative)
+        start = offset
+        try:
+            size = os.fstat(fd).st_size
+            if size > offset:
+                os.ftruncate(fd, offset)
+            elif size < offset:  # shortened or deleted by someone else: append at its end
+                log.warning("%s is %d bytes, %d expected: changed outside otelproxy",
+                            relative, size, offset)
+                start = size
+                self._sessions.db.execute(
+                    "UPDATE exchanges SET offset = offset - ? WHERE file_path = ? AND offset >= ?",
+                    (offset - size, relative, offset))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         except OSError:
-            if session is not None:
-                self._deltas.forget(session.id)  # the next body must not name this one
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+                if start == 0:  # leave no empty file behind
+                    os.unlink(os.path.join(self.log_dir, relative))
+            os.close(self._open.pop(relative))
             raise
-        offset += sum(len(line) for line in lines)
-        self._index(record, relative, offset, len(request_line))
-
-    def _compact(self, record: Record, entry: dict[str, Any]) -> None:
-        """A conversation turn's body as a delta against the previous one (``compact``)."""
-        session = record.session
-        assert session is not None
-        fields = self._deltas.encode(session.id, record.exchange.id, record.request_body,
-                                     fallback=session.parent_id)
-        if fields is not None:
-            del entry["body"]
-            entry.update(fields)
-
-    def _start_branch(self, record: Record) -> None:
-        session = record.session
-        assert session is not None and session.parent_id is not None
-        parent_file = self.log_dir / session.file.rsplit("/", 1)[0] / f"{session.parent_id}.jsonl"
-        copied: list[bytes] = []
-        if parent_file.exists():
-            with parent_file.open("rb") as handle:
-                for line in handle:
-                    entry = orjson.loads(line)
-                    seq = entry.get("seq")
-                    if isinstance(seq, int) and seq > (session.fork_from_seq or 0):
-                        break
-                    if entry.get("type") == "fork" and entry.get("from_seq", 0) >= (
-                        session.fork_from_seq or 0
-                    ):
-                        break
-                    copied.append(line)
-        fork = {
-            "type": "fork",
-            "ts": iso(record.exchange.started_wall),
-            "session_id": session.id,
-            "from_seq": session.fork_from_seq,
-            "parent_session": session.parent_id,
-            "reason": session.fork_reason or "message_history_diverged",
-            "kind": session.kind,
-            "schema_version": SCHEMA_VERSION,
-        }
-        if session.client_session_id:
-            fork["client_session_id"] = session.client_session_id
-        self._append(session.file, [*copied, _dumps(fork)])
+        return start
 
     def _fd(self, relative: str) -> int:
         """An append-only descriptor for a record file, kept open (least recently used closed)."""
@@ -341,34 +559,90 @@ class LocalStore:
         self._open[relative] = fd
         return fd
 
-    def _append(self, relative: str, lines: list[bytes]) -> tuple[int, int]:
-        data = b"".join(lines)
-        fd = self._fd(relative)
-        try:
-            offset = os.fstat(fd).st_size
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-        except OSError:
-            os.close(self._open.pop(relative))
-            raise
-        return offset, len(data)
-
     def _close_files(self) -> None:
         for fd in self._open.values():
             os.close(fd)
         self._open.clear()
 
-    def _index(self, record: Record, relative: str, offset: int, length: int) -> None:
-        if self._db is None:
+    # -- entries --------------------------------------------------------------------------------
+
+    def write(self, record: Record) -> None:
+        exchange = record.exchange
+        if exchange.outcome is Outcome.REJECTED:
+            name = f"rejected-{_day(exchange.started_wall)}.jsonl"
+            self._stage(name, [_dumps(rejected_entry(record))])
             return
+        session = record.session
+        lines: list[bytes] = []
+        if session is not None:
+            relative = session.file
+            if session.new_session and session.kind in FORK_KINDS:
+                self._start_branch(record)
+            elif session.new_session:
+                lines.append(_dumps(session_start_entry(record)))
+        else:
+            relative = f"{exchange.provider}/untracked-{_day(exchange.started_wall)}.jsonl"
+        request = request_entry(record)
+        if session is not None:
+            self._staged_sessions.add(session.id)  # forgotten by the encoder if not written
+            self._compact(record, request)
+        request_line = _dumps(request)
+        offset = self._stage(relative, [*lines, request_line, _dumps(response_entry(record))])
+        offset += sum(len(line) for line in lines)
+        self._index(record, relative, offset, len(request_line))
+
+    def _compact(self, record: Record, entry: dict[str, Any]) -> None:
+        """A conversation turn's body as a delta against the previous one (``compact``); a
+        body the record keeps only in part is recorded as it is and is no base."""
+        session = record.session
+        assert session is not None
+        if record.exchange.request_cut is not None:
+            self._deltas.forget(session.id)
+            return
+        fields = self._deltas.encode(session.id, record.exchange.id, record.request_body,
+                                     fallback=session.parent_id)
+        if fields is not None:
+            del entry["body"]
+            entry.update(fields)
+
+    def _start_branch(self, record: Record) -> None:
+        session = record.session
+        assert session is not None and session.parent_id is not None
+        parent = f"{session.file.rsplit('/', 1)[0]}/{session.parent_id}.jsonl"
+        parent_file = self.log_dir / parent
+        parent_bytes = parent_file.read_bytes() if parent_file.exists() else b""
+        copied: list[bytes] = []
+        for line in (parent_bytes + self._staged.get(parent, b"")).splitlines(keepends=True):
+            entry = orjson.loads(line)
+            seq = entry.get("seq")
+            if isinstance(seq, int) and seq > (session.fork_from_seq or 0):
+                break
+            if entry.get("type") == "fork" and entry.get("from_seq", 0) >= (
+                session.fork_from_seq or 0
+            ):
+                break
+            copied.append(line)
+        fork = {
+            "type": "fork",
+            "ts": iso(record.exchange.started_wall),
+            "session_id": session.id,
+            "from_seq": session.fork_from_seq,
+            "parent_session": session.parent_id,
+            "reason": session.fork_reason or "message_history_diverged",
+            "kind": session.kind,
+            "schema_version": SCHEMA_VERSION,
+        }
+        if session.client_session_id:
+            fork["client_session_id"] = session.client_session_id
+        self._stage(session.file, [*copied, _dumps(fork)])
+
+    def _index(self, record: Record, relative: str, offset: int, length: int) -> None:
         exchange = record.exchange
         session = record.session
         parsed = record.parsed
         usage = parsed.usage
         first_ns = exchange.chunks[0][0] if exchange.chunks else exchange.headers_ns
-        self._db.execute(
+        self._sessions.db.execute(
             "INSERT OR REPLACE INTO exchanges (id, session_id, seq, ts, provider, upstream, method,"
             " path, status, outcome, model, stop_reason, input_tokens, output_tokens,"
             " cache_read_input_tokens, cache_creation_input_tokens, ttfb_ms, total_ms,"
@@ -389,6 +663,26 @@ class LocalStore:
                 session.agent_id if session else None, session.compaction if session else None,
             ),
         )
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def session_start_entry(record: Record) -> dict[str, Any]:
@@ -424,7 +718,7 @@ def rejected_entry(record: Record) -> dict[str, Any]:
         "path": exchange.path,
         "query": exchange.query,
         "headers": headers_dict(record.request_headers),
-        "size": len(exchange.request_body),
+        "size": exchange.request_size,
         "status": exchange.status,
         "error": exchange.error,
     }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -159,3 +161,45 @@ def raw_proxy(raw_upstream: RawUpstream, tmp_path: Path) -> Iterator[RunningProx
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount a real tmpfs of a given size (``small_disk("2m")``) to fill up or make read-only
+    (``remount(path, "ro")``); unmounted afterwards. Mounting needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(size: str, options: str = "") -> Path:
+        point = tmp_path / f"disk-{len(mounted)}"
+        point.mkdir()
+        opts = f"size={size}" + (f",{options}" if options else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    try:
+        yield mount
+    finally:
+        for point in mounted:
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def remount(point: Path, mode: str) -> None:
+    """Switch a ``small_disk`` mount to ``ro`` or ``rw``."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(point)], check=True)
+
+
+def fill(point: Path) -> Path:
+    """Fill a filesystem to its last byte with one file; delete the file to free it."""
+    filler = point / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler

@@ -106,7 +106,8 @@ def test_every_setting_is_reachable_from_the_environment() -> None:
         "default_upstream": "http://d:2", "default_provider": "openai",
         "max_request_bytes": "2048", "grace_period": "1.5", "upstream_connect_timeout": "2",
         "upstream_read_timeout": "3", "max_connections": "4", "record_queue_size": "5",
-        "seq_url": "http://seq:5341", "seq_api_key": "k", "otlp_max_body": "1024",
+        "record_max_body": "4096", "seq_url": "http://seq:5341", "seq_api_key": "k",
+        "otlp_max_body": "1024",
         "otlp_chunk_events": "true", "otlp_shutdown_timeout": "2.5", "log_level": "debug",
         "retention_days": "7", "retention_max_bytes": str(2**30),
         "max_client_connections": "6", "header_timeout": "7", "body_timeout": "8",
@@ -119,6 +120,7 @@ def test_every_setting_is_reachable_from_the_environment() -> None:
     assert config.seq_url == "http://seq:5341" and config.log_level == "debug"
     assert config.retention_days == 7 and config.retention_max_bytes == 2**30
     assert config.otlp_shutdown_timeout == 2.5
+    assert config.record_max_body == 4096
     assert "http://u:1" in urls(config) and config.default_provider == "openai"
     assert (config.max_connections, config.max_client_connections) == (4, 6)
     assert (config.header_timeout, config.body_timeout, config.keepalive_timeout) == (7, 8, 9)

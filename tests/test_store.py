@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import shutil
 import sqlite3
 import stat
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import orjson
 import pytest
 
 from otelproxy.store import make_private
-from tests.conftest import RunningProxy
+from tests.conftest import RunningProxy, fill
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.raw_upstream import closed_port
 
@@ -247,16 +250,21 @@ def test_upstream_error_is_recorded_like_any_exchange(make_proxy: Any) -> None:
 def test_an_unwritable_record_is_reported_but_forwarding_goes_on(
     proxy: RunningProxy, fake: FakeUpstream
 ) -> None:
-    """An unwritable record makes /healthz degraded while forwarding goes on."""
+    """An unwritable record makes /healthz answer 503 "failing" with the error while
+    forwarding goes on; what could not be recorded is counted."""
     (proxy.log_dir / "anthropic").write_text("a file where the provider directory should be")
     client = anthropic_client(proxy)
     assert client.messages.create(model="m", max_tokens=5, messages=USER).content[0].text == (
         "Echo: hello")
     proxy.flush()
-    health = httpx2.get(proxy.url + "/healthz").json()
-    assert health["status"] == "degraded" and health["sink_errors"] >= 1
+    answer = httpx2.get(proxy.url + "/healthz")
+    health = answer.json()
+    assert answer.status_code == 503 and health["status"] == "failing"
+    assert "File exists" in health["record_error"] and health["sink_errors"] >= 1
     assert client.messages.create(model="m", max_tokens=5, messages=USER).content
     assert len(fake.model_calls()) == 2
+    proxy.flush()
+    assert httpx2.get(proxy.url + "/healthz").json()["records_unrecorded"] == 1
 
 
 def test_sessions_db_is_sqlite_with_the_exchanges_table(proxy: RunningProxy) -> None:
@@ -317,6 +325,142 @@ def test_the_log_dir_is_private_sqlite_files_and_existing_files_included(
         running.stop()
 
 
+def assert_record_agrees(log_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every JSONL file holds whole lines only (none empty, none torn); its request entries and
+    the ``exchanges`` rows are the same set, each row pointing at its own line. Returns the
+    request entries by exchange id."""
+    requests: dict[str, dict[str, Any]] = {}
+    for path in sorted([*log_dir.glob("*.jsonl"), *log_dir.glob("*/*.jsonl")]):
+        data = path.read_bytes()
+        assert data and data.endswith(b"\n"), f"{path} is empty or ends in a torn line"
+        for line in data.splitlines():
+            entry = orjson.loads(line)
+            if entry["type"] == "request":
+                assert entry["exchange_id"] not in requests, "an exchange recorded twice"
+                requests[entry["exchange_id"]] = entry
+    conn = sqlite3.connect(log_dir / "sessions.db")
+    try:
+        rows = conn.execute("SELECT id, file_path, offset, length FROM exchanges").fetchall()
+        journal = conn.execute("SELECT file_path, offset, data FROM record_journal").fetchall()
+    finally:
+        conn.close()
+    assert {row[0] for row in rows} == set(requests)
+    for exchange_id, file_path, offset, length in rows:
+        with (log_dir / file_path).open("rb") as handle:
+            handle.seek(offset)
+            assert orjson.loads(handle.read(length))["exchange_id"] == exchange_id
+    for file_path, offset, data in journal:  # the last batch's bytes: in their file too
+        assert (log_dir / file_path).read_bytes()[offset:offset + len(data)] == data
+    return requests
+
+
+def test_a_failed_write_is_kept_in_the_journal_and_written_once_possible(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """A batch whose JSONL write fails after its index committed is kept in the DB's journal:
+    /healthz says 503 failing meanwhile, and once the file can be written the entry is there,
+    the index agrees and the conversation goes on in the same session."""
+    client = anthropic_client(proxy)
+    first = client.messages.create(model="m", max_tokens=5, messages=USER)
+    proxy.flush()
+    now = time.time()
+    obstacles = {proxy.log_dir / "anthropic" / time.strftime("untracked-%Y%m%d.jsonl",
+                                                              time.gmtime(t))
+                 for t in (now, now + 60)}  # directories where the day's file must go
+    for obstacle in obstacles:
+        obstacle.mkdir(exist_ok=True)
+    client.messages.count_tokens(model="m", messages=USER)
+    proxy.flush()
+    answer = httpx2.get(proxy.url + "/healthz")
+    assert answer.status_code == 503 and answer.json()["status"] == "failing"
+    assert "Is a directory" in answer.json()["record_error"]
+
+    for obstacle in obstacles:
+        obstacle.rmdir()
+    deadline = time.monotonic() + 10  # the idle recorder retries about once a second
+    while httpx2.get(proxy.url + "/healthz").status_code != 200:
+        assert time.monotonic() < deadline, "the journal was not written within 10 s"
+        time.sleep(0.1)
+    history = [*USER, {"role": "assistant", "content": first.content[0].text},
+               {"role": "user", "content": "second"}]
+    client.messages.create(model="m", max_tokens=5, messages=history)
+    proxy.flush()
+    requests = assert_record_agrees(proxy.log_dir)
+    assert sorted((e["path"], e["seq"]) for e in requests.values()) == [
+        ("/v1/messages", 1), ("/v1/messages", 2), ("/v1/messages/count_tokens", None)]
+    assert len({e["session_id"] for e in requests.values() if e["seq"]}) == 1
+    health = httpx2.get(proxy.url + "/healthz").json()
+    assert health["records_written"] == 3 and health["records_unrecorded"] == 0
+
+
+def test_deleted_log_dir_is_noticed_recreated_and_reported(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """Deleting the log dir under a running proxy is noticed within seconds even without
+    traffic: the dir and its index are created again, /healthz reports it (degraded,
+    log_dir_recreated) and the next exchanges land in the new files, not in unlinked ones."""
+    client = anthropic_client(proxy)
+    client.messages.create(model="m", max_tokens=5, messages=USER)
+    proxy.flush()
+    shutil.rmtree(proxy.log_dir)
+    deadline = time.monotonic() + 10
+    while not (proxy.log_dir / "sessions.db").exists():
+        assert time.monotonic() < deadline, "the log dir was not recreated within 10 s"
+        time.sleep(0.05)
+    health = httpx2.get(proxy.url + "/healthz").json()
+    assert health["status"] == "degraded" and health["log_dir_recreated"] == 1
+    client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    proxy.flush()
+    requests = assert_record_agrees(proxy.log_dir)
+    assert [e["body"] for e in requests.values()] == [
+        '{"max_tokens":5,"messages":[{"role":"user","content":"x"}],"model":"m"}']
+
+
+def test_disk_full_leaves_whole_lines_an_agreeing_index_and_a_failing_healthz(
+    fake: FakeUpstream, small_disk: Any
+) -> None:
+    """On a full disk (a real 2 MiB tmpfs) nothing half-written is left: every JSONL file is
+    whole lines, none is empty, JSONL and the index hold the same exchanges; /healthz answers
+    503 failing with the error, forwarding goes on, and once space is freed recording resumes."""
+    disk = small_disk("2m")
+    log_dir = disk / "logs"
+    running = RunningProxy(fake, log_dir)
+    try:
+        client = anthropic_client(running)
+        client.messages.create(model="m", max_tokens=5, messages=USER)
+        running.flush()
+        filler = fill(disk)
+        big = "x" * 150_000
+        for n in range(4):  # a new conversation each, and one shared untracked file
+            client.messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": f"{n} {big}"}])
+            client.messages.count_tokens(model="m", messages=[{"role": "user", "content": big}])
+        assert len(fake.model_calls()) == 5  # every request was forwarded
+        running.flush()
+        answer = httpx2.get(running.url + "/healthz")
+        health = answer.json()
+        assert answer.status_code == 503 and health["status"] == "failing"
+        assert "full" in health["record_error"] or "No space" in health["record_error"]
+        assert health["records_unrecorded"] >= 1
+        assert_record_agrees(log_dir)
+
+        filler.unlink()
+        deadline = time.monotonic() + 20
+        while httpx2.get(running.url + "/healthz").status_code != 200:
+            assert time.monotonic() < deadline, "recording did not resume within 20 s"
+            time.sleep(0.1)
+        client.messages.create(model="m", max_tokens=5,
+                               messages=[{"role": "user", "content": "after " + big}])
+        running.flush()
+        requests = assert_record_agrees(log_dir)
+        assert any("after" in e["body"] for e in requests.values())
+        health = httpx2.get(running.url + "/healthz").json()
+        assert health["status"] == "degraded"
+        assert health["records_written"] + health["records_unrecorded"] == 10
+    finally:
+        running.stop()
+
+
 def test_a_log_dir_shared_with_other_files_keeps_its_mode_and_their_modes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -343,3 +487,62 @@ def test_a_log_dir_shared_with_other_files_keeps_its_mode_and_their_modes(
                     "openai/untracked-20250101.jsonl": 0o600, "scripts/tool.jsonl": 0o644}
     [warning] = [r.getMessage() for r in caplog.records]
     assert "holds more than the record (notes.txt, run.sh, scripts)" in warning
+
+
+def test_a_short_write_on_a_full_disk_is_cut_back_and_kept_in_the_journal(
+    proxy: RunningProxy, fake: FakeUpstream, small_disk: Any
+) -> None:
+    """When the JSONL disk fills mid-line (the provider dir on a real 1 MiB tmpfs, the index
+    beside it on another disk) the torn bytes are cut back, no empty file is left, the batch
+    waits in the index's journal with /healthz 503, and is written whole once there is room."""
+    disk = small_disk("1m")
+    (proxy.log_dir / "openai").symlink_to(disk, target_is_directory=True)
+    filler = fill(disk)
+    os.truncate(filler, filler.stat().st_size - 100 * 1024)  # room for a third of the line
+    httpx2.post(proxy.base("openai") + "/v1/files", content=b"y" * 300_000)
+    proxy.flush()
+    answer = httpx2.get(proxy.url + "/healthz")
+    assert answer.status_code == 503 and "No space left" in answer.json()["record_error"]
+    assert sorted(path.name for path in disk.iterdir()) == ["filler"]  # nothing torn or empty
+
+    filler.unlink()
+    deadline = time.monotonic() + 10
+    while httpx2.get(proxy.url + "/healthz").status_code != 200:
+        assert time.monotonic() < deadline, "the journal was not written within 10 s"
+        time.sleep(0.1)
+    [request] = assert_record_agrees(proxy.log_dir).values()
+    assert request["path"] == "/v1/files" and request["body"] == "y" * 300_000
+    health = httpx2.get(proxy.url + "/healthz").json()
+    assert health["records_written"] == 1 and health["records_unrecorded"] == 0
+
+
+def test_bodies_past_record_max_body_are_recorded_cut_with_size_and_sha256(
+    make_proxy: Any, fake: FakeUpstream
+) -> None:
+    """With record_max_body the client still gets every byte, while the record keeps the
+    start of each larger body with body_truncated, the full size and the SHA-256 of all of it;
+    the exchange is never dropped whole."""
+    running = make_proxy(fake, record_max_body=4096)
+    fake.replies.append(Reply(blocks=[{"type": "text", "text": WORDS * 2000}]))
+    sent = orjson.dumps({"model": "m", "max_tokens": 5, "stream": True,
+                         "messages": [{"role": "user", "content": "q" * 50_000}]})
+
+    async def fetch() -> bytes:
+        async with aiohttp.ClientSession() as session, session.post(
+            running.base() + "/v1/messages", data=sent,
+            headers={"content-type": "application/json"},
+        ) as answer:
+            return await answer.read()
+
+    wire = asyncio.run(fetch())
+    assert wire.count(b"content_block_delta") > 10 and wire.endswith(b"message_stop\"}\n\n")
+    [request] = by_type(running, "request", "*/untracked-*.jsonl")
+    [response] = by_type(running, "response", "*/untracked-*.jsonl")
+    assert request["body_truncated"] is True and request["size"] == len(sent)
+    assert request["body_wire_sha256"] == hashlib.sha256(sent).hexdigest()
+    assert sent.startswith(request["body"].encode()) and len(request["body"]) == 4096
+    assert response["body_truncated"] is True and response["size"] == len(wire)
+    assert response["body_wire_sha256"] == hashlib.sha256(wire).hexdigest()
+    kept = "".join(chunk["raw"] for chunk in response["chunks"]).encode()
+    assert wire.startswith(kept) and 0 < len(kept) <= 4096
+    assert response["outcome"] == "complete"
