@@ -264,7 +264,7 @@ class LocalStore:
     When that fails too the batch is rolled back, counted in ``records_unrecorded`` and the
     error shown on ``/healthz`` (``record_error``), and nothing half-written is left behind.
 
-    The log dir is checked (device and inode) before every batch and about once a second when
+    The log dir is checked (device and inode) before every batch and several times a second when
     idle: deleted or replaced, it is created again with a new index and counted as a sink error.
     An unopenable record (unwritable or missing dir) is retried with a doubling wait
     (``RETRY_FIRST`` … ``RETRY_MAX``); exchanges meanwhile are counted, not recorded.

@@ -377,7 +377,7 @@ def test_a_failed_write_is_kept_in_the_journal_and_written_once_possible(
 
     for obstacle in obstacles:
         obstacle.rmdir()
-    deadline = time.monotonic() + 10  # the idle recorder retries about once a second
+    deadline = time.monotonic() + 10  # the idle recorder retries several times a second
     while httpx2.get(proxy.url + "/healthz").status_code != 200:
         assert time.monotonic() < deadline, "the journal was not written within 10 s"
         time.sleep(0.1)
