@@ -238,7 +238,7 @@ RETRY_MAX = 30.0
 """The longest wait between attempts (the wait doubles from ``RETRY_FIRST``)."""
 FREE_MARGIN = 64 * 1024
 """After a batch failed on a full disk, /healthz says ``failing`` until the disk has that
-batch's size plus this much free again (or the next batch succeeds)."""
+batch's size plus this much free again and the index can be written (or a batch succeeds)."""
 _SQLITE_FULL = 13
 
 
@@ -296,6 +296,7 @@ class LocalStore:
         self._retry_at = 0.0
         self._retry_wait = RETRY_FIRST
         self._room_needed = 0
+        self._failed_batch = False
         self.open()
 
     # -- opening, checking, reopening ------------------------------------------------------------
@@ -362,9 +363,23 @@ class LocalStore:
         """Called when the recorder is idle: notice a deleted dir, retry opening, retry writing
         what the journal holds (so /healthz recovers without traffic)."""
         if not self._in_batch and self.check() and self._write_journal() and \
-                self._room_needed and _free_bytes(self.log_dir) >= self._room_needed:
-            self._room_needed = 0  # the disk that was full has room for that batch again
+                self._failed_batch and _free_bytes(self.log_dir) >= self._room_needed and \
+                self._probe():
+            self._failed_batch = False
             self.record_error = None
+
+    def _probe(self) -> bool:
+        """After a batch failed: can the index be written again (a transaction that writes a
+        page and takes it back)?"""
+        try:
+            with self._sessions.transaction():
+                db = self._sessions.db
+                db.execute("INSERT INTO record_journal (file_path, offset, data)"
+                           " VALUES ('', 0, zeroblob(4096))")
+                db.execute("DELETE FROM record_journal WHERE file_path = ''")
+        except (OSError, sqlite3.Error):
+            return False
+        return True
 
     # -- the batch ------------------------------------------------------------------------------
 
@@ -500,11 +515,13 @@ class LocalStore:
             return
         self.written += records
         self.record_error = None
+        self._failed_batch = False
 
     def _discard_staged(self, exc: BaseException) -> None:
         """The transaction failed (the index's disk is full…): the batch is not recorded."""
-        if _disk_full(exc):
-            self._room_needed = sum(map(len, self._staged.values())) + FREE_MARGIN
+        self._failed_batch = True
+        self._room_needed = sum(map(len, self._staged.values())) + FREE_MARGIN \
+            if _disk_full(exc) else 0
         for session_id in self._staged_sessions:  # their next body must not name these
             self._deltas.forget(session_id)
         self._staged_sessions.clear()

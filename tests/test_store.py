@@ -461,6 +461,33 @@ def test_disk_full_leaves_whole_lines_an_agreeing_index_and_a_failing_healthz(
         running.stop()
 
 
+def test_a_log_dir_that_cannot_be_recreated_fails_until_it_can(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    """The log dir deleted and a file put in its place: the record cannot be reopened, so
+    /healthz answers 503 "failing" with the error while forwarding goes on and the exchanges
+    are counted; once the path is free the record is reopened by itself and records again."""
+    shutil.rmtree(proxy.log_dir)
+    proxy.log_dir.write_text("not a directory")
+    client = anthropic_client(proxy)
+    assert client.messages.create(model="m", max_tokens=5, messages=USER).content
+    proxy.flush()
+    answer = httpx2.get(proxy.url + "/healthz")
+    assert answer.status_code == 503 and answer.json()["status"] == "failing"
+    assert "cannot open the record" in answer.json()["record_error"]
+    assert answer.json()["records_unrecorded"] == 1
+    proxy.log_dir.unlink()
+    deadline = time.monotonic() + 20  # retried after 0.5, 1, 2, 4 … s
+    while httpx2.get(proxy.url + "/healthz").status_code != 200:
+        assert time.monotonic() < deadline, "the record was not reopened within 20 s"
+        time.sleep(0.1)
+    client.messages.create(model="m", max_tokens=5, messages=[
+        {"role": "user", "content": "reopened"}])
+    proxy.flush()
+    [request] = assert_record_agrees(proxy.log_dir).values()
+    assert "reopened" in request["body"]
+
+
 def test_a_log_dir_shared_with_other_files_keeps_its_mode_and_their_modes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
