@@ -48,6 +48,7 @@ from otelproxy.pipeline import EXPORT_OFF, Pipeline, Sink
 from otelproxy.processors import default_processors
 from otelproxy.record import BodyCut, Exchange
 from otelproxy.redact import redact_logging
+from otelproxy.retention import Retention
 from otelproxy.sessions import SessionTracker
 from otelproxy.store import LocalStore
 
@@ -516,7 +517,8 @@ def build_pipeline(
     """The processors and sinks of the record: redact → decode → provider → session; then the
     local store (sharing the session tracker's SQLite connection) and, when configured, OTLP."""
     sessions = SessionTracker(config.db_path)
-    sinks: list[Sink] = [LocalStore(config.log_dir, sessions)]
+    sinks: list[Sink] = [LocalStore(config.log_dir, sessions, Retention.of(
+        config.retention_days, config.retention_max_bytes))]
     exporter = otlp.build_sink(config, env)
     if exporter is not None:
         sinks.append(exporter)

@@ -27,7 +27,23 @@ from pathlib import Path
 
 QUIET_S = 600.0
 """Trees with activity more recent than this are kept whatever the caps say."""
+SWEEP_EVERY = 600.0
+"""The recorder sweeps at start and then at most this often (seconds)."""
 _DAILY = re.compile(r"(?:^|/)(?:untracked|rejected)-(\d{8})\.jsonl$")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """The caps (``--retention-days``, ``--retention-max-bytes``); None means no cap."""
+
+    max_age_s: float | None
+    max_bytes: int | None
+
+    @classmethod
+    def of(cls, days: float | None, max_bytes: int | None) -> Retention | None:
+        if days is None and max_bytes is None:
+            return None
+        return cls(days * 86400.0 if days is not None else None, max_bytes)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from otelproxy.config import PROVIDERS
 from otelproxy.pipeline import Failures
 from otelproxy.preview import assistant_preview, user_preview
 from otelproxy.record import SCHEMA_VERSION, BodyCut, Outcome, Record, SessionKind, iso
+from otelproxy.retention import QUIET_S, SWEEP_EVERY, Retention, sweep
 from otelproxy.sessions import SessionTracker
 
 log = logging.getLogger("otelproxy.store")
@@ -273,8 +274,15 @@ class LocalStore:
     name = "local-store"
     max_open_files = 64
 
-    def __init__(self, log_dir: Path, sessions: SessionTracker) -> None:
+    def __init__(self, log_dir: Path, sessions: SessionTracker,
+                 retention: Retention | None = None) -> None:
         self.log_dir = log_dir
+        self.retention = retention
+        """Age and size caps, swept at start and every ``SWEEP_EVERY`` seconds (None: keep)."""
+        self.retention_deleted = 0
+        self.retention_freed = 0
+        self._sweep_at = 0.0
+        self._said_over_cap = False
         self.written = 0
         self.unrecorded = 0
         self.dirs_recreated = 0
@@ -361,7 +369,8 @@ class LocalStore:
 
     def tick(self) -> None:
         """Called when the recorder is idle: notice a deleted dir, retry opening, retry writing
-        what the journal holds (so /healthz recovers without traffic)."""
+        what the journal holds (so /healthz recovers without traffic), apply retention."""
+        self._sweep_if_due()
         if not self._in_batch and self.check() and self._write_journal() and \
                 self._failed_batch and _free_bytes(self.log_dir) >= self._room_needed and \
                 self._probe():
@@ -402,6 +411,39 @@ class LocalStore:
         finally:
             self._in_batch = False
         self._write_staged()
+        self._sweep_if_due()
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def _sweep_if_due(self) -> None:
+        """Between batches, when due: delete what the retention caps leave no room for."""
+        if self.retention is None or self._in_batch or time.monotonic() < self._sweep_at \
+                or not self.is_open or self._failed_batch:
+            return
+        self._sweep_at = time.monotonic() + SWEEP_EVERY
+        try:
+            done = sweep(self._sessions.db, self.log_dir, max_age_s=self.retention.max_age_s,
+                         max_bytes=self.retention.max_bytes)
+        except (OSError, sqlite3.Error) as exc:
+            self.failures.record(f"{self.name} retention", exc)
+            return
+        for relative in done.files:  # gone: forget the descriptor and the known size
+            fd = self._open.pop(relative, None)
+            if fd is not None:
+                os.close(fd)
+            self._ends.pop(relative, None)
+        for session_id in done.sessions:
+            self._deltas.forget(session_id)
+        self.retention_deleted += len(done.files)
+        self.retention_freed += done.bytes_freed
+        if done.files:
+            log.info("retention: deleted %d record file(s) (%d session(s)), %d bytes",
+                     len(done.files), len(done.sessions), done.bytes_freed)
+        if done.over_cap and not self._said_over_cap:
+            log.warning("retention: the record is %d bytes over --retention-max-bytes in "
+                        "conversations active in the last %d minutes; they are kept",
+                        done.over_cap, QUIET_S // 60)
+        self._said_over_cap = bool(done.over_cap)
 
     def submit(self, record: Record) -> None:
         if not self._in_batch:
@@ -418,7 +460,9 @@ class LocalStore:
         self._staged_records += 1
 
     def counters(self) -> dict[str, int]:
-        return {"records_written": self.written, "sink_errors": self.failures.total,
+        return {"retention_deleted_files": self.retention_deleted,
+                "retention_freed_bytes": self.retention_freed,
+                "records_written": self.written, "sink_errors": self.failures.total,
                 "records_unrecorded": self.unrecorded,
                 "log_dir_recreated": self.dirs_recreated}
 

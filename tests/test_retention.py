@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import urllib.request
+from contextlib import closing
+from datetime import UTC, datetime
 
 import anthropic
+import orjson
 
 from otelproxy import db
 from otelproxy.retention import QUIET_S, sweep
@@ -67,3 +71,40 @@ def test_size_cap_deletes_least_recent_first_and_spares_active_trees(proxy: Runn
                  now=time.time() + QUIET_S + 60)
     assert done.files == [order[0]] and done.over_cap == 0
     assert files(proxy) == set(order[1:])
+
+
+def test_the_recorder_sweeps_at_start_and_records_on_afterwards(fake, tmp_path):
+    """A proxy started with --retention-days on a record whose conversation went quiet three
+    days ago deletes it (counted on /healthz), then records new traffic without a hitch."""
+    log_dir = tmp_path / "logs"
+    first = RunningProxy(fake, log_dir)
+    try:
+        conversation(first, "an old conversation")
+        old = files(first)
+    finally:
+        first.stop()
+    three_days_ago = datetime.fromtimestamp(time.time() - 3 * DAY, UTC).strftime(
+        "%Y-%m-%dT%H:%M:%S.000000Z")
+    with closing(db.connect(log_dir / "sessions.db")) as conn:
+        conn.execute("UPDATE sessions SET last_activity = ?", (three_days_ago,))
+    second = RunningProxy(fake, log_dir, retention_days=1)
+    try:
+        deadline = time.monotonic() + 20
+        while healthz(second).get("retention_deleted_files", 0) < len(old):
+            assert time.monotonic() < deadline, healthz(second)
+            time.sleep(0.1)
+        assert not any((log_dir / f).exists() for f in old)
+        conversation(second, "a new conversation")
+        health = healthz(second)
+        assert health["status"] == "ok" and health["retention_freed_bytes"] > 0
+        with second.db() as conn:
+            rows = conn.execute("SELECT file_path FROM exchanges").fetchall()
+        assert [row["file_path"] for row in rows] == [f for f in files(second)
+                                                      if "untracked" not in f]
+    finally:
+        second.stop()
+
+
+def healthz(proxy: RunningProxy) -> dict:
+    with urllib.request.urlopen(proxy.url + "/healthz", timeout=5) as answer:
+        return orjson.loads(answer.read())
