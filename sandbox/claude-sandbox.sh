@@ -73,7 +73,9 @@ Credentials, passed from this environment by name, never by value:
                                   starts with authentication off (bound to 127.0.0.1)
 ~/.claude is mounted read-only when present, so a subscription login works.
 
-Environment: CLAUDE_SANDBOX_IMAGE, OTELPROXY_IMAGE, SEQ_IMAGE, CLAUDE_CODE_VERSION.
+Environment: CLAUDE_SANDBOX_IMAGE, OTELPROXY_IMAGE, SEQ_IMAGE, CLAUDE_CODE_VERSION,
+NODE_IMAGE and PYTHON_IMAGE (base images for build), OTELPROXY_DEFAULT_UPSTREAM (the
+upstream of the proxy instead of https://api.anthropic.com).
 '
 }
 
@@ -124,6 +126,16 @@ container_state() { # name -> running | stopped | absent
     echo running
   else
     echo stopped
+  fi
+}
+
+# Rootless podman maps the invoking user into the container; root podman has no user namespace
+# and refuses --userns=keep-id. A dry run asks no runtime, so it goes by the invoking user.
+podman_is_rootless() {
+  if ((dry_run)); then
+    ((EUID != 0))
+  else
+    [[ $(podman info --format '{{.Host.Security.Rootless}}' 2>/dev/null) == true ]]
   fi
 }
 
@@ -225,13 +237,18 @@ build_image() { # image containerfile context [build arguments...]
   run "$runtime" build ${format[@]+"${format[@]}"} -t "$image" -f "$file" "$@" "$context"
 }
 
+# NODE_IMAGE and PYTHON_IMAGE name other base images (a mirror, or images built locally).
 build_claude_image() {
+  local base=()
+  if [[ -n ${NODE_IMAGE:-} ]]; then base=(--build-arg "NODE_IMAGE=$NODE_IMAGE"); fi
   build_image "$CLAUDE_IMAGE" "$SCRIPT_DIR/Containerfile.claude" "$SCRIPT_DIR" \
-    --build-arg "CLAUDE_CODE_VERSION=$CLAUDE_VERSION"
+    --build-arg "CLAUDE_CODE_VERSION=$CLAUDE_VERSION" ${base[@]+"${base[@]}"}
 }
 
 build_proxy_image() {
-  build_image "$PROXY_IMAGE" "$REPO_ROOT/Containerfile" "$REPO_ROOT"
+  local base=()
+  if [[ -n ${PYTHON_IMAGE:-} ]]; then base=(--build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"); fi
+  build_image "$PROXY_IMAGE" "$REPO_ROOT/Containerfile" "$REPO_ROOT" ${base[@]+"${base[@]}"}
 }
 
 ensure_images() {
@@ -275,6 +292,8 @@ start_proxy() {
     export OTELPROXY_SEQ_API_KEY=$SEQ_API_KEY
     args+=(-e OTELPROXY_SEQ_API_KEY)
   fi
+  # Another Anthropic-compatible upstream (a gateway, or a fake one in tests).
+  if [[ -n ${OTELPROXY_DEFAULT_UPSTREAM:-} ]]; then args+=(-e OTELPROXY_DEFAULT_UPSTREAM); fi
   ensure_service "$name-api-logger" "${args[@]}" "$PROXY_IMAGE"
 }
 
@@ -287,8 +306,9 @@ claude_run_args() { # fills the array `args`
   args=(-i --name "$name" --network "$network" --init --security-opt no-new-privileges)
   if ((dry_run)) || [[ -t 0 ]]; then args+=(-t); fi
   if ((remove_on_exit)); then args+=(--rm); fi
-  if [[ $runtime == podman ]]; then
+  if [[ $runtime == podman ]] && podman_is_rootless; then
     # Files the container writes in /workspace belong to the invoking user on the host.
+    # (Root podman refuses keep-id; there, as with docker, the container user is uid 1000.)
     args+=("--userns=keep-id:uid=$CLAUDE_UID,gid=$CLAUDE_UID")
   fi
   if [[ $mode == clone ]]; then

@@ -1169,7 +1169,11 @@ class FakeUpstream:
     """Loopback fake of api.anthropic.com and api.openai.com; see the module docstring."""
 
     def __init__(
-        self, responder: Callable[[ReceivedRequest], Reply] | None = None, *, port: int = 0
+        self,
+        responder: Callable[[ReceivedRequest], Reply] | None = None,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.responder: Callable[[ReceivedRequest], Reply] = responder or default_responder
         self.received: list[ReceivedRequest] = []
@@ -1177,6 +1181,8 @@ class FakeUpstream:
         self.url = ""
         self.host_port = ""
         self.port = port
+        self.host = host
+        """Where it listens: loopback, or 0.0.0.0 in a container (`serve --host`)."""
         self._lock = threading.Lock()
         self._loop_thread: LoopThread | None = None
         self._runner: web.AppRunner | None = None
@@ -1197,7 +1203,7 @@ class FakeUpstream:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.port)
+        site = web.TCPSite(runner, self.host, self.port)
         await site.start()
         self._runner = runner
         server = site._server
@@ -1657,11 +1663,12 @@ def capture_claude_code(out_dir: Path) -> list[ReceivedRequest]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tests.fake_upstream serve [--port N]` or `... capture-claude DIR`."""
+    """`python -m tests.fake_upstream serve [--port N] [--host H]` or `... capture-claude DIR`."""
     parser = argparse.ArgumentParser(prog="python -m tests.fake_upstream")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the fake upstream until interrupted")
     serve.add_argument("--port", type=int, default=0)
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other containers")
     capture = sub.add_parser("capture-claude", help="capture Claude Code request samples")
     capture.add_argument("out_dir", type=Path)
     ns = parser.parse_args(argv)
@@ -1669,7 +1676,7 @@ def main(argv: list[str] | None = None) -> int:
         calls = capture_claude_code(ns.out_dir)
         print(f"saved {len(calls)} requests to {ns.out_dir}")
         return 0
-    fake = FakeUpstream(port=ns.port)
+    fake = FakeUpstream(port=ns.port, host=ns.host)
     fake.start()
     print(fake.url, flush=True)
     try:

@@ -8,6 +8,7 @@ upstream, with only the listen address, the log directory and the upstream repla
 from __future__ import annotations
 
 import fnmatch
+import http.server
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -392,3 +394,35 @@ def test_fluent_bit_reads_every_file_the_image_command_records(image_command: Im
     for path in files:
         for line in path.read_text().splitlines():
             datetime.strptime(json.loads(line)["ts"], strptime_format)
+
+
+class _FailingHealthz(http.server.BaseHTTPRequestHandler):
+    """/healthz as a proxy whose recorder is not recording answers it: 503, "failing"."""
+
+    def do_GET(self) -> None:
+        body = b'{"status": "failing"}'
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_healthcheck_command_fails_on_a_503_answer() -> None:
+    """The HEALTHCHECK command exits non-zero when /healthz answers 503 (recorder failing)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingHealthz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        argv = healthcheck_argv()
+        argv[0] = sys.executable
+        env = {**os.environ, "OTELPROXY_PORT": str(server.server_address[1])}
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode != 0
+    assert "503" in done.stderr  # urlopen raised HTTPError, not a connection error

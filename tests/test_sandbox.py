@@ -9,6 +9,7 @@ runtime (idempotency), the fake keeps a little state so a second run sees what t
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -38,7 +39,8 @@ PROXY_IMAGE = "otelproxy:local"
 # (no `=`) would copy from its environment, to $FAKE_RUNTIME_DIR/calls.jsonl. It keeps
 # networks, containers, images and volumes in $FAKE_RUNTIME_DIR/state.json, answering the
 # existence checks the script makes: `network exists|inspect`, `container inspect --format`,
-# `image exists|inspect`, `volume exists|inspect`.
+# `image exists|inspect`, `volume exists|inspect`, and `info --format` (whether podman is
+# rootless: `rootless` in the state, true unless set).
 FAKE_RUNTIME = r"""
 import json, os, sys
 from pathlib import Path
@@ -62,7 +64,9 @@ def option(flag):
 
 kind, verb = (args + ["", ""])[:2]
 known = {"network": state["networks"], "image": state["images"], "volume": state["volumes"]}
-if kind in known and verb in ("exists", "inspect"):
+if kind == "info":
+    print("true" if state.get("rootless", True) else "false")
+elif kind in known and verb in ("exists", "inspect"):
     sys.exit(0 if args[2] in known[kind] else 1)
 if kind == "container" and verb == "inspect":
     container = state["containers"].get(args[-1])
@@ -119,11 +123,13 @@ class Sandbox:
         networks: Sequence[str] = (),
         images: Sequence[str] = (),
         volumes: Sequence[str] = (),
+        rootless: bool = True,
         **containers: bool,
     ) -> None:
         """What the fake runtime knows; `containers` maps a name (`_` for `-`) to running."""
         state = {
             "networks": list(networks), "images": list(images), "volumes": list(volumes),
+            "rootless": rootless,
             "containers": {k.replace("_", "-"): {"running": v} for k, v in containers.items()},
         }
         (self.root / "state.json").write_text(json.dumps(state))
@@ -344,8 +350,23 @@ def test_mount_mode_mounts_the_current_directory_as_the_workspace(
     assert "claude-sandbox-home:/home/node" in options(claude, "-v")
     assert "-i" in claude and "-t" in claude and "--rm" not in claude
     assert claude[-2:] == ["claude-sandbox:local", "claude"]
+    # A dry run asks no runtime whether podman is rootless: it goes by the invoking user.
+    rootless = runtime == "podman" and os.geteuid() != 0
     keep_id = [word for word in claude if word.startswith("--userns=keep-id")]
-    assert keep_id == (["--userns=keep-id:uid=1000,gid=1000"] if runtime == "podman" else [])
+    assert keep_id == (["--userns=keep-id:uid=1000,gid=1000"] if rootless else [])
+
+
+@pytest.mark.parametrize("rootless", [True, False], ids=["rootless", "root"])
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_keep_id_only_for_rootless_podman(sandbox: Sandbox, runtime: str, rootless: bool) -> None:
+    """--userns=keep-id goes to rootless podman only: root podman refuses it, docker lacks it."""
+    sandbox.set_state(["claude-sandbox-net"], ["claude-sandbox:local"], rootless=rootless)
+    result = sandbox.run("--runtime", runtime, "mount")
+    assert result.status == 0, result.stderr
+    claude = next(c for c in result.calls if c[1] == "run")
+    keep_id = [word for word in claude if word.startswith("--userns")]
+    wanted = runtime == "podman" and rootless
+    assert keep_id == (["--userns=keep-id:uid=1000,gid=1000"] if wanted else [])
 
 
 def test_rm_flag_removes_the_claude_container_on_exit(sandbox: Sandbox) -> None:
@@ -448,6 +469,32 @@ def test_build_builds_both_images(sandbox: Sandbox, runtime: str) -> None:
     assert option(claude, "--build-arg") == "CLAUDE_CODE_VERSION=2.1.0"
     for command in (proxy, claude):
         assert (option(command, "--format") == "docker") == (runtime == "podman")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_build_takes_base_images_from_the_environment(sandbox: Sandbox, runtime: str) -> None:
+    """PYTHON_IMAGE and NODE_IMAGE become the base-image build arguments of the two images."""
+    env = {"PYTHON_IMAGE": "localhost/base:1", "NODE_IMAGE": "localhost/node:1"}
+    proxy, claude = sandbox.dry_run("--runtime", runtime, "build", env=env).commands
+    assert options(proxy, "--build-arg") == ["PYTHON_IMAGE=localhost/base:1"]
+    assert options(claude, "--build-arg") == ["CLAUDE_CODE_VERSION=latest",
+                                              "NODE_IMAGE=localhost/node:1"]
+    plain_proxy, plain_claude = sandbox.dry_run("--runtime", runtime, "build").commands
+    assert options(plain_proxy, "--build-arg") == []
+    assert options(plain_claude, "--build-arg") == ["CLAUDE_CODE_VERSION=latest"]
+
+
+def test_proxy_upstream_is_passed_by_name_only_when_set(sandbox: Sandbox) -> None:
+    """OTELPROXY_DEFAULT_UPSTREAM reaches the proxy container (by name) only when it is set."""
+    plain = sandbox.dry_run("--otel", "--log-api")
+    assert "OTELPROXY_DEFAULT_UPSTREAM" not in options(
+        container_run(plain, "claude-sandbox-api-logger"), "-e")
+    env = {"OTELPROXY_DEFAULT_UPSTREAM": "http://upstream:9000"}
+    result = sandbox.run("--runtime", "podman", "--otel", "--log-api", env=env)
+    assert result.status == 0, result.stderr
+    passed = [values for call, values in zip(result.calls, result.passed_env, strict=True)
+              if option(call, "--name") == "claude-sandbox-api-logger"]
+    assert passed == [{"OTELPROXY_DEFAULT_UPSTREAM": "http://upstream:9000"}]
 
 
 def test_dry_run_of_a_sandbox_builds_the_images_it_needs(sandbox: Sandbox) -> None:
