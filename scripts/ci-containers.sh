@@ -43,7 +43,10 @@ while (($#)); do
   esac
   shift
 done
-case $runtime in podman | docker) ;; *) echo "ci-containers: --runtime podman|docker" >&2; exit 2 ;; esac
+if [[ $runtime != podman && $runtime != docker ]]; then
+  echo "ci-containers: --runtime podman|docker" >&2
+  exit 2
+fi
 if [[ -n $rootless_user && $runtime != podman ]]; then
   echo "ci-containers: --rootless-user is for podman" >&2
   exit 2
@@ -54,12 +57,13 @@ PORT_BASE=${OTELPROXY_CI_PORT_BASE:-25480}
 CACHE=${OTELPROXY_CI_CACHE:-/var/cache/otelproxy-ci}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # The version scripts/test.sh pins, which tests/fake_upstream.py is verified against.
-CLAUDE_CODE_VERSION=${CLAUDE_CODE_VERSION:-$(grep -oP 'CLAUDE_CODE_VERSION:-\K[0-9.]+' scripts/test.sh)}
+pinned=$(grep -oP 'CLAUDE_CODE_VERSION:-\K[0-9.]+' scripts/test.sh)
+CLAUDE_CODE_VERSION=${CLAUDE_CODE_VERSION:-$pinned}
 SEQ_TEST_KEY=ci-seq-test-key # a test key: it is baked into the stand-in image
 CA_DIR=/usr/local/share/ca-certificates
 PROMPT="RUN_TOOL:echo sandbox-tool-ran"
 EXPECT_ANSWER="Tool said: sandbox-tool-ran"
-readonly NAME PORT_BASE CACHE DEBIAN_MIRROR CLAUDE_CODE_VERSION SEQ_TEST_KEY CA_DIR PROMPT \
+readonly NAME PORT_BASE CACHE DEBIAN_MIRROR SEQ_TEST_KEY CA_DIR PROMPT \
   EXPECT_ANSWER
 
 started=$SECONDS
@@ -151,7 +155,7 @@ make_node_context() { # directory
 }
 
 prepare_as_root() {
-  [[ $(id -u) == 0 ]] || fail "run as root (it installs packages and makes the base with mmdebstrap)"
+  ((EUID == 0)) || fail "run as root (it installs packages and makes the base with mmdebstrap)"
   install_packages
   mkdir -p "$CACHE"
   chmod 755 "$CACHE"
@@ -196,13 +200,13 @@ import_bases() {
   node_image=${prefix}otelproxy-ci-node:$base_key
   if ! rt image inspect "$base_image" >/dev/null 2>&1; then
     step "import the base ($base_tar)"
-    local changes=(--change 'CMD ["/bin/bash"]'
-      --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin')
+    local path=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    local changes=(--change 'CMD ["/bin/bash"]' --change "ENV PATH=$path")
     if [[ -n $(ca_files) ]]; then
       changes+=(--change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt'
         --change 'ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt')
     fi
-    rt import "${changes[@]}" "$base_tar" "$base_image" >/dev/null
+    rt import -q "${changes[@]}" "$base_tar" "$base_image" >/dev/null
   fi
   step "build the Node base"
   build "$node_image" scripts/ci-containers/Containerfile.node-base "$node_dir" \
@@ -240,9 +244,10 @@ volumes=()
 cleanup() {
   local status=$?
   set +e
-  if ((${#containers[@]})); then rt rm -f "${containers[@]}" >/dev/null 2>&1; fi
+  local object # one at a time: a missing one makes the whole command fail
+  for object in ${containers[@]+"${containers[@]}"}; do rt rm -f -v "$object" >/dev/null 2>&1; done
   rt network rm "$NAME-net" >/dev/null 2>&1
-  if ((${#volumes[@]})); then rt volume rm "${volumes[@]}" >/dev/null 2>&1; fi
+  for object in ${volumes[@]+"${volumes[@]}"}; do rt volume rm "$object" >/dev/null 2>&1; done
   if ((!keep_images)) && ((${#built_images[@]})); then
     rt rmi "${built_images[@]}" >/dev/null 2>&1
   fi
@@ -315,7 +320,8 @@ run_sandbox() {
   check_unhealthy_when_record_unwritable
 
   step "claude-sandbox.sh clean --volumes"
-  rt rm -f "$NAME-upstream" >/dev/null # not the script's: it would keep the network in use
+  # Not the script's: it would keep the network in use. -v: its image's anonymous volume.
+  rt rm -f -v "$NAME-upstream" >/dev/null
   bash sandbox/claude-sandbox.sh --runtime "$runtime" --name "$NAME" clean --volumes
   local left
   left=$(rt ps -a --format '{{.Names}}' | grep -E "^$NAME(-|$)" || true)
@@ -348,25 +354,28 @@ for word in json.loads(sys.argv[1])[1:]: sys.stdout.write(word + "\0")' "$test_j
 # recording from the change that introduces that status; before it, /healthz says 200 and the
 # check cannot hold, so it runs once the source has it.
 check_unhealthy_when_record_unwritable() {
+  local check=healthcheck-unhealthy-when-record-unwritable
   if ! grep -q '"failing"' otelproxy/proxy.py; then
-    echo "healthcheck-unhealthy-when-record-unwritable: not run: /healthz has no \"failing\" status yet"
+    echo "$check: not run: /healthz has no \"failing\" status yet"
     return 0
   fi
-  step "healthcheck-unhealthy-when-record-unwritable"
+  step "$check"
   rt volume create "$NAME-ro-logs" >/dev/null
   rt run -d --name "$NAME-unhealthy" --network "$NAME-net" \
     -v "$NAME-ro-logs:/var/log/otelproxy:ro" "$proxy_image" >/dev/null
   local i
   for ((i = 0; i < 20; i++)); do
-    if ! run_healthcheck "$NAME-unhealthy" >/dev/null 2>&1; then
-      echo "healthcheck-unhealthy-when-record-unwritable: unhealthy, as it must be"
-      rt rm -f "$NAME-unhealthy" >/dev/null
+    # Unhealthy while running: a proxy that died would fail the check for the wrong reason.
+    if ! run_healthcheck "$NAME-unhealthy" >/dev/null 2>&1 &&
+      [[ $(rt container inspect --format '{{.State.Running}}' "$NAME-unhealthy") == true ]]; then
+      echo "$check: unhealthy, as it must be"
+      rt rm -f -v "$NAME-unhealthy" >/dev/null
       return 0
     fi
     sleep 1
   done
   rt logs "$NAME-unhealthy" 2>&1 | tail -20
-  fail "healthcheck-unhealthy-when-record-unwritable: the HEALTHCHECK passed with a read-only record"
+  fail "$check: the HEALTHCHECK passed with a read-only record"
 }
 
 run_stage() {

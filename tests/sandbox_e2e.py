@@ -11,7 +11,8 @@ It exits 0 when everything holds and 1 with one line per failed check otherwise 
 retries while the exports may still be on their way). What must hold:
 
 - the answer Claude Code printed holds TEXT (the fake's reply to the tool result);
-- the record (JSONL and SQLite index) holds the turns of the tool loop, all in one session;
+- the record (JSONL and SQLite index) holds the turns of the tool loop, all in one session, and
+  every model call carries one `X-Claude-Code-Session-Id`;
 - the stand-in accepted every export, each with the right `X-Seq-ApiKey`, and received the
   proxy's spans and log records carrying that `session.id` (decoded with opentelemetry-proto);
 - Claude Code's own telemetry arrived too: log records from `service.name = claude-code`,
@@ -90,20 +91,22 @@ def check(answer: str, record_dir: Path, seq_dir: Path, expect_answer: str,
         failures.append(f"the answer printed lacks {expect_answer!r}: {answer[-300:]!r}")
 
     entries, indexed = read_record(record_dir)
-    responses = [e for e in entries if e.get("type") == "response" and e.get("status") == 200]
-    sessions = {e.get("session_id") for e in entries if e.get("type") in ("request", "response")}
-    client_sessions = {
-        e["client_session_id"] for e in entries
-        if e.get("type") == "session_start" and e.get("client_session_id")
-    }
-    if len(responses) < min_turns:
-        failures.append(f"the record holds {len(responses)} answered turn(s), "
-                        f"expected {min_turns} (the tool loop)")
-    if len(sessions) != 1 or None in sessions:
-        failures.append(f"the record's turns are in sessions {sorted(map(str, sessions))}, "
-                        "expected one")
-    session_id = next(iter(sessions)) if len(sessions) == 1 else None
-    if len(indexed) < min_turns or {s for _, s in indexed} != {session_id}:
+    calls = [e for e in entries if e.get("type") == "request" and e.get("path") == "/v1/messages"]
+    # Claude Code also asks for a title (a conversation of its own, so a session of its own);
+    # the tool loop is the session whose last turn carries the tool's result.
+    loop_sessions = {e.get("session_id") for e in calls if '"tool_result"' in str(e.get("body"))}
+    session_id = next(iter(loop_sessions)) if len(loop_sessions) == 1 else None
+    turns = [e for e in entries if e.get("type") == "response" and e.get("status") == 200
+             and session_id is not None and e.get("session_id") == session_id]
+    if session_id is None or len(turns) < min_turns:
+        failures.append(f"the record holds {len(turns)} answered turn(s) of the tool loop in "
+                        f"sessions {sorted(map(str, loop_sessions))}, expected {min_turns} "
+                        "in one session")
+    client_sessions = {str(e["headers"].get("x-claude-code-session-id")) for e in calls}
+    if len(client_sessions) != 1:
+        failures.append(f"the model calls carry X-Claude-Code-Session-Id {sorted(client_sessions)}"
+                        ", expected one")
+    if session_id is None or [s for _, s in indexed].count(session_id) < min_turns:
         failures.append(f"the SQLite index holds {indexed}, expected {min_turns} exchanges "
                         f"of session {session_id}")
 

@@ -10,6 +10,7 @@ good run and to fail on an empty one before they ever meet a container.
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
 import os
 import socket
@@ -172,3 +173,16 @@ def test_a_sandbox_turn_on_loopback_passes_the_end_to_end_checks(
                                             "Tool said: loopback-tool-ran"):
             assert time.monotonic() < deadline, failures  # the exports are batched
             time.sleep(0.5)
+
+
+def test_standin_reads_a_chunked_body(standin: Standin) -> None:
+    """A `Transfer-Encoding: chunked` export (no Content-Length) is stored whole."""
+    body = log_request("s-chunked")
+    connection = http.client.HTTPConnection(standin.ingest_url.removeprefix("http://"), timeout=10)
+    headers = {"Content-Type": PROTOBUF, "X-Seq-ApiKey": API_KEY}
+    connection.request("POST", "/ingest/otlp/v1/logs", body=iter([body[:7], body[7:]]),
+                       headers=headers, encode_chunked=True)
+    assert connection.getresponse().status == 200
+    connection.close()
+    assert [p.read_bytes() for p in (standin.data / "otlp").iterdir()] == [body]
+    assert standin.requests()[0]["chunked"] is True

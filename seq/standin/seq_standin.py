@@ -4,8 +4,8 @@ Seq itself cannot be pulled on machines without a registry, so `scripts/ci-conta
 this in its place (`SEQ_IMAGE`). It answers what the sandbox uses of Seq (DESIGN.md §5):
 
 - `POST /ingest/otlp/v1/logs` and `/ingest/otlp/v1/traces` (also `/v1/logs`, `/v1/traces`),
-  http/protobuf only (415 otherwise), gzip bodies accepted; with `SEQ_STANDIN_API_KEY` set the
-  `X-Seq-ApiKey` header must match it (401 otherwise);
+  http/protobuf only (415 otherwise), gzip and chunked bodies accepted; with
+  `SEQ_STANDIN_API_KEY` set the `X-Seq-ApiKey` header must match it (401 otherwise);
 - `GET /health` (200);
 - on port 80 (Seq's UI/API port, which takes ingestion too) and 5341 (ingestion only).
 
@@ -22,6 +22,7 @@ import http.server
 import itertools
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -53,7 +54,9 @@ class IngestHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0]
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+        body = self._read_chunked() if chunked else self.rfile.read(
+            int(self.headers.get("Content-Length") or 0))
         kind = KINDS.get(path)
         key_matches = self.headers.get("X-Seq-ApiKey", "") == API_KEY
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -72,13 +75,24 @@ class IngestHandler(http.server.BaseHTTPRequestHandler):
             if status == 200:
                 (DATA / "otlp" / f"{number:06d}-{kind}.pb").write_bytes(body)
             entry = {"n": number, "path": path, "status": status, "content_type": content_type,
-                     "size": len(body), "api_key_sent": "X-Seq-ApiKey" in self.headers,
+                     "size": len(body), "chunked": chunked,
+                     "api_key_sent": "X-Seq-ApiKey" in self.headers,
                      "api_key_matches": key_matches,
                      "user_agent": self.headers.get("User-Agent", "")}
             with (DATA / "requests.jsonl").open("a") as log:
                 log.write(json.dumps(entry) + "\n")
         # An empty Export*ServiceResponse is an empty protobuf message.
         self._answer(status, b"" if status == 200 else b"refused", PROTOBUF)
+
+    def _read_chunked(self) -> bytes:
+        """A `Transfer-Encoding: chunked` body (Node's HTTP client may send one)."""
+        parts = []
+        while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+            parts.append(self.rfile.read(size))
+            self.rfile.readline()  # the CRLF after the chunk
+        while self.rfile.readline().strip():  # trailers, up to the empty line
+            pass
+        return b"".join(parts)
 
     def _answer(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -93,6 +107,8 @@ class IngestHandler(http.server.BaseHTTPRequestHandler):
 
 def main(ports: list[int]) -> None:
     """Serve every port in `ports` until killed."""
+    # As PID 1 in a container SIGTERM is ignored unless handled: stop at once, like Seq does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     (DATA / "otlp").mkdir(parents=True, exist_ok=True)
     servers = [http.server.ThreadingHTTPServer(("0.0.0.0", port), IngestHandler)
                for port in ports]
