@@ -67,8 +67,9 @@ readonly NAME PORT_BASE CACHE DEBIAN_MIRROR SEQ_TEST_KEY CA_DIR PROMPT \
   EXPECT_ANSWER
 
 started=$SECONDS
-step() { printf '\n== ci-containers [%s %ss] %s\n' "$runtime${rootless_user:+ rootless}" \
-  $((SECONDS - started)) "$*"; }
+mode=$runtime
+if [[ -n $rootless_user ]] || ((EUID)); then mode+=" rootless"; fi
+step() { printf '\n== ci-containers [%s %ss] %s\n' "$mode" $((SECONDS - started)) "$*"; }
 fail() { printf 'ci-containers: FAIL %s\n' "$*" >&2; exit 1; }
 
 # ------------------------------------------------------------------------------------------
@@ -221,6 +222,7 @@ build_images() {
   standin_image=${prefix}otelproxy-ci-seq-standin:local
   upstream_image=${prefix}otelproxy-ci-upstream:local
   built_images=("$proxy_image" "$claude_image" "$standin_image" "$upstream_image")
+  mapfile -t dangling_before < <(dangling_images)
   step "claude-sandbox.sh build (otelproxy, Claude Code $CLAUDE_CODE_VERSION)"
   OTELPROXY_IMAGE=$proxy_image CLAUDE_SANDBOX_IMAGE=$claude_image PYTHON_IMAGE=$base_image \
     NODE_IMAGE=$node_image CLAUDE_CODE_VERSION=$CLAUDE_CODE_VERSION \
@@ -239,6 +241,8 @@ build_images() {
   done
 }
 
+dangling_images() { rt images -q --no-trunc --filter dangling=true | sort; }
+
 containers=() # everything this run creates, for the clean-up
 volumes=()
 cleanup() {
@@ -250,11 +254,27 @@ cleanup() {
   for object in ${volumes[@]+"${volumes[@]}"}; do rt volume rm "$object" >/dev/null 2>&1; done
   if ((!keep_images)) && ((${#built_images[@]})); then
     rt rmi "${built_images[@]}" >/dev/null 2>&1
+    # podman keeps each builder stage as an untagged image: remove the ones this run made.
+    for object in $(comm -13 <(printf '%s\n' "${dangling_before[@]}") <(dangling_images)); do
+      rt rmi "$object" >/dev/null 2>&1
+    done
   fi
   rm -rf "$work"
   ((status)) && printf 'ci-containers: failed after %ss (status %s)\n' \
     $((SECONDS - started)) "$status" >&2
   return "$status"
+}
+
+# The .venv of scripts/test.sh (opentelemetry-proto). A rootless user may not be able to run its
+# interpreter (e.g. one under /root); then the system python3 (same minor version) reads its
+# site-packages.
+check_python() {
+  if "$REPO/.venv/bin/python" -c '' 2>/dev/null; then
+    "$REPO/.venv/bin/python" "$@"
+  else
+    local site_packages=("$REPO"/.venv/lib/python3*/site-packages)
+    PYTHONPATH=${site_packages[0]} python3 "$@"
+  fi
 }
 
 wait_for_log() { # container text seconds
@@ -285,8 +305,15 @@ run_sandbox() {
 
   step "claude-sandbox.sh --otel --log-api mount -- -p '$PROMPT'"
   mkdir -p "$work/workspace" "$work/home"
-  local sandbox_started=$SECONDS status=0
-  (cd "$work/workspace" && HOME=$work/home SEQ_IMAGE=$standin_image OTELPROXY_IMAGE=$proxy_image \
+  # The script mounts ~/.claude (a login) when there is one: not here. Root gets an empty HOME;
+  # rootless podman finds its storage through HOME, so the rootless user must have no ~/.claude
+  # (the CI's user is made for this run).
+  local home=$work/home sandbox_started=$SECONDS status=0
+  if ((EUID)); then
+    home=$HOME
+    [[ ! -e $HOME/.claude ]] || fail "$HOME/.claude exists: the sandbox would mount this login"
+  fi
+  (cd "$work/workspace" && HOME=$home SEQ_IMAGE=$standin_image OTELPROXY_IMAGE=$proxy_image \
     CLAUDE_SANDBOX_IMAGE=$claude_image OTELPROXY_DEFAULT_UPSTREAM=http://upstream:9000 \
     ANTHROPIC_API_KEY=sk-ant-ci-dummy-key SEQ_API_KEY=$SEQ_TEST_KEY \
     bash "$REPO/sandbox/claude-sandbox.sh" --runtime "$runtime" --name "$NAME" \
@@ -306,7 +333,7 @@ run_sandbox() {
   for attempt in $(seq 30); do # the exports are batched: give them up to a minute
     copy_out "$NAME-api-logger" /var/log/otelproxy "$work/record"
     copy_out "$NAME-seq" /data "$work/seq"
-    if "$REPO/.venv/bin/python" -m tests.sandbox_e2e --answer "$work/answer.txt" \
+    if check_python -m tests.sandbox_e2e --answer "$work/answer.txt" \
       --record "$work/record" --seq "$work/seq" --expect-answer "$EXPECT_ANSWER" \
       2>"$work/check.err"; then
       break
@@ -343,7 +370,7 @@ run_healthcheck() { # container
     [[ $test_json == '["CMD",'* ]] || fail "unexpected HEALTHCHECK form: $test_json"
     local argv=()
     while IFS= read -r -d '' word; do argv+=("$word"); done < <(
-      "$REPO/.venv/bin/python" -c 'import json, sys
+      check_python -c 'import json, sys
 for word in json.loads(sys.argv[1])[1:]: sys.stdout.write(word + "\0")' "$test_json")
     docker exec "$1" "${argv[@]}"
   fi
@@ -363,6 +390,11 @@ check_unhealthy_when_record_unwritable() {
   rt volume create "$NAME-ro-logs" >/dev/null
   rt run -d --name "$NAME-unhealthy" --network "$NAME-net" \
     -v "$NAME-ro-logs:/var/log/otelproxy:ro" "$proxy_image" >/dev/null
+  wait_for_log "$NAME-unhealthy" "listening on" 30
+  # One exchange (the upstream is out of reach: a 502) gives the recorder something to write.
+  rt exec "$NAME-unhealthy" python -c 'import urllib.request as r
+try: r.urlopen(r.Request("http://127.0.0.1:8000/v1/messages", data=b"{}"), timeout=30)
+except OSError as error: print("one exchange:", error)'
   local i
   for ((i = 0; i < 20; i++)); do
     # Unhealthy while running: a proxy that died would fail the check for the wrong reason.
@@ -380,7 +412,7 @@ check_unhealthy_when_record_unwritable() {
 
 run_stage() {
   work=$(mktemp -d "${TMPDIR:-/tmp}/ci-containers.XXXXXX")
-  built_images=()
+  built_images=() dangling_before=()
   trap cleanup EXIT
   if [[ $runtime == podman ]]; then
     write_podman_config "$work"
