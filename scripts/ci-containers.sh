@@ -2,6 +2,7 @@
 # Build the real images and run `claude-sandbox.sh --otel --log-api mount` end to end.
 #
 #   scripts/ci-containers.sh [--runtime podman|docker] [--rootless-user USER] [--keep-images]
+#   scripts/ci-containers.sh --all      root podman, rootless podman (user otelproxy-ci), docker
 #
 # Default: root podman. --rootless-user runs the images and the sandbox as USER (rootless
 # podman; the user is created with subuid/subgid ranges when missing). --runtime docker starts
@@ -19,8 +20,9 @@
 #      the Seq stand-in (seq/standin/) and the fake upstream (tests/fake_upstream.py) too.
 # Then one `claude -p` turn with a Bash tool call runs in the sandbox, on an --internal network
 # (no traffic leaves the machine), and tests/sandbox_e2e.py checks the answer, the proxy's
-# record and what the stand-in received; the proxy's HEALTHCHECK is run; `clean --volumes`
-# must leave nothing behind. Containers, networks, volumes and the images it built are removed
+# record and what the stand-in received; the proxy's HEALTHCHECK is run (and, once /healthz
+# has its "failing" status, must fail for a proxy whose record volume is read-only: the check
+# healthcheck-unhealthy-when-record-unwritable); `clean --volumes` must leave nothing behind. Containers, networks, volumes and the images it built are removed
 # on every exit (--keep-images keeps the images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +39,7 @@ while (($#)); do
     --runtime) runtime=$2; shift ;;
     --rootless-user) rootless_user=$2; shift ;;
     --keep-images) keep_images=1 ;;
+    --all) stage=every-runtime ;;
     --stage) stage=$2; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "ci-containers: unknown argument $1" >&2; exit 2 ;;
@@ -207,7 +210,8 @@ import_bases() {
       changes+=(--change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt'
         --change 'ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt')
     fi
-    rt import -q "${changes[@]}" "$base_tar" "$base_image" >/dev/null
+    rt import "${changes[@]}" "$base_tar" "$base_image" >/dev/null 2>&1 ||
+      rt import "${changes[@]}" "$base_tar" "$base_image" # again, to show why
   fi
   step "build the Node base"
   build "$node_image" scripts/ci-containers/Containerfile.node-base "$node_dir" \
@@ -451,7 +455,22 @@ stop_dockerd() {
   rm -rf "${docker_bin_dir:-}"
 }
 
+# Each runtime in its own run of this script, one after the other; stops at the first failure.
+every_runtime() {
+  local setup setups=("--runtime podman" "--rootless-user otelproxy-ci" "--runtime docker")
+  for setup in "${setups[@]}"; do
+    # shellcheck disable=SC2086 # the setups are words
+    bash "$REPO/scripts/ci-containers.sh" $setup
+  done
+  printf '\nci-containers: root podman, rootless podman and docker passed in %ss\n' \
+    $((SECONDS - started))
+}
+
 main() {
+  if [[ $stage == every-runtime ]]; then
+    every_runtime
+    return
+  fi
   if [[ $stage == run ]]; then # as the rootless user, called below
     base_key=$OTELPROXY_CI_BASE_KEY base_tar=$OTELPROXY_CI_BASE_TAR node_dir=$OTELPROXY_CI_NODE_DIR
     run_stage
