@@ -80,9 +80,12 @@ fail() { printf 'ci-containers: FAIL %s\n' "$*" >&2; exit 1; }
 # ------------------------------------------------------------------------------------------
 
 install_packages() {
+  # catatonit is podman's --init; recommended, not required, so named here.
   local wanted=(podman:podman runc:runc iptables:iptables mmdebstrap:mmdebstrap
-    aardvark-dns:/usr/lib/podman/aardvark-dns netavark:/usr/lib/podman/netavark)
-  [[ -n $rootless_user ]] && wanted+=(uidmap:newuidmap slirp4netns:slirp4netns)
+    aardvark-dns:/usr/lib/podman/aardvark-dns netavark:/usr/lib/podman/netavark
+    catatonit:/usr/libexec/podman/catatonit)
+  [[ -n $rootless_user ]] &&
+    wanted+=(uidmap:newuidmap slirp4netns:slirp4netns fuse-overlayfs:fuse-overlayfs)
   [[ $runtime == docker ]] && wanted+=(docker.io:/usr/bin/docker)
   local pair missing=()
   for pair in "${wanted[@]}"; do

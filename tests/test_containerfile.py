@@ -1,8 +1,9 @@
 """The proxy image's Containerfile: its shape, and its default command run locally for real.
 
-No container engine runs here, so the image is never built. Instead the final stage's ENV and
-ENTRYPOINT are read from the Containerfile and run as a local process against the fake
-upstream, with only the listen address, the log directory and the upstream replaced.
+The pytest suite builds no image (scripts/ci-containers.sh builds it, runs it in the sandbox
+and runs its HEALTHCHECK). Here the final stage's ENV and ENTRYPOINT are read from the
+Containerfile and run as a local process against the fake upstream, with only the listen
+address, the log directory and the upstream replaced; the HEALTHCHECK command runs against it.
 """
 
 from __future__ import annotations

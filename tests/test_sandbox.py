@@ -1,7 +1,8 @@
 """sandbox/claude-sandbox.sh: shellcheck-clean, and the container commands it prints or runs.
 
-No container engine runs here. `--dry-run` prints every command instead of running it, and the
-tests read those lines. The runtime is found on PATH, so each run gets a PATH holding only fake
+The pytest suite starts no container (scripts/ci-containers.sh runs the script for real with
+podman and docker). `--dry-run` prints every command instead of running it, and the tests read
+those lines. The runtime is found on PATH, so each run gets a PATH holding only fake
 `podman`/`docker` executables; a dry run must never call them. For the runs that do call the
 runtime (idempotency), the fake keeps a little state so a second run sees what the first made.
 """
