@@ -32,6 +32,7 @@ from typing import Any
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from otelproxy.compact import DeltaError, request_body
 from tests.otlp_receiver import attributes
 
 PROXY_SERVICE = "otelproxy"
@@ -93,8 +94,18 @@ def check(answer: str, record_dir: Path, seq_dir: Path, expect_answer: str,
     entries, indexed = read_record(record_dir)
     calls = [e for e in entries if e.get("type") == "request" and e.get("path") == "/v1/messages"]
     # Claude Code also asks for a title (a conversation of its own, so a session of its own);
-    # the tool loop is the session whose last turn carries the tool's result.
-    loop_sessions = {e.get("session_id") for e in calls if '"tool_result"' in str(e.get("body"))}
+    # the tool loop is the session whose last turn carries the tool's result. A later turn's
+    # body is recorded as a delta against the one before: rebuilt here, hash checked.
+    by_id = {e["exchange_id"]: e for e in entries if e.get("type") == "request"}
+    loop_sessions = set()
+    for call in calls:
+        try:
+            body = request_body(call, by_id.__getitem__)
+        except (DeltaError, KeyError) as error:
+            failures.append(f"the body of {call.get('exchange_id')} does not rebuild: {error!r}")
+            continue
+        if b'"tool_result"' in body:
+            loop_sessions.add(call.get("session_id"))
     session_id = next(iter(loop_sessions)) if len(loop_sessions) == 1 else None
     turns = [e for e in entries if e.get("type") == "response" and e.get("status") == 200
              and session_id is not None and e.get("session_id") == session_id]
