@@ -269,7 +269,14 @@ ensure_service() { # container [run arguments...]
   case $(container_state "$container") in
     running) note "reusing running container $container" ;;
     stopped) run "$runtime" start "$container" ;;
-    absent) run "$runtime" run -d --name "$container" "$@" ;;
+    absent)
+      # A detached run prints the container's id: kept off stdout, which is Claude Code's.
+      if ((dry_run)); then
+        run "$runtime" run -d --name "$container" "$@"
+      else
+        run "$runtime" run -d --name "$container" "$@" >/dev/null
+      fi
+      ;;
   esac
 }
 

@@ -79,6 +79,8 @@ elif kind == "network" and verb == "create":
 elif kind == "build":
     state["images"].append(option("-t")); save()
 elif kind == "run":
+    if "-d" in args:
+        print("0123456789abcdef")  # a detached run prints the container's id
     if "--rm" not in args:
         state["containers"][option("--name")] = {"running": "-d" in args}
     save()
@@ -621,6 +623,14 @@ def test_second_run_reuses_the_network_seq_and_proxy(sandbox: Sandbox, runtime: 
     assert "reusing running container claude-sandbox-api-logger" in second.stderr
     for secret in SECRETS:
         assert not [call for call in first.calls + second.calls if secret in " ".join(call)]
+
+
+def test_stdout_is_left_to_claude_code(sandbox: Sandbox) -> None:
+    """The ids that detached runs print stay off stdout, so `-- -p` output is Claude's alone."""
+    result = sandbox.run("--runtime", "podman", "--otel", "--log-api", "mount", "--", "-p", "x")
+    assert result.status == 0, result.stderr
+    assert len([c for c in result.calls if "-d" in c]) == 2
+    assert result.stdout == ""
 
 
 def test_stopped_companions_are_started_not_recreated(sandbox: Sandbox) -> None:
