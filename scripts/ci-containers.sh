@@ -252,18 +252,26 @@ dangling_images() { rt images -q --no-trunc --filter dangling=true | sort; }
 
 containers=() # everything this run creates, for the clean-up
 volumes=()
-cleanup() {
-  local status=$?
-  set +e
+remove_objects() { # the containers, network and volumes of a run, those that exist
   local object # one at a time: a missing one makes the whole command fail
-  for object in ${containers[@]+"${containers[@]}"}; do rt rm -f -v "$object" >/dev/null 2>&1; done
-  rt network rm "$NAME-net" >/dev/null 2>&1
-  for object in ${volumes[@]+"${volumes[@]}"}; do rt volume rm "$object" >/dev/null 2>&1; done
+  for object in ${containers[@]+"${containers[@]}"}; do
+    rt rm -f -v "$object" >/dev/null 2>&1 || true
+  done
+  rt network rm "$NAME-net" >/dev/null 2>&1 || true
+  for object in ${volumes[@]+"${volumes[@]}"}; do
+    rt volume rm "$object" >/dev/null 2>&1 || true
+  done
+}
+
+cleanup() {
+  local status=$? image
+  set +e
+  remove_objects
   if ((!keep_images)) && ((${#built_images[@]})); then
     rt rmi "${built_images[@]}" >/dev/null 2>&1
     # podman keeps each builder stage as an untagged image: remove the ones this run made.
-    for object in $(comm -13 <(printf '%s\n' "${dangling_before[@]}") <(dangling_images)); do
-      rt rmi "$object" >/dev/null 2>&1
+    for image in $(comm -13 <(printf '%s\n' "${dangling_before[@]}") <(dangling_images)); do
+      rt rmi "$image" >/dev/null 2>&1
     done
   fi
   rm -rf "$work"
@@ -303,6 +311,7 @@ copy_out() { # container path directory
 run_sandbox() {
   containers=("$NAME" "$NAME-seq" "$NAME-api-logger" "$NAME-upstream" "$NAME-unhealthy")
   volumes=("$NAME-home" "$NAME-workspace" "$NAME-logs" "$NAME-seq-data" "$NAME-ro-logs")
+  remove_objects # left by a run that was killed before its clean-up
   step "fake upstream on the internal network $NAME-net"
   # --internal: the containers reach each other and nothing else (no route off the machine).
   rt network create --internal "$NAME-net" >/dev/null
