@@ -394,12 +394,13 @@ for word in json.loads(sys.argv[1])[1:]: sys.stdout.write(word + "\0")' "$test_j
 
 # Check `healthcheck-unhealthy-when-record-unwritable`: a proxy whose record volume is
 # read-only must report unhealthy. /healthz answers 503 "failing" when the recorder is not
-# recording from the change that introduces that status; before it, /healthz says 200 and the
-# check cannot hold, so it runs once the source has it.
+# recording from the change that introduces that answer (the first 503 in
+# otelproxy/proxy.py); before it, /healthz says 200 and the check cannot hold, so it runs once
+# the source has it.
 check_unhealthy_when_record_unwritable() {
   local check=healthcheck-unhealthy-when-record-unwritable
-  if ! grep -q '"failing"' otelproxy/proxy.py; then
-    echo "$check: not run: /healthz has no \"failing\" status yet"
+  if ! grep -q 'status=503' otelproxy/proxy.py; then
+    echo "$check: not run: /healthz never answers 503 yet"
     return 0
   fi
   step "$check"
