@@ -20,10 +20,10 @@
 #      the Seq stand-in (seq/standin/) and the fake upstream (tests/fake_upstream.py) too.
 # Then one `claude -p` turn with a Bash tool call runs in the sandbox, on an --internal network
 # (no traffic leaves the machine), and tests/sandbox_e2e.py checks the answer, the proxy's
-# record and what the stand-in received; the proxy's HEALTHCHECK is run (and, once /healthz
-# has its "failing" status, must fail for a proxy whose record volume is read-only: the check
-# healthcheck-unhealthy-when-record-unwritable); `clean --volumes` must leave nothing behind. Containers, networks, volumes and the images it built are removed
-# on every exit (--keep-images keeps the images).
+# record and what the stand-in received; the proxy's HEALTHCHECK is run, and must fail for a
+# proxy whose record volume is read-only (healthcheck-unhealthy-when-record-unwritable);
+# `clean --volumes` must leave nothing behind. Containers, networks, volumes and the images it
+# built are removed on every exit (--keep-images keeps the images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -393,16 +393,10 @@ for word in json.loads(sys.argv[1])[1:]: sys.stdout.write(word + "\0")' "$test_j
 }
 
 # Check `healthcheck-unhealthy-when-record-unwritable`: a proxy whose record volume is
-# read-only must report unhealthy. /healthz answers 503 "failing" when the recorder is not
-# recording from the change that introduces that answer (the first 503 in
-# otelproxy/proxy.py); before it, /healthz says 200 and the check cannot hold, so it runs once
-# the source has it.
+# read-only must report unhealthy: /healthz answers 503 "failing" while the recorder cannot
+# record.
 check_unhealthy_when_record_unwritable() {
   local check=healthcheck-unhealthy-when-record-unwritable
-  if ! grep -q 'status=503' otelproxy/proxy.py; then
-    echo "$check: not run: /healthz never answers 503 yet"
-    return 0
-  fi
   step "$check"
   rt volume create "$NAME-ro-logs" >/dev/null
   rt run -d --name "$NAME-unhealthy" --network "$NAME-net" \
