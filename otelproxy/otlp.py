@@ -143,7 +143,7 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 MAX_CHUNK_OFFSETS: Final = 8192
 """``stream.chunk_offsets_ms`` keeps the first this many chunks (``….truncated`` beside it)."""
 WARN_INTERVAL_S: Final = 60.0
-SLOW_EXPORT_S: Final = 1.0
+SLOW_EXPORT_S: Final = 0.75
 """An export unanswered for this long counts as failing (``export_status``) while it waits."""
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 5.0
 _ABORTS: Final = frozenset({Outcome.CLIENT_ABORTED, Outcome.UPSTREAM_ABORTED,
