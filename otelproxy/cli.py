@@ -21,6 +21,15 @@ from otelproxy.errors import ConfigError
 
 COMMANDS = ("serve", "sessions", "show")
 
+_COMMANDS_HELP = """\
+commands:
+  otelproxy [serve] [options]     run the proxy (the default command; its options are above)
+  otelproxy sessions [--provider P] [--since T] [--json]
+                                  list recorded sessions, newest first
+  otelproxy show SESSION [--json] print one session's turns and its branch tree
+  `otelproxy sessions --help` and `otelproxy show --help` describe their options.
+"""
+
 _ENV_HELP = """\
 environment (flags win over environment, environment over the TOML file):
   OTELPROXY_HOST, OTELPROXY_PORT, OTELPROXY_LOG_DIR, OTELPROXY_CONFIG,
@@ -57,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A transparent logging proxy for the Anthropic and OpenAI HTTP APIs. "
         "Point a client at http://HOST:PORT/{provider}/{upstream_host}/ "
         "(e.g. ANTHROPIC_BASE_URL=http://127.0.0.1:8080/anthropic/api.anthropic.com).",
-        epilog=_ENV_HELP,
+        epilog=_COMMANDS_HELP + "\n" + _ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"otelproxy {__version__}")
@@ -65,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      parser_class=_Parser)
     serve = commands.add_parser(
         "serve", help="run the proxy (the default command)", description=parser.description,
-        epilog=_ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_COMMANDS_HELP + "\n" + _ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")

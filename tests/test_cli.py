@@ -60,6 +60,19 @@ def test_help_documents_every_option() -> None:
             assert action.option_strings[-1] in text
 
 
+def test_help_lists_the_subcommands() -> None:
+    """`otelproxy --help` names `sessions` and `show` beside `serve`, and each one's own
+    `--help` works as the listing says."""
+    result = run_cli(["--help"])
+    assert result.returncode == 0
+    commands = result.stdout.partition("\ncommands:\n")[2].partition("\n\n")[0]
+    for usage in ("otelproxy [serve]", "otelproxy sessions", "otelproxy show SESSION"):
+        assert usage in commands, (usage, commands)
+    for name, option in (("sessions", "--since"), ("show", "SESSION")):
+        own = run_cli([name, "--help"])
+        assert own.returncode == 0 and option in own.stdout, (name, own.stderr)
+
+
 def test_version() -> None:
     """`otelproxy --version` prints the version."""
     result = run_cli(["--version"])
