@@ -1,27 +1,36 @@
-"""The benchmark runs end to end and reports every figure (timing targets are not asserted here:
-the benchmark itself checks them; a test only checks that nothing is lost or left unrecorded)."""
+"""The benchmark (``benchmarks/``) runs end to end in its quick mode and reports every figure.
+
+Timing targets are not asserted here (the benchmark checks and prints them); the tests check
+that every phase produced its figures, nothing was lost or left unrecorded, a peer that is not
+installed is reported as such, and the CPU pinning and process-tree accounting work.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from otelproxy import bench
+from benchmarks import procs, run, targets, traffic
 
 ROOT = Path(__file__).resolve().parent.parent
+MEASURED = ("bare", "otelproxy", "otelproxy+otlp")
 
 
 @pytest.fixture(scope="module")
-def quick() -> dict[str, Any]:
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    no_peers = tmp_path_factory.mktemp("no-peers") / "venv"
     completed = subprocess.run(
-        [sys.executable, "-m", "otelproxy.bench", "--quick", "--json"],
-        cwd=ROOT, capture_output=True, timeout=120, check=False,
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--json", "--peers-venv",
+         str(no_peers)],
+        cwd=ROOT, capture_output=True, timeout=280, check=False,
     )
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")[-4000:]
     result: dict[str, Any] = orjson.loads(completed.stdout)
@@ -33,82 +42,165 @@ def _number(value: Any) -> bool:
 
 
 def test_quick_run_reports_every_figure(quick: dict[str, Any]) -> None:
-    """`--quick --json` prints latency, SSE, requests/s, record, memory and target figures."""
-    latency = quick["latency"]
-    for target in ("direct", "bare", "otelproxy"):
-        assert _number(latency[target]["p50_ms"]) and _number(latency[target]["p99_ms"])
-    for target in ("bare", "otelproxy"):
-        assert _number(latency[target]["added_p50_ms"])
-        assert _number(latency[target]["added_p99_ms"])
-        assert _number(latency[target]["cpu_ms_per_request"])
-    first = quick["first_event"]
-    for target in ("direct", "bare", "otelproxy"):
-        assert _number(first[target]["p50_ms"]) and _number(first[target]["p99_ms"])
-    assert set(quick["sse"]) == {"1", "50"}
-    for sse in quick["sse"].values():
-        for target in ("direct", "bare", "otelproxy"):
-            row = sse[target]
-            for key in ("first_event_p50_ms", "gap_p50_ms", "gap_p99_ms", "gap_max_ms"):
-                assert _number(row[key]), (key, row)
-        for target in ("bare", "otelproxy"):
-            assert _number(sse[target]["gap_p99_over_direct_ms"])
-    rps = quick["rps"]
-    assert rps["concurrency"] == 32
-    for target in ("direct", "bare", "otelproxy"):
-        assert rps[target]["requests"] > 0 and rps[target]["rps"] > 0
-    assert _number(rps["ratio"]) and _number(rps["ratio_served"])
-    talk = quick["rps_conversations"]
-    assert talk["turns_per_conversation"] == bench.CONVERSATION_TURNS
-    assert "direct" not in talk
-    for target in ("bare", "otelproxy"):
-        assert talk[target]["requests"] > 0 and _number(talk[target]["cpu_ms_per_request"])
-    assert _number(talk["ratio"]) and _number(talk["ratio_served"])
-    assert quick["memory"]["otelproxy_peak_rss_mb"] > 0
-    names = [check["name"] for check in quick["targets"]]
-    assert len(names) == 6 and all(isinstance(c["pass"], bool) for c in quick["targets"])
-    assert quick["otlp"] is None
+    """`--quick --json` gives CPU per exchange, latency, SSE at 1/50/500, memory and wrk figures
+    for bare, otelproxy and otelproxy with OTLP export, with ratios to bare."""
+    cc = quick["claude_code"]
+    assert cc["conversations"] == 20
+    for name in MEASURED:
+        assert cc[name]["exchanges"] > 0 and _number(cc[name]["cpu_ms_per_exchange"])
+        assert cc[name]["cpu_ms_per_exchange"] > 0
+        assert _number(cc[name]["ratio_to_bare"])
+        latency = quick["latency"][name]
+        for key in ("p50_ms", "p99_ms", "over_direct_p50_ms", "over_bare_p50_ms",
+                    "over_bare_p99_ms"):
+            assert _number(latency[key]), (name, key)
+        memory = quick["memory"][name]
+        assert memory["start_mib"] > 0 and memory["idle_mib"] > 0
+        assert _number(memory["per_100_streams_mib"])
+        assert quick["wrk"][name]["rps"] > 0 and _number(quick["wrk"][name]["ratio_to_bare"])
+    assert cc["bare"]["ratio_to_bare"] == 1.0
+    assert quick["latency"]["body_bytes"] > 90_000
+    assert set(quick["sse"]) == {"1", "50", "500"}
+    for level in quick["sse"].values():
+        for name in ("direct", *MEASURED):
+            for key in ("first_event_p50_ms", "first_event_p99_ms", "gap_p50_ms", "gap_p99_ms"):
+                assert _number(level[name][key]), (name, key)
+        for name in MEASURED:
+            assert _number(level[name]["gap_p99_over_direct_ms"])
+            assert _number(level[name]["first_event_p50_over_direct_ms"])
+    names = [check["name"] for check in quick["checks"]]
+    assert any("CPU per Claude Code exchange" in name for name in names)
+    assert any("idle RSS" in name for name in names)
+    assert quick["settings"]["quick"] is True
+
+
+def test_peers_that_are_not_installed_are_reported(quick: dict[str, Any]) -> None:
+    """mitmproxy and claude-tap without their virtualenv are listed as unavailable, with why,
+    in the JSON and in the printed report."""
+    for name in targets.PEERS:
+        row = quick["targets"][name]
+        assert row["status"] == "unavailable"
+        assert "not installed" in row["error"] and "install-peers.sh" in row["error"]
+        assert name not in quick["claude_code"]
+    text = run.format_report(quick)
+    assert "mitmproxy" in text and "claude-tap" in text and "unavailable" in text
+    assert "CPU ms/exch" in text and "x bare" in text
 
 
 def test_quick_run_loses_no_event(quick: dict[str, Any]) -> None:
-    """Every content_block_delta the upstream sent reached the client, through every target."""
-    assert quick["events_lost"] == 0
-    assert quick["events_lost_by_target"] == {"direct": 0, "bare": 0, "otelproxy": 0}
-    sent = sum(sse[t]["events_sent"] for sse in quick["sse"].values() for t in bench.TARGETS)
-    assert sent > 0
-    assert all(sse[t]["incomplete_streams"] == 0
-               for sse in quick["sse"].values() for t in bench.TARGETS)
+    """Every delta the upstream sent reached the client whole, through every target."""
+    for level in quick["sse"].values():
+        for name in ("direct", *MEASURED):
+            assert level[name]["events_sent"] > 0
+            assert level[name]["events_lost"] == 0, (name, level)
+            assert level[name]["incomplete_streams"] == 0
+    for name in ("direct", *MEASURED):
+        assert quick["targets"][name]["failures"] == 0, name
+        assert quick["targets"][name]["status"] == "measured"
+    assert all(cc["incomplete"] == 0 for name, cc in quick["claude_code"].items()
+               if name in MEASURED)
 
 
-def test_quick_run_records_every_exchange(quick: dict[str, Any]) -> None:
-    """After the flush, the JSONL holds one request entry and SQLite one row per request sent."""
-    assert quick["sent"] == quick["requests_sent"]["otelproxy"] > 0
-    assert quick["recorded"] == quick["sent"]
-    assert quick["record"]["sqlite_exchanges"] == quick["sent"]
-    assert quick["record"]["records_dropped"] == 0
-    assert quick["all_recorded"] is True
-    # The conversation phase really continues sessions: they reach their last turn.
-    assert quick["record"]["longest_session"] == bench.CONVERSATION_TURNS
-    assert 0 < quick["record"]["sessions"] < quick["sent"]
-    assert quick["errors"] == {"direct": 0, "bare": 0, "otelproxy": 0}
+def test_quick_run_records_and_exports_every_exchange(quick: dict[str, Any]) -> None:
+    """otelproxy's record holds a row for every exchange it served, conversations continue
+    their session turn after turn, and the OTLP receiver got one SERVER span per exchange."""
+    for name in ("otelproxy", "otelproxy+otlp"):
+        record = quick["record"][name]
+        assert record["served"] > 0 and record["exchanges"] == record["served"], record
+        assert record["complete"] is True and record["dropped"] == 0
+        assert record["longest_session"] >= 2  # the growing messages continue a session
+    receiver = quick["otlp_receiver"]
+    assert receiver["decoded"] is True
+    assert receiver["server_spans"] == quick["record"]["otelproxy+otlp"]["served"]
 
 
-def test_delta_events_are_realistic_and_fixed_size() -> None:
-    """The fake upstream's deltas are Anthropic content_block_delta events of 150 bytes."""
-    for index in (0, 7, 299, 123456):
-        event = bench.delta_event(index)
-        assert len(event) == bench.EVENT_SIZE
-        head, data = event.rstrip(b"\n").split(b"\n")
-        assert head == b"event: content_block_delta"
-        payload = orjson.loads(data.removeprefix(b"data: "))
-        assert payload["type"] == "content_block_delta"
-        assert payload["delta"]["type"] == "text_delta"
-        assert payload["delta"]["text"].startswith(f"tok {index:06d}")
+def test_pinning_puts_the_load_generator_on_cpu_0() -> None:
+    """With two CPUs or more the load generator is pinned to CPU 0 (else the run says why not),
+    and a proxy started with the proxy pinning runs, with its children, on CPU 1 only."""
+    probe = ("from benchmarks.procs import pin_load_generator; import os; "
+             "p = pin_load_generator(); print(p.active, sorted(os.sched_getaffinity(0)), "
+             "repr(p.reason))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split(maxsplit=1)
+    allowed = os.sched_getaffinity(0)
+    if {0, 1} <= allowed:
+        assert out[0] == "True" and out[1].startswith("[0]")
+        child = ("import os, subprocess, sys; print(sorted(os.sched_getaffinity(0))); "
+                 "sys.stdout.flush(); subprocess.run([sys.executable, '-c', "
+                 "'import os; print(sorted(os.sched_getaffinity(0)))'])")
+        pinned = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                                timeout=60, check=True,
+                                preexec_fn=procs.Pinning(True).for_proxy())
+        assert pinned.stdout.split("\n")[:2] == ["[1]", "[1]"]
+    else:
+        assert out[0] == "False" and "not both available" in out[1]
+
+
+def test_tree_cpu_and_memory_count_the_children(tmp_path: Path) -> None:
+    """CPU time and resident memory of a process tree include a child process's."""
+    marker = tmp_path / "busy-done"
+    child = tmp_path / "child.py"
+    child.write_text("import pathlib, sys, time\n"
+                     "while time.process_time() < 0.3:\n    pass\n"
+                     "pathlib.Path(sys.argv[1]).touch()\ntime.sleep(60)\n")
+    parent_script = tmp_path / "parent.py"
+    parent_script.write_text("import subprocess, sys, time\n"
+                             "subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]])\n"
+                             "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(parent_script), str(child), str(marker)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists()
+        members = procs.tree(parent.pid)
+        assert len(members) == 2 and members[0] == parent.pid
+        assert procs.tree_cpu_s(parent.pid) >= 0.3
+        assert procs.tree_rss_mib(parent.pid) > procs.tree_rss_mib(members[1])
+    finally:
+        for pid in reversed(procs.tree(parent.pid)):
+            os.kill(pid, 9)
+        parent.wait(10)
+
+
+def test_claude_code_requests_grow_each_turn() -> None:
+    """A conversation's requests carry a ~15 KB system prompt and ~25 KB of tools, grow every
+    turn, reach about 100 KB, and replay the upstream's answer as the assistant message."""
+    assert 14_000 < len(orjson.dumps(traffic.SYSTEM)) < 17_000
+    assert 24_000 < len(orjson.dumps(traffic.TOOLS)) < 28_000
+    sizes = [len(traffic.conversation_request("c", turn)) for turn in range(traffic.MAX_TURNS)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert 40_000 < sizes[0] < 50_000 and 85_000 < sizes[-1] < 110_000
+    body = orjson.loads(traffic.conversation_request("c", 2))
+    assert body["stream"] is True and len(body["messages"]) == 5
+    assert body["messages"][1] == {"role": "assistant",
+                                   "content": [{"type": "text", "text": traffic.ANSWER_TEXT}]}
+
+
+def test_answer_is_a_150_event_anthropic_stream() -> None:
+    """The fake upstream's answer is message_start .. message_stop, 150 events, its deltas of
+    fixed size and their text the answer the next turn replays."""
+    wire = b"".join(traffic.stream_head()) + b"".join(
+        traffic.delta_event(i) for i in range(traffic.DELTA_COUNT)) + traffic.stream_tail(
+        traffic.DELTA_COUNT)
+    events = [event for event in wire.split(b"\n\n") if event]
+    assert len(events) == traffic.EVENTS == 150
+    names = [event.split(b"\n")[0].removeprefix(b"event: ").decode() for event in events]
+    assert names[:3] == ["message_start", "content_block_start", "ping"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    texts = []
+    for event in events[3:-3]:
+        assert len(event) + 2 == traffic.DELTA_SIZE
+        data = orjson.loads(event.split(b"\n")[1].removeprefix(b"data: "))
+        assert data["delta"]["type"] == "text_delta"
+        texts.append(data["delta"]["text"])
+    assert "".join(texts) == traffic.ANSWER_TEXT
 
 
 def test_percentile_is_nearest_rank() -> None:
     """p50/p99 are nearest-rank percentiles; no samples gives NaN."""
     values = list(range(1, 101))
-    assert bench.percentile(values, 0.5) == 50
-    assert bench.percentile(values, 0.99) == 99
-    assert bench.percentile([3.0], 0.99) == 3.0
-    assert math.isnan(bench.percentile([], 0.5))
+    assert run.percentile(values, 0.5) == 50
+    assert run.percentile(values, 0.99) == 99
+    assert run.percentile([3.0], 0.99) == 3.0
+    assert math.isnan(run.percentile([], 0.5))

@@ -1,0 +1,178 @@
+"""Processes of a benchmark run: CPU pinning, starting a target, and reading a process tree's
+CPU time and resident memory from ``/proc`` (Linux)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+LOAD_CPU = 0
+"""The load generator, the fake upstream, the OTLP receiver and wrk run here."""
+PROXY_CPU = 1
+"""The measured proxy's whole process tree runs here."""
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Whether the run pins CPUs, and why not when it does not."""
+
+    active: bool
+    reason: str = ""
+
+    def for_proxy(self) -> Callable[[], None] | None:
+        """A ``preexec_fn`` that moves a starting proxy (and so its children) to PROXY_CPU."""
+        if not self.active:
+            return None
+        return lambda: os.sched_setaffinity(0, {PROXY_CPU})
+
+    def for_load(self) -> Callable[[], None] | None:
+        if not self.active:
+            return None
+        return lambda: os.sched_setaffinity(0, {LOAD_CPU})
+
+
+def pin_load_generator() -> Pinning:
+    """Pin this process (and every process it starts later, unless moved) to LOAD_CPU."""
+    if not hasattr(os, "sched_setaffinity"):
+        return Pinning(False, "os.sched_setaffinity is not available on this system")
+    allowed = os.sched_getaffinity(0)
+    if not {LOAD_CPU, PROXY_CPU} <= allowed:
+        return Pinning(False, f"CPUs {LOAD_CPU} and {PROXY_CPU} are not both available "
+                       f"(allowed: {sorted(allowed)})")
+    os.sched_setaffinity(0, {LOAD_CPU})
+    return Pinning(True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """Until something accepts on 127.0.0.1:``port``; raise when the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"exited with status {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"not listening on port {port} after {timeout:g} s")
+
+
+@dataclass
+class Process:
+    """One started server process, its output in a log file."""
+
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    log_path: Path
+    preexec: Callable[[], None] | None = None
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                list(self.argv), env=dict(self.env), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=self.preexec, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def log_tail(self, size: int = 2000) -> str:
+        try:
+            return self.log_path.read_bytes()[-size:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the process, wait, then SIGKILL its whole group if it is still there."""
+        popen = self.popen
+        if popen is None:
+            return None
+        if popen.poll() is None:
+            popen.terminate()
+            try:
+                popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, 9)
+                popen.wait(5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, 9)  # whatever it left behind in its own session
+        return popen.returncode
+
+
+# -- /proc ---------------------------------------------------------------------------------------
+
+
+def _stat(pid: int | str) -> list[str]:
+    """Fields of ``/proc/PID/stat`` after the command name (state, ppid, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every live process below it (a recorder subprocess, say)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            children.setdefault(int(_stat(entry.name)[1]), []).append(int(entry.name))
+    found = [pid]
+    todo = [pid]
+    while todo and len(found) < 1000:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of ``pid`` and its descendants, including
+    children that have exited and been waited for."""
+    total = 0
+    for index, member in enumerate(tree(pid)):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = _stat(member)
+            # utime, stime; cutime, cstime of the root only (reaped children)
+            total += int(fields[11]) + int(fields[12])
+            if index == 0:
+                total += int(fields[13]) + int(fields[14])
+    return total / _TICKS
+
+
+def _status_kib(pid: int, key: str) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0])
+    return 0
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory (``VmRSS``) of ``pid`` and its descendants, summed, in MiB."""
+    return round(sum(_status_kib(member, "VmRSS") for member in tree(pid)) / 1024, 1)
+
+
+def tree_names(pid: int) -> list[str]:
+    names: list[str] = []
+    for member in tree(pid):
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/{member}/comm").read_text().strip())
+    return names

@@ -1,0 +1,812 @@
+"""The benchmark: ``python -m benchmarks.run [--quick] [--json] [--targets a,b]``.
+
+One run starts the fake upstream and the OTLP receiver (``benchmarks.servers``) and every target
+(``benchmarks.targets``: bare pass-through, otelproxy, otelproxy with OTLP export, mitmproxy,
+claude-tap), each in its own process. With two or more CPUs the load generator, the upstream,
+the receiver and wrk run on CPU 0 and every measured proxy's whole process tree (otelproxy and
+its recorder subprocess) on CPU 1, so a proxy's CPU time is its own and the figures are ratios
+and differences within the run, never absolute times judged against a fixed number.
+
+Phases, targets interleaved in each so noise on a shared machine hits them alike:
+
+1. idle: resident memory of each proxy's tree after start and after a short warm-up;
+2. latency: sequential non-streaming requests of about 100 KB (a late Claude Code turn) on one
+   kept-alive connection; p50/p99 per target, differences to direct and to bare;
+3. Claude Code: 20 concurrent conversations (``benchmarks.traffic``: ~15 KB system prompt,
+   ~25 KB tools, messages growing each turn up to about 100 KB, 150-event streamed answers);
+   CPU time of the proxy's tree per exchange, including the time otelproxy needs to finish its
+   record (and its OTLP export) afterwards;
+4. SSE at 1, 50 and 500 concurrent streams: gaps between events and the first event at the
+   client, against direct; events lost; the tree's resident memory while 500 streams are open;
+5. small POSTs with wrk: requests/s against bare.
+
+Every loop is bounded in count and time; only 127.0.0.1 is contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from benchmarks import procs, servers, targets, traffic
+from benchmarks.procs import HOST, Pinning, Process
+from benchmarks.targets import OURS, PEERS_VENV, PROXIES, Target
+
+Json = dict[str, Any]
+
+# The project's targets (issue 13), checked for otelproxy and otelproxy+otlp.
+CPU_RATIO_MAX = {"otelproxy": 1.5, "otelproxy+otlp": 1.7}
+ADDED_P50_MAX_MS = 0.5
+ADDED_P99_MAX_MS = 2.0
+GAP_P99_SLACK_MS = 1.0
+FIRST_EVENT_SLACK_MS = 3.0
+IDLE_RSS_MAX_MIB = 60.0
+RSS_PER_100_STREAMS_MAX_MIB = 8.0
+
+
+@dataclass(frozen=True)
+class StreamLevel:
+    """One SSE phase: ``streams`` concurrent streams of ``deltas`` text deltas ``interval_ms``
+    apart, ``repeats`` rounds per target."""
+
+    streams: int
+    deltas: int
+    interval_ms: float
+    repeats: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run does; ``quick`` shrinks every count (a smoke run for the tests)."""
+
+    quick: bool = False
+    targets: tuple[str, ...] = PROXIES
+    latency_requests: int = 1000
+    latency_rounds: int = 10
+    conversations: int = 20
+    cc_seconds: float = 20.0
+    """Seconds of Claude Code traffic per target, in two slices (targets in ABBA order)."""
+    cc_interval_ms: float = 3.0
+    """Spacing of a Claude Code answer's deltas (so 144 deltas last about 0.43 s)."""
+    levels: tuple[StreamLevel, ...] = (
+        StreamLevel(1, traffic.DELTA_COUNT, 10.0, 3),
+        StreamLevel(50, traffic.DELTA_COUNT, 10.0, 1),
+        StreamLevel(500, 40, 75.0, 1),
+    )
+    wrk_seconds: float = 4.0
+    wrk_connections: int = 16
+    peers_venv: str = str(PEERS_VENV)
+
+    @classmethod
+    def quick_run(cls, names: tuple[str, ...], peers_venv: str) -> Settings:
+        return cls(quick=True, targets=names, peers_venv=peers_venv, latency_requests=30,
+                   latency_rounds=3,
+                   cc_seconds=3.0, levels=(StreamLevel(1, 30, 5.0, 1), StreamLevel(50, 30, 10.0, 1),
+                                           StreamLevel(500, 8, 100.0, 1)),
+                   wrk_seconds=1.0)
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (0 < fraction <= 1); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _ms(ns: float) -> float:
+    return round(ns / 1e6, 3)
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference or math.isnan(value) or math.isnan(reference):
+        return None
+    return round(value / reference, 3)
+
+
+def _minus(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or math.isnan(value) or math.isnan(reference):
+        return None
+    return round(value - reference, 3)
+
+
+def rotations(names: Sequence[str], count: int) -> Iterator[list[str]]:
+    """``count`` orders of ``names``, each rotated one further (every target goes first once)."""
+    for round_no in range(count):
+        shift = round_no % max(1, len(names))
+        yield list(names[shift:]) + list(names[:shift])
+
+
+# -- the client side -----------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    status: int = 0
+    first_event_ns: int | None = None
+    gaps_ns: list[int] = field(default_factory=list)
+    deltas: int = 0
+    complete: bool = False
+
+
+async def post(session: aiohttp.ClientSession, target: Target, body: bytes) -> int:
+    """One non-streaming request; its latency in ns (the whole answer read)."""
+    target.sent += 1
+    began = time.perf_counter_ns()
+    async with session.post(target.url, data=body, headers=traffic.HEADERS) as response:
+        data = await response.read()
+        if response.status != 200 or not data.startswith(b"{"):
+            target.failures += 1
+    return time.perf_counter_ns() - began
+
+
+async def stream(session: aiohttp.ClientSession, target: Target, body: bytes, deltas: int,
+                 interval_ms: float, headers: dict[str, str] | None = None) -> StreamResult:
+    """One SSE stream; each event is stamped with the arrival of the chunk that completed it."""
+    result = StreamResult()
+    target.sent += 1
+    sent_headers = {**traffic.HEADERS, **(headers or {}), "x-bench-deltas": str(deltas),
+                    "x-bench-interval-ms": str(interval_ms)}
+    last: int | None = None
+    pending = b""
+    began = time.perf_counter_ns()
+    try:
+        async with session.post(target.url + "?beta=true", data=body,
+                                headers=sent_headers) as response:
+            result.status = response.status
+            reader = response.content
+            while True:
+                data = await reader.readany()
+                if not data:
+                    break
+                now = time.perf_counter_ns()
+                pending += data
+                *complete, pending = pending.split(b"\n\n")
+                for event in complete:
+                    if result.first_event_ns is None:
+                        result.first_event_ns = now - began
+                    if event.startswith(b"event: content_block_delta"):
+                        result.deltas += 1
+                        if last is not None:
+                            result.gaps_ns.append(now - last)
+                        last = now
+                    elif event.startswith(b"event: message_stop"):
+                        result.complete = True
+    except (aiohttp.ClientError, TimeoutError):
+        pass
+    if result.status != 200 or not result.complete or result.deltas != deltas:
+        target.failures += 1
+    return result
+
+
+def client(limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0),
+        timeout=aiohttp.ClientTimeout(total=180, sock_read=60), auto_decompress=False)
+
+
+class Control:
+    """What the load generator asks of the servers: CPU, memory, and 'have you caught up?'."""
+
+    def __init__(self, upstream_port: int, otlp_port: int | None,
+                 http: aiohttp.ClientSession) -> None:
+        self.upstream_stats = f"http://{HOST}:{upstream_port}/stats"
+        self.otlp_stats = None if otlp_port is None else f"http://{HOST}:{otlp_port}/stats"
+        self.http = http
+
+    async def json(self, url: str) -> Json:
+        async with self.http.get(url) as response:
+            answer: Json = await response.json()
+            return answer
+
+    async def settle(self, target: Target, limit_s: float = 120.0) -> float:
+        """Wait until the target has finished the work its requests caused: otelproxy's
+        record written (``/healthz``: nothing in flight or pending) and, with export on, one
+        SERVER span per exchange at the receiver; the peers record inline, so a short pause.
+        Returns the seconds waited."""
+        began = time.monotonic()
+        deadline = began + limit_s
+        await asyncio.sleep(0.3)
+        if target.health_url is None:
+            return round(time.monotonic() - began, 3)
+        health: Json = {}
+        while time.monotonic() < deadline:
+            health = await self.json(target.health_url)
+            if health.get("in_flight", 0) == 0 and health.get("records_pending", 0) == 0:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            target.notes.append(f"record still pending after {limit_s:g} s")
+        if target.name == "otelproxy+otlp" and self.otlp_stats is not None:
+            served = int(health.get("exchanges", 0))
+            while time.monotonic() < deadline:
+                stats = await self.json(self.otlp_stats)
+                if not stats["decoded"] or stats["server_spans"] >= served:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                target.notes.append(f"OTLP export incomplete after {limit_s:g} s")
+        return round(time.monotonic() - began, 3)
+
+
+def cpu_s(target: Target) -> float:
+    return 0.0 if target.process is None else procs.tree_cpu_s(target.process.pid)
+
+
+def rss_mib(target: Target) -> float | None:
+    return None if target.process is None else procs.tree_rss_mib(target.process.pid)
+
+
+# -- the phases ----------------------------------------------------------------------------------
+
+
+class LoadGenerator:
+    """Runs the phases against ``targets`` ("direct" first, then the proxies that started)."""
+
+    def __init__(self, settings: Settings, targets: list[Target], control: Control,
+                 progress: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.targets = {target.name: target for target in targets}
+        self.proxies = [t.name for t in targets if t.name != "direct"]
+        self.everyone = [t.name for t in targets]
+        self.control = control
+        self.progress = progress
+        self.conversations = 0
+
+    async def run(self) -> Json:
+        results: Json = {"phase_s": {}}
+        began = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal began
+            results["phase_s"][name] = round(time.monotonic() - began, 1)
+            began = time.monotonic()
+
+        self.progress("idle memory and warm-up")
+        results["memory"] = memory = await self.idle()
+        phase("idle")
+        self.progress("latency: ~100 KB requests, 1 connection, sequential")
+        results["latency"] = await self.latency()
+        phase("latency")
+        self.progress(f"Claude Code traffic: {self.settings.conversations} conversations")
+        results["claude_code"] = await self.claude_code()
+        phase("claude_code")
+        results["sse"] = {}
+        for level in self.settings.levels:
+            self.progress(f"SSE: {level.streams} concurrent stream(s)")
+            results["sse"][str(level.streams)] = await self.sse(level, memory)
+            phase(f"sse_{level.streams}")
+        bare = memory.get("bare", {}).get("per_100_streams_mib")
+        for name in self.proxies:
+            memory[name]["per_100_streams_over_bare_mib"] = _minus(
+                memory[name].get("per_100_streams_mib"), bare)
+        return results
+
+    async def idle(self) -> Json:
+        out: Json = {name: {"start_mib": rss_mib(self.targets[name])} for name in self.proxies}
+        async with client(4) as session:
+            for name in self.everyone:
+                target = self.targets[name]
+                for turn in range(3):
+                    await post(session, target, traffic.conversation_request("warm", turn, False))
+                await asyncio.gather(*(
+                    stream(session, target, traffic.conversation_request(f"warm{n}", 0), 10, 1.0)
+                    for n in range(4)))
+        for name in self.proxies:
+            await self.control.settle(self.targets[name])
+        await asyncio.sleep(1.0)
+        for name in self.proxies:
+            out[name]["idle_mib"] = rss_mib(self.targets[name])
+        return out
+
+    async def latency(self) -> Json:
+        s = self.settings
+        body = traffic.conversation_request("latency", traffic.MAX_TURNS, stream=False)
+        samples: dict[str, list[int]] = {name: [] for name in self.everyone}
+        sessions = {name: client(1) for name in self.everyone}
+        per_round = max(1, s.latency_requests // s.latency_rounds)
+        try:
+            for order in rotations(self.everyone, s.latency_rounds):
+                for name in order:
+                    target = self.targets[name]
+                    for _ in range(per_round):
+                        samples[name].append(await asyncio.wait_for(
+                            post(sessions[name], target, body), 30))
+                    await self.control.settle(target)
+        finally:
+            for session in sessions.values():
+                await session.close()
+        out: Json = {"body_bytes": len(body), "requests_per_target": per_round * s.latency_rounds}
+        for name in self.everyone:
+            out[name] = {"p50_ms": _ms(percentile(samples[name], 0.5)),
+                         "p99_ms": _ms(percentile(samples[name], 0.99))}
+        for name in self.proxies:
+            row = out[name]
+            row["over_direct_p50_ms"] = _minus(row["p50_ms"], out["direct"]["p50_ms"])
+            row["over_direct_p99_ms"] = _minus(row["p99_ms"], out["direct"]["p99_ms"])
+            if "bare" in out:
+                row["over_bare_p50_ms"] = _minus(row["p50_ms"], out["bare"]["p50_ms"])
+                row["over_bare_p99_ms"] = _minus(row["p99_ms"], out["bare"]["p99_ms"])
+        return out
+
+    async def _conversations(self, target: Target, session: aiohttp.ClientSession,
+                             seconds: float) -> tuple[int, int]:
+        """``conversations`` clients, each running conversations of up to MAX_TURNS turns
+        one after another until ``seconds`` have passed; (exchanges, incomplete ones)."""
+        s = self.settings
+        deadline = time.monotonic() + seconds
+        done = 0
+        broken = 0
+
+        async def client_loop() -> None:
+            nonlocal done, broken
+            while time.monotonic() < deadline:
+                self.conversations += 1
+                name = f"cc{self.conversations}"
+                headers = {"X-Claude-Code-Session-Id": str(uuid.uuid4())}
+                for turn in range(traffic.MAX_TURNS):
+                    if time.monotonic() >= deadline:
+                        return
+                    result = await stream(session, target,
+                                          traffic.conversation_request(name, turn),
+                                          traffic.DELTA_COUNT, s.cc_interval_ms, headers)
+                    done += 1
+                    if not result.complete:
+                        broken += 1
+                        break  # a client would not continue a broken conversation
+
+        await asyncio.wait_for(asyncio.gather(*(client_loop() for _ in range(s.conversations))),
+                               seconds + 120)
+        return done, broken
+
+    async def claude_code(self) -> Json:
+        s = self.settings
+        order = [*self.proxies, *reversed(self.proxies)]  # ABBA: each target twice
+        exchanges = dict.fromkeys(self.proxies, 0)
+        broken = dict.fromkeys(self.proxies, 0)
+        cpu = dict.fromkeys(self.proxies, 0.0)
+        catch_up = dict.fromkeys(self.proxies, 0.0)
+        async with client(s.conversations) as session:
+            for name in order:
+                target = self.targets[name]
+                before = cpu_s(target)
+                count, failed = await self._conversations(target, session, s.cc_seconds / 2)
+                catch_up[name] += await self.control.settle(target)
+                cpu[name] += cpu_s(target) - before
+                exchanges[name] += count
+                broken[name] += failed
+        out: Json = {"conversations": s.conversations, "seconds_per_target": s.cc_seconds,
+                     "max_turns": traffic.MAX_TURNS,
+                     "last_turn_bytes": len(
+                         traffic.conversation_request("x", traffic.MAX_TURNS - 1))}
+        for name in self.proxies:
+            per = cpu[name] * 1000 / exchanges[name] if exchanges[name] else math.nan
+            out[name] = {"exchanges": exchanges[name], "incomplete": broken[name],
+                         "cpu_ms_per_exchange": round(per, 3),
+                         "settle_s": round(catch_up[name], 3)}
+        for name in self.proxies:
+            out[name]["ratio_to_bare"] = _ratio(out[name]["cpu_ms_per_exchange"],
+                                                out.get("bare", {}).get("cpu_ms_per_exchange"))
+        return out
+
+    async def sse(self, level: StreamLevel, memory: Json) -> Json:
+        body = traffic.conversation_request("sse", 0)
+        pooled: dict[str, list[StreamResult]] = {name: [] for name in self.everyone}
+        peaks: dict[str, float] = {}
+        bound = 120 + level.deltas * level.interval_ms / 1000 * 4
+        ramp = min(1.0, level.deltas * level.interval_ms / 1000 / 3)
+        small = traffic.small_request()
+
+        async def ramped(target: Target, index: int, session: aiohttp.ClientSession
+                         ) -> StreamResult:
+            await asyncio.sleep(ramp * index / level.streams)
+            return await stream(session, target, body, level.deltas, level.interval_ms)
+
+        async with client(level.streams) as session:
+            for order in rotations(self.everyone, level.repeats * len(self.everyone)):
+                name = order[0]
+                target = self.targets[name]
+                # open every connection first (client to proxy, proxy to upstream): the round
+                # then measures streams, not connection set-up
+                await asyncio.wait_for(asyncio.gather(*(
+                    post(session, target, small) for _ in range(level.streams))), bound)
+                sampler = asyncio.create_task(self._sample_rss(target, peaks))
+                try:
+                    pooled[name] += await asyncio.wait_for(asyncio.gather(*(
+                        ramped(target, index, session) for index in range(level.streams))),
+                        bound)
+                finally:
+                    sampler.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sampler
+                await self.control.settle(target)
+        out: Json = {"streams": level.streams, "deltas": level.deltas,
+                     "interval_ms": level.interval_ms, "repeats": level.repeats,
+                     "ramp_s": round(ramp, 3)}
+        for name in self.everyone:
+            results = pooled[name]
+            gaps = [gap for r in results for gap in r.gaps_ns]
+            firsts = [r.first_event_ns for r in results if r.first_event_ns is not None]
+            expected = len(results) * level.deltas
+            received = sum(r.deltas for r in results)
+            out[name] = {
+                "first_event_p50_ms": _ms(percentile(firsts, 0.5)),
+                "first_event_p99_ms": _ms(percentile(firsts, 0.99)),
+                "gap_p50_ms": _ms(percentile(gaps, 0.5)),
+                "gap_p99_ms": _ms(percentile(gaps, 0.99)),
+                "events_sent": expected, "events_lost": expected - received,
+                "incomplete_streams": sum(not r.complete for r in results),
+            }
+        for name in self.proxies:
+            row, direct = out[name], out["direct"]
+            row["gap_p99_over_direct_ms"] = _minus(row["gap_p99_ms"], direct["gap_p99_ms"])
+            row["first_event_p50_over_direct_ms"] = _minus(row["first_event_p50_ms"],
+                                                           direct["first_event_p50_ms"])
+            row["first_event_p99_over_direct_ms"] = _minus(row["first_event_p99_ms"],
+                                                           direct["first_event_p99_ms"])
+            if name in peaks:
+                idle = memory[name]["idle_mib"]
+                row["peak_rss_mib"] = peaks[name]
+                memory[name][f"peak_{level.streams}_streams_mib"] = peaks[name]
+                if level.streams >= 100 and idle is not None:
+                    memory[name]["per_100_streams_mib"] = round(
+                        (peaks[name] - idle) * 100 / level.streams, 2)
+        return out
+
+    async def _sample_rss(self, target: Target, peaks: dict[str, float]) -> None:
+        if target.process is None:
+            return
+        while True:
+            value = rss_mib(target) or 0.0
+            peaks[target.name] = max(peaks.get(target.name, 0.0), value)
+            await asyncio.sleep(0.1)
+
+
+# -- wrk -----------------------------------------------------------------------------------------
+
+
+_WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = {body}
+{headers}
+"""
+
+
+def wrk_script(work: Path) -> Path:
+    body = traffic.small_request().decode()
+    headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in traffic.HEADERS.items())
+    path = work / "post.lua"
+    path.write_text(_WRK_SCRIPT.format(body=orjson.dumps(body).decode(), headers=headers))
+    return path
+
+
+def run_wrk(url: str, script: Path, settings: Settings, pinning: Pinning) -> Json:
+    argv = ["wrk", "-t1", f"-c{settings.wrk_connections}", f"-d{settings.wrk_seconds:g}s",
+            "-s", str(script), url]
+    completed = subprocess.run(argv, capture_output=True, text=True, check=False,
+                               timeout=settings.wrk_seconds + 60, preexec_fn=pinning.for_load())
+    text = completed.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    total = re.search(r"(\d+) requests in", text)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errors = re.search(r"Socket errors: (.*)", text)
+    if completed.returncode != 0 or rps is None or total is None:
+        return {"error": (completed.stderr or text)[-500:]}
+    return {"rps": float(rps.group(1)), "requests": int(total.group(1)),
+            "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+            "socket_errors": errors.group(1).strip() if errors else ""}
+
+
+async def wrk_phase(names: list[str], everyone: dict[str, Target], control: Control,
+                    settings: Settings, pinning: Pinning, work: Path) -> Json:
+    if shutil.which("wrk") is None:
+        return {"error": "wrk is not installed (apt-get install wrk)"}
+    script = wrk_script(work)
+    order = ["bare", *[n for n in names if n != "bare"], "bare"] if "bare" in names else names
+    runs: dict[str, list[Json]] = {name: [] for name in names}
+    for name in order:
+        target = everyone[name]
+        before = cpu_s(target)
+        figures = await asyncio.to_thread(run_wrk, target.url, script, settings, pinning)
+        figures["settle_s"] = await control.settle(target)
+        if "requests" in figures and target.process is not None:
+            target.sent += figures["requests"]
+            figures["cpu_ms_per_request"] = round(
+                (cpu_s(target) - before) * 1000 / max(1, figures["requests"]), 3)
+        runs[name].append(figures)
+    out: Json = {"connections": settings.wrk_connections, "seconds": settings.wrk_seconds}
+    for name in names:
+        good = [r for r in runs[name] if "rps" in r]
+        if not good:
+            out[name] = {"error": runs[name][0].get("error", "no run")}
+            continue
+        out[name] = {"rps": round(sum(r["rps"] for r in good) / len(good), 1),
+                     "non_2xx": sum(r["non_2xx"] for r in good),
+                     "socket_errors": [r["socket_errors"] for r in good if r["socket_errors"]],
+                     "settle_s": max(r["settle_s"] for r in good)}
+        cpus = [r["cpu_ms_per_request"] for r in good if "cpu_ms_per_request" in r]
+        if cpus:
+            out[name]["cpu_ms_per_request"] = round(sum(cpus) / len(cpus), 3)
+    for name in names:
+        if "rps" in out[name]:
+            out[name]["ratio_to_bare"] = _ratio(out[name]["rps"], out.get("bare", {}).get("rps"))
+    return out
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+
+def check_targets(r: Json) -> list[Json]:
+    """The project's targets for otelproxy (and with OTLP export)."""
+    checks: list[Json] = []
+
+    def check(name: str, value: Any, limit: float, ok: bool | None) -> None:
+        checks.append({"name": name, "value": value, "limit": limit,
+                       "pass": bool(ok) if ok is not None else None})
+
+    def at_most(name: str, value: float | None, limit: float) -> None:
+        check(name, value, limit, None if value is None else value <= limit)
+
+    for name in OURS:
+        if name not in r["claude_code"]:
+            continue
+        at_most(f"{name}: CPU per Claude Code exchange / bare",
+                r["claude_code"][name]["ratio_to_bare"], CPU_RATIO_MAX[name])
+    if "otelproxy" in r["latency"]:
+        row = r["latency"]["otelproxy"]
+        at_most("otelproxy: added latency p50 over bare (~100 KB)", row.get("over_bare_p50_ms"),
+                ADDED_P50_MAX_MS)
+        at_most("otelproxy: added latency p99 over bare (~100 KB)", row.get("over_bare_p99_ms"),
+                ADDED_P99_MAX_MS)
+        for streams, level in r["sse"].items():
+            sse = level["otelproxy"]
+            at_most(f"otelproxy: SSE gap p99 over direct, {streams} stream(s)",
+                    sse["gap_p99_over_direct_ms"], GAP_P99_SLACK_MS)
+            at_most(f"otelproxy: SSE first event p50 over direct, {streams} stream(s)",
+                    sse["first_event_p50_over_direct_ms"], FIRST_EVENT_SLACK_MS)
+        memory = r["memory"]["otelproxy"]
+        at_most("otelproxy: idle RSS of its tree (MiB)", memory.get("idle_mib"), IDLE_RSS_MAX_MIB)
+        at_most("otelproxy: RSS per 100 open streams (MiB)", memory.get("per_100_streams_mib"),
+                RSS_PER_100_STREAMS_MAX_MIB)
+    for name in OURS:
+        if name in r["latency"]:
+            lost = sum(level[name]["events_lost"] for level in r["sse"].values())
+            check(f"{name}: SSE events lost", lost, 0, lost == 0)
+    for name, record in r.get("record", {}).items():
+        check(f"{name}: every exchange it served is in the record (SQLite rows)",
+              record.get("exchanges"), record["served"], record.get("complete"))
+    return checks
+
+
+def bench(settings: Settings, progress: Callable[[str], None]) -> Json:
+    """Start every server, run the phases, stop everything; return every figure."""
+    pinning = procs.pin_load_generator()
+    work = Path(tempfile.mkdtemp(prefix="otelproxy-bench-"))
+    helpers: list[Process] = []
+    everyone: list[Target] = []
+    try:
+        upstream_port, otlp_port = procs.free_port(), procs.free_port()
+        for role, port in (("upstream", upstream_port), ("otlp", otlp_port)):
+            server = Process(role, [sys.executable, "-m", "benchmarks.servers", role, "--port",
+                                    str(port)], targets.clean_env(), work / f"{role}.log")
+            server.start()
+            helpers.append(server)
+            procs.wait_listening(port, server.popen, 60)
+        progress(f"starting {', '.join(settings.targets)} (pinning: "
+                 f"{'CPU 0 load, CPU 1 proxy' if pinning.active else pinning.reason})")
+        everyone = [targets.build(name, upstream_port, otlp_port, work, pinning,
+                                  Path(settings.peers_venv))
+                    for name in ("direct", *settings.targets)]
+        for target in everyone:
+            targets.wait_ready(target)
+        running = [t for t in everyone if t.available]
+        results = servers.run(_phases(settings, running, upstream_port, otlp_port, pinning,
+                                      work, progress))
+        progress("stopping; reading the record")
+        for target in everyone:
+            if target.process is not None:
+                status = target.process.stop()
+                if status not in (0, None, -15):
+                    target.notes.append(f"exit status {status}")
+        results["record"] = {name: count_record(work / f"{name}-record", health)
+                             for name, health in results["health"].items()}
+    finally:
+        for target in everyone:
+            if target.process is not None:
+                target.process.stop(5)
+        for server in helpers:
+            server.stop(5)
+        shutil.rmtree(work, ignore_errors=True)
+    results["targets"] = {
+        t.name: {"status": "measured" if t.available else "unavailable", "error": t.error,
+                 "version": t.version, "requests_sent": t.sent, "failures": t.failures,
+                 "notes": t.notes}
+        for t in everyone}
+    results["settings"] = {
+        **{k: v for k, v in asdict(settings).items() if k != "levels"},
+        "levels": [asdict(level) for level in settings.levels],
+        "pinning": "load generator, upstream, receiver and wrk on CPU 0; each proxy's tree on "
+                   "CPU 1" if pinning.active else f"off: {pinning.reason}",
+        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__, "load_average": os.getloadavg()}
+    results["checks"] = check_targets(results)
+    return results
+
+
+async def _phases(settings: Settings, running: list[Target], upstream_port: int, otlp_port: int,
+                  pinning: Pinning, work: Path, progress: Callable[[str], None]) -> Json:
+    async with client(8) as http:
+        control = Control(upstream_port, otlp_port, http)
+        results = await LoadGenerator(settings, running, control, progress).run()
+        progress("small POSTs with wrk")
+        began = time.monotonic()
+        results["wrk"] = await wrk_phase([t.name for t in running],
+                                         {t.name: t for t in running}, control, settings,
+                                         pinning, work)
+        results["phase_s"]["wrk"] = round(time.monotonic() - began, 1)
+        results["health"] = {t.name: await control.json(t.health_url)
+                             for t in running if t.health_url is not None}
+        results["upstream"] = await control.json(control.upstream_stats)
+        results["otlp_receiver"] = await control.json(control.otlp_stats or "")
+    return results
+
+
+def count_record(log_dir: Path, health: Json) -> Json:
+    """Rows of otelproxy's SQLite ``exchanges`` table against the exchanges it counted
+    (``/healthz`` at the end of the run), and what it dropped."""
+    import sqlite3
+
+    db_path = log_dir / "sessions.db"
+    served = int(health.get("exchanges", -1))
+    out: Json = {"served": served, "dropped": health.get("records_dropped"),
+                 "sink_errors": health.get("sink_errors"), "record_bytes": sum(
+        p.stat().st_size for p in log_dir.rglob("*") if p.is_file())}
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        try:
+            rows, sessions, longest = conn.execute(
+                "SELECT count(*), count(DISTINCT session_id), max(seq) FROM exchanges").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        out["error"] = f"cannot read {db_path}: {exc}"
+        return out
+    out.update({"exchanges": rows, "sessions": sessions, "longest_session": longest,
+                "complete": rows == served})
+    return out
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_report(r: Json) -> str:
+    s = r["settings"]
+    names = [n for n, t in r["targets"].items() if n != "direct" and t["status"] == "measured"]
+    lines = [f"otelproxy benchmark: Python {s['python']}, aiohttp {s['aiohttp']}, {s['cpus']} "
+             f"CPUs, pinning {s['pinning']}; load average at the end "
+             f"{' '.join(f'{x:.2f}' for x in s['load_average'])}" + (" [quick]" if s["quick"]
+                                                                    else ""), ""]
+    for name, t in r["targets"].items():
+        state = f"{t['status']}" + (f" ({t['error']})" if t["error"] else "")
+        lines.append(f"  {name:<15} {t['version'] or '':<10} {state}; {t['requests_sent']} "
+                     f"requests, {t['failures']} failed" + (f"; {'; '.join(t['notes'])}"
+                                                            if t["notes"] else ""))
+    cc, lat, mem, wrk = r["claude_code"], r["latency"], r["memory"], r["wrk"]
+    lines += ["", f"Claude Code traffic: {cc['conversations']} conversations, up to "
+              f"{cc['max_turns']} turns (last request {cc['last_turn_bytes']} bytes), "
+              f"150-event answers; latency on {lat['body_bytes']}-byte requests; "
+              f"wrk {wrk.get('connections', '-')} connections", ""]
+    header = (f"  {'target':<15} {'CPU ms/exch':>11} {'x bare':>7} {'p50 ms':>7} {'+bare':>6} "
+              f"{'p99 ms':>7} {'+bare':>6} {'idle MiB':>8} {'MiB/100str':>10} {'wrk r/s':>8} "
+              f"{'x bare':>7}")
+    lines.append(header)
+    for name in names:
+        c, la, m = cc.get(name, {}), lat.get(name, {}), mem.get(name, {})
+        w = wrk.get(name, {}) if isinstance(wrk.get(name), dict) else {}
+        lines.append(
+            f"  {name:<15} {_fmt(c.get('cpu_ms_per_exchange'), 3):>11} "
+            f"{_fmt(c.get('ratio_to_bare')):>7} {_fmt(la.get('p50_ms'), 3):>7} "
+            f"{_fmt(la.get('over_bare_p50_ms'), 3):>6} {_fmt(la.get('p99_ms'), 3):>7} "
+            f"{_fmt(la.get('over_bare_p99_ms'), 3):>6} {_fmt(m.get('idle_mib'), 1):>8} "
+            f"{_fmt(m.get('per_100_streams_mib')):>10} {_fmt(w.get('rps'), 0):>8} "
+            f"{_fmt(w.get('ratio_to_bare')):>7}")
+    if "direct" in lat:
+        lines.append(f"  {'direct':<15} {'':>11} {'':>7} {_fmt(lat['direct']['p50_ms'], 3):>7} "
+                     f"{'':>6} {_fmt(lat['direct']['p99_ms'], 3):>7}")
+    lines += ["", "SSE, over direct (ms): gap p99 / first event p50 / first event p99; "
+              "events lost"]
+    for streams, level in r["sse"].items():
+        lines.append(f"  {streams} stream(s), {level['deltas']} deltas {level['interval_ms']:g} "
+                     f"ms apart (direct: gap p99 {_fmt(level['direct']['gap_p99_ms'], 3)}, first "
+                     f"event p50 {_fmt(level['direct']['first_event_p50_ms'], 3)})")
+        for name in names:
+            row = level[name]
+            lines.append(f"    {name:<15} {_fmt(row['gap_p99_over_direct_ms'], 3):>8} "
+                         f"{_fmt(row['first_event_p50_over_direct_ms'], 3):>8} "
+                         f"{_fmt(row['first_event_p99_over_direct_ms'], 3):>8}   lost "
+                         f"{row['events_lost']}, incomplete {row['incomplete_streams']}")
+    if "error" in wrk:
+        lines.append(f"\nwrk: {wrk['error']}")
+    for name, record in r.get("record", {}).items():
+        lines.append(f"\n{name} record: {record}")
+    lines += ["", "Targets (issue 13):"]
+    for item in r["checks"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[item["pass"]]
+        lines.append(f"  {verdict}  {item['name']}: {item['value']} (limit {item['limit']})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="otelproxy beside a bare pass-through, mitmproxy and claude-tap on "
+        "Claude-Code-shaped loopback traffic, CPUs pinned; prints ratios.")
+    parser.add_argument("--quick", action="store_true",
+                        help="small counts: a smoke run of every phase (about a minute)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--targets", metavar="LIST", default=",".join(PROXIES),
+                        help=f"comma-separated, from {', '.join(PROXIES)} (default: all)")
+    parser.add_argument("--peers-venv", metavar="DIR", default=str(PEERS_VENV),
+                        help="the virtualenv holding mitmproxy and claude-tap (default "
+                        "benchmarks/.peers-venv, made by benchmarks/install-peers.sh)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 when a target figure is missed")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = tuple(name.strip() for name in args.targets.split(",") if name.strip())
+    unknown = [name for name in names if name not in PROXIES]
+    if unknown:
+        sys.stderr.write(f"benchmarks.run: error: unknown target(s) {unknown}\n")
+        return 2
+    settings = (Settings.quick_run(names, args.peers_venv) if args.quick
+                else Settings(targets=names, peers_venv=args.peers_venv))
+    began = time.monotonic()
+
+    def progress(message: str) -> None:
+        sys.stderr.write(f"[bench {time.monotonic() - began:6.1f} s] {message}\n")
+        sys.stderr.flush()
+
+    results = bench(settings, progress)
+    results["elapsed_s"] = round(time.monotonic() - began, 1)
+    if args.json:
+        sys.stdout.write(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(format_report(results) + f"\n\n(run took {results['elapsed_s']} s)\n")
+    missed = any(item["pass"] is False for item in results["checks"])
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

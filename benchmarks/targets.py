@@ -1,0 +1,149 @@
+"""The proxies a run measures, how each is started, and how the run knows it is done recording.
+
+direct           no proxy: the load generator talks to the fake upstream (the floor)
+bare             ``benchmarks.servers bare``: otelproxy's forwarding without the record
+otelproxy        ``python -m otelproxy`` recording into a temporary log dir (JSONL + SQLite)
+otelproxy+otlp   the same, exporting OTLP/HTTP to the loopback receiver as well (``--seq-url``;
+                 batches sent after at most 1 s, ``OTEL_BSP/BLRP_SCHEDULE_DELAY=1000``)
+mitmproxy        ``mitmdump --mode reverse:UPSTREAM -w FILE -s benchmarks/mitm_sse.py``: records
+                 every flow to a file; SSE streamed through (see mitm_sse.py)
+claude-tap       ``claude-tap --tap-no-launch --tap-proxy-mode reverse --tap-target UPSTREAM``:
+                 records every exchange into its SQLite trace store (live viewer off)
+
+The peers come from their own virtualenv (``benchmarks/install-peers.sh``); one that is not
+installed or does not start is reported with the reason, never left out silently.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.procs import HOST, Pinning, Process, free_port, wait_listening
+
+HERE = Path(__file__).resolve().parent
+PEERS_VENV = HERE / ".peers-venv"
+PROXIES = ("bare", "otelproxy", "otelproxy+otlp", "mitmproxy", "claude-tap")
+OURS = ("otelproxy", "otelproxy+otlp")
+PEERS = ("mitmproxy", "claude-tap")
+
+
+@dataclass
+class Target:
+    """One thing the load generator sends requests to."""
+
+    name: str
+    url: str = ""
+    """The Anthropic ``/v1/messages`` URL on this target."""
+    process: Process | None = None
+    health_url: str | None = None
+    """otelproxy only: its ``/healthz``, to wait until the record has caught up."""
+    version: str = ""
+    error: str | None = None
+    """Why this target could not be measured (not installed, did not start)."""
+    sent: int = 0
+    failures: int = 0
+    """Requests that did not come back whole (status, body or stream cut short)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def available(self) -> bool:
+        return self.error is None and bool(self.url)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment minus proxy and OpenTelemetry settings that would send traffic
+    elsewhere, plus ``extra``."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("OTEL_") and key.lower() not in (
+               "http_proxy", "https_proxy", "all_proxy", "no_proxy")}
+    env.update(extra)
+    return env
+
+
+def _peer_version(executable: Path, distribution: str) -> str:
+    python = executable.parent / "python"
+    completed = subprocess.run(
+        [str(python), "-c", f"import importlib.metadata as m; print(m.version({distribution!r}))"],
+        capture_output=True, text=True, timeout=60, check=False)
+    return completed.stdout.strip()
+
+
+def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
+          pinning: Pinning, peers_venv: Path = PEERS_VENV) -> Target:
+    """Describe and start ``name`` (not yet waited for): see the module docstring."""
+    target = Target(name)
+    if name == "direct":
+        target.url = f"http://{HOST}:{upstream_port}/v1/messages"
+        return target
+    port = free_port()
+    upstream = f"http://{HOST}:{upstream_port}"
+    route = f"http://{HOST}:{port}/anthropic/{HOST}:{upstream_port}/v1/messages"
+    log_path = work / f"{name}.log"
+    if name == "bare":
+        argv = [sys.executable, "-m", "benchmarks.servers", "bare", "--port", str(port)]
+        target.url = route
+        env = clean_env()
+    elif name in OURS:
+        log_dir = work / f"{name}-record"
+        argv = [sys.executable, "-m", "otelproxy", "--port", str(port), "--log-dir",
+                str(log_dir), "--upstream", upstream, "--log-level", "warning",
+                "--grace-period", "5"]
+        if name == "otelproxy+otlp":
+            assert otlp_port is not None
+            argv += ["--seq-url", f"http://{HOST}:{otlp_port}", "--seq-api-key", "bench-key"]
+        target.url = route
+        target.health_url = f"http://{HOST}:{port}/healthz"
+        # Export batches leave after 1 s instead of the default 5 s, so the run need not wait
+        # 5 s after each phase for the last batch; smaller batches cost otelproxy more, not less.
+        env = clean_env(OTEL_BSP_SCHEDULE_DELAY="1000", OTEL_BLRP_SCHEDULE_DELAY="1000")
+        from otelproxy import __version__
+
+        target.version = __version__
+    elif name == "mitmproxy":
+        executable = peers_venv / "bin" / "mitmdump"
+        if not executable.exists():
+            target.error = f"not installed: no {executable} (bash benchmarks/install-peers.sh)"
+            return target
+        argv = [str(executable), "--mode", f"reverse:{upstream}/", "--listen-host", HOST,
+                "--listen-port", str(port), "-q", "-w", str(work / "mitmproxy.flows"),
+                "-s", str(HERE / "mitm_sse.py"), "--set", f"confdir={work / 'mitmproxy-conf'}",
+                "--set", "termlog_verbosity=error"]
+        target.url = f"http://{HOST}:{port}/v1/messages"
+        target.version = _peer_version(executable, "mitmproxy")
+        env = clean_env()
+    elif name == "claude-tap":
+        executable = peers_venv / "bin" / "claude-tap"
+        if not executable.exists():
+            target.error = f"not installed: no {executable} (bash benchmarks/install-peers.sh)"
+            return target
+        argv = [str(executable), "--tap-no-launch", "--tap-proxy-mode", "reverse",
+                "--tap-host", HOST, "--tap-port", str(port), "--tap-target", upstream,
+                "--tap-no-live", "--tap-no-open", "--tap-max-traces", "0",
+                "--tap-output-dir", str(work / "claude-tap-traces")]
+        target.url = f"http://{HOST}:{port}/v1/messages"
+        target.version = _peer_version(executable, "claude-tap")
+        env = clean_env(HOME=str(work / "claude-tap-home"),
+                        XDG_DATA_HOME=str(work / "claude-tap-data"),
+                        CLOUDTAP_DB=str(work / "claude-tap-data" / "traces.db"))
+        (work / "claude-tap-home").mkdir(exist_ok=True)
+    else:
+        raise ValueError(f"unknown target {name!r}")
+    target.process = Process(name, argv, env, log_path, pinning.for_proxy())
+    target.process.start()
+    return target
+
+
+def wait_ready(target: Target, port_timeout: float = 60.0) -> None:
+    """Wait until the target accepts connections; on failure set ``target.error``."""
+    process = target.process
+    if process is None or target.error is not None:
+        return
+    port = int(target.url.split(":")[2].split("/")[0])
+    try:
+        wait_listening(port, process.popen, port_timeout)
+    except RuntimeError as exc:
+        target.error = f"did not start: {exc}; its output ends with: {process.log_tail(600)!r}"
