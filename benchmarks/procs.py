@@ -170,9 +170,13 @@ def tree_rss_mib(pid: int) -> float:
     return round(sum(_status_kib(member, "VmRSS") for member in tree(pid)) / 1024, 1)
 
 
-def tree_names(pid: int) -> list[str]:
-    names: list[str] = []
+def tree_members(pid: int) -> list[dict[str, object]]:
+    """Each process of the tree: its command line (cut short), allowed CPUs and resident MiB."""
+    members: list[dict[str, object]] = []
     for member in tree(pid):
         with contextlib.suppress(OSError):
-            names.append(Path(f"/proc/{member}/comm").read_text().strip())
-    return names
+            command = Path(f"/proc/{member}/cmdline").read_bytes().replace(b"\0", b" ")
+            members.append({"command": command.decode(errors="replace").strip()[:120],
+                            "cpus": sorted(os.sched_getaffinity(member)),
+                            "rss_mib": round(_status_kib(member, "VmRSS") / 1024, 1)})
+    return members

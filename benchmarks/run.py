@@ -319,6 +319,9 @@ class LoadGenerator:
         await asyncio.sleep(1.0)
         for name in self.proxies:
             out[name]["idle_mib"] = rss_mib(self.targets[name])
+            process = self.targets[name].process
+            if process is not None:
+                out[name]["processes"] = procs.tree_members(process.pid)
         return out
 
     async def latency(self) -> Json:
@@ -754,6 +757,11 @@ def format_report(r: Json) -> str:
                          f"{_fmt(row['first_event_p50_over_direct_ms'], 3):>8} "
                          f"{_fmt(row['first_event_p99_over_direct_ms'], 3):>8}   lost "
                          f"{row['events_lost']}, incomplete {row['incomplete_streams']}")
+    lines += ["", "Process trees when idle (allowed CPUs, resident MiB):"]
+    for name in names:
+        for member in mem.get(name, {}).get("processes", []):
+            lines.append(f"  {name:<15} cpus {member['cpus']} {member['rss_mib']:>6} MiB  "
+                         f"{member['command'][:70]}")
     if "error" in wrk:
         lines.append(f"\nwrk: {wrk['error']}")
     for name, record in r.get("record", {}).items():

@@ -74,6 +74,21 @@ def test_quick_run_reports_every_figure(quick: dict[str, Any]) -> None:
     assert quick["settings"]["quick"] is True
 
 
+def test_each_proxy_tree_runs_on_cpu_1(quick: dict[str, Any]) -> None:
+    """With two CPUs the run pins every process of each proxy's tree (otelproxy's recorder
+    included) to CPU 1; otherwise it says why it could not pin."""
+    pinning = quick["settings"]["pinning"]
+    if {0, 1} <= os.sched_getaffinity(0):
+        assert pinning.startswith("load generator")
+        members = quick["memory"]["otelproxy"]["processes"]
+        assert len(members) >= 2  # the proxy and its recorder
+        assert any("otelproxy" in member["command"] for member in members)
+        for name in MEASURED:
+            assert all(member["cpus"] == [1] for member in quick["memory"][name]["processes"])
+    else:
+        assert pinning.startswith("off: ")
+
+
 def test_peers_that_are_not_installed_are_reported(quick: dict[str, Any]) -> None:
     """mitmproxy and claude-tap without their virtualenv are listed as unavailable, with why,
     in the JSON and in the printed report."""
