@@ -634,6 +634,8 @@ def bench(settings: Settings, progress: Callable[[str], None]) -> Json:
                     target.notes.append(f"exit status {status}")
         results["record"] = {name: count_record(work / f"{name}-record", health)
                              for name, health in results["health"].items()}
+        results["record_bytes"] = {t.name: targets.record_bytes(t) for t in running
+                                   if t.process is not None}
     finally:
         for target in everyone:
             if target.process is not None:
@@ -683,8 +685,7 @@ def count_record(log_dir: Path, health: Json) -> Json:
     db_path = log_dir / "sessions.db"
     served = int(health.get("exchanges", -1))
     out: Json = {"served": served, "dropped": health.get("records_dropped"),
-                 "sink_errors": health.get("sink_errors"), "record_bytes": sum(
-        p.stat().st_size for p in log_dir.rglob("*") if p.is_file())}
+                 "sink_errors": health.get("sink_errors")}
     try:
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
         try:
@@ -764,8 +765,12 @@ def format_report(r: Json) -> str:
                          f"{member['command'][:70]}")
     if "error" in wrk:
         lines.append(f"\nwrk: {wrk['error']}")
+    lines.append("")
     for name, record in r.get("record", {}).items():
-        lines.append(f"\n{name} record: {record}")
+        lines.append(f"{name} record: {record}")
+    sizes = r.get("record_bytes", {})
+    lines.append("Record on disk after the run (MB): " + ", ".join(
+        f"{name} {_fmt(None if size is None else size / 1e6, 1)}" for name, size in sizes.items()))
     lines += ["", "Targets (issue 13):"]
     for item in r["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a "}[item["pass"]]

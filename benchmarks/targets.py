@@ -41,6 +41,8 @@ class Target:
     process: Process | None = None
     health_url: str | None = None
     """otelproxy only: its ``/healthz``, to wait until the record has caught up."""
+    record_path: Path | None = None
+    """Where the target writes its record (file or directory), to show it recorded."""
     version: str = ""
     error: str | None = None
     """Why this target could not be measured (not installed, did not start)."""
@@ -88,7 +90,7 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
         target.url = route
         env = clean_env()
     elif name in OURS:
-        log_dir = work / f"{name}-record"
+        log_dir = target.record_path = work / f"{name}-record"
         argv = [sys.executable, "-m", "otelproxy", "--port", str(port), "--log-dir",
                 str(log_dir), "--upstream", upstream, "--log-level", "warning",
                 "--grace-period", "5"]
@@ -105,11 +107,12 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
         target.version = __version__
     elif name == "mitmproxy":
         executable = peers_venv / "bin" / "mitmdump"
+        target.record_path = work / "mitmproxy.flows"
         if not executable.exists():
             target.error = f"not installed: no {executable} (bash benchmarks/install-peers.sh)"
             return target
         argv = [str(executable), "--mode", f"reverse:{upstream}/", "--listen-host", HOST,
-                "--listen-port", str(port), "-q", "-w", str(work / "mitmproxy.flows"),
+                "--listen-port", str(port), "-q", "-w", str(target.record_path),
                 "-s", str(HERE / "mitm_sse.py"), "--set", f"confdir={work / 'mitmproxy-conf'}",
                 "--set", "termlog_verbosity=error"]
         target.url = f"http://{HOST}:{port}/v1/messages"
@@ -117,6 +120,7 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
         env = clean_env()
     elif name == "claude-tap":
         executable = peers_venv / "bin" / "claude-tap"
+        target.record_path = work / "claude-tap-data"
         if not executable.exists():
             target.error = f"not installed: no {executable} (bash benchmarks/install-peers.sh)"
             return target
@@ -127,14 +131,24 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
         target.url = f"http://{HOST}:{port}/v1/messages"
         target.version = _peer_version(executable, "claude-tap")
         env = clean_env(HOME=str(work / "claude-tap-home"),
-                        XDG_DATA_HOME=str(work / "claude-tap-data"),
-                        CLOUDTAP_DB=str(work / "claude-tap-data" / "traces.db"))
+                        XDG_DATA_HOME=str(target.record_path),
+                        CLOUDTAP_DB=str(target.record_path / "traces.db"))
         (work / "claude-tap-home").mkdir(exist_ok=True)
     else:
         raise ValueError(f"unknown target {name!r}")
     target.process = Process(name, argv, env, log_path, pinning.for_proxy())
     target.process.start()
     return target
+
+
+def record_bytes(target: Target) -> int | None:
+    """Bytes the target's record holds on disk (None: it keeps none)."""
+    path = target.record_path
+    if path is None or not path.exists():
+        return None
+    if path.is_file():
+        return path.stat().st_size
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
 
 
 def wait_ready(target: Target, port_timeout: float = 60.0) -> None:

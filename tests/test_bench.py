@@ -124,6 +124,8 @@ def test_quick_run_records_and_exports_every_exchange(quick: dict[str, Any]) -> 
         assert record["served"] > 0 and record["exchanges"] == record["served"], record
         assert record["complete"] is True and record["dropped"] == 0
         assert record["longest_session"] >= 2  # the growing messages continue a session
+        assert quick["record_bytes"][name] > 0
+    assert quick["record_bytes"]["bare"] is None  # the reference records nothing
     receiver = quick["otlp_receiver"]
     assert receiver["decoded"] is True
     assert receiver["server_spans"] == quick["record"]["otelproxy+otlp"]["served"]
