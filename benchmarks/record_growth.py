@@ -80,8 +80,9 @@ def session_turns(turns: int, seed: int = 7) -> list[tuple[bytes, list[bytes]]]:
         tool_input = ({"file_path": f"/workspace/src/module_{turn % 37}.py"} if tool == "Read"
                       else {"command": f"pytest -q tests/test_{turn % 23}.py",
                             "description": "run the tests"})
-        blocks = [{"type": "text", "text": f"Step {turn}: " + _words(rng, 40)},
-                  {"type": "tool_use", "id": tool_id, "name": tool, "input": tool_input}]
+        blocks: list[dict[str, Any]] = [
+            {"type": "text", "text": f"Step {turn}: " + _words(rng, 40)},
+            {"type": "tool_use", "id": tool_id, "name": tool, "input": tool_input}]
         events = anthropic_sse(Reply(blocks=blocks), body["model"])
         out.append((request, events))
         messages.append({"role": "assistant", "content": blocks})

@@ -24,9 +24,11 @@ COMMANDS = ("serve", "sessions", "show")
 _COMMANDS_HELP = """\
 commands:
   otelproxy [serve] [options]     run the proxy (the default command; its options are above)
-  otelproxy sessions [--provider P] [--since T] [--json]
+  otelproxy sessions [--provider P] [--since T] [--client-session ID] [--json]
                                   list recorded sessions, newest first
-  otelproxy show SESSION [--json] print one session's turns and its branch tree
+  otelproxy show SESSION [--json] [--raw SEQ [--response]]
+                                  print one session's turns and its branch tree, or
+                                  one turn's exact bytes
   `otelproxy sessions --help` and `otelproxy show --help` describe their options.
 """
 

@@ -1042,7 +1042,7 @@ HUGE_USAGE_MARKER = "HUGE_USAGE"
 """A prompt with this word is answered with usage near a 1M context window, which makes Claude
 Code compact the conversation before its next request."""
 HUGE_INPUT_TOKENS = 990_000
-AGENT_MARKERS = {
+AGENT_MARKERS: dict[str, dict[str, Any]] = {
     "RUN_AGENTS:": {"subagent_type": "general-purpose"},
     "RUN_AGENT:": {"subagent_type": "general-purpose"},
     "RUN_AGENT_FG:": {"subagent_type": "general-purpose", "run_in_background": False},
