@@ -65,12 +65,14 @@ RSS_PER_100_STREAMS_MAX_MIB = 8.0
 @dataclass(frozen=True)
 class StreamLevel:
     """One SSE phase: ``streams`` concurrent streams of ``deltas`` text deltas ``interval_ms``
-    apart, ``repeats`` rounds per target."""
+    apart, ``repeats`` rounds per target; then ``probes`` short streams per target, one at a
+    time, targets interleaved, to time more first events."""
 
     streams: int
     deltas: int
     interval_ms: float
     repeats: int
+    probes: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Settings:
     cc_interval_ms: float = 3.0
     """Spacing of a Claude Code answer's deltas (so 144 deltas last about 0.43 s)."""
     levels: tuple[StreamLevel, ...] = (
-        StreamLevel(1, traffic.DELTA_COUNT, 10.0, 3),
+        StreamLevel(1, traffic.DELTA_COUNT, 10.0, 3, probes=40),
         StreamLevel(50, traffic.DELTA_COUNT, 10.0, 1),
         StreamLevel(500, 40, 75.0, 1),
     )
@@ -99,7 +101,8 @@ class Settings:
     def quick_run(cls, names: tuple[str, ...], peers_venv: str) -> Settings:
         return cls(quick=True, targets=names, peers_venv=peers_venv, latency_requests=30,
                    latency_rounds=3,
-                   cc_seconds=3.0, levels=(StreamLevel(1, 30, 5.0, 1), StreamLevel(50, 30, 10.0, 1),
+                   cc_seconds=3.0, levels=(StreamLevel(1, 30, 5.0, 1, probes=5),
+                                           StreamLevel(50, 30, 10.0, 1),
                                            StreamLevel(500, 8, 100.0, 1)),
                    wrk_seconds=1.0)
 
@@ -445,13 +448,21 @@ class LoadGenerator:
                     with contextlib.suppress(asyncio.CancelledError):
                         await sampler
                 await self.control.settle(target)
+            probes: dict[str, list[StreamResult]] = {name: [] for name in self.everyone}
+            for order in rotations(self.everyone, level.probes):
+                for name in order:
+                    probes[name].append(await asyncio.wait_for(
+                        stream(session, self.targets[name], body, 3, 1.0), 60))
+            for name in self.proxies if level.probes else ():
+                await self.control.settle(self.targets[name])
         out: Json = {"streams": level.streams, "deltas": level.deltas,
                      "interval_ms": level.interval_ms, "repeats": level.repeats,
-                     "ramp_s": round(ramp, 3)}
+                     "ramp_s": round(ramp, 3), "first_event_probes": level.probes}
         for name in self.everyone:
             results = pooled[name]
             gaps = [gap for r in results for gap in r.gaps_ns]
-            firsts = [r.first_event_ns for r in results if r.first_event_ns is not None]
+            firsts = [r.first_event_ns for r in results + probes[name]
+                      if r.first_event_ns is not None]
             expected = len(results) * level.deltas
             received = sum(r.deltas for r in results)
             out[name] = {
