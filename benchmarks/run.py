@@ -789,6 +789,33 @@ def format_report(r: Json) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(r: Json) -> str:
+    """The README's tables: one row per measured proxy."""
+    names = [n for n, t in r["targets"].items() if n != "direct" and t["status"] == "measured"]
+    cc, lat, mem, wrk = r["claude_code"], r["latency"], r["memory"], r["wrk"]
+    rows = ["| target | CPU ms per exchange (x bare) | latency p50 / p99 over bare, ms | "
+            "idle RSS, MiB | RSS per 100 streams, MiB | wrk req/s (x bare) |",
+            "|---|---|---|---|---|---|"]
+    for name in names:
+        c, la, m = cc.get(name, {}), lat.get(name, {}), mem.get(name, {})
+        w = wrk.get(name, {}) if isinstance(wrk.get(name), dict) else {}
+        rows.append(
+            f"| {name} | {_fmt(c.get('cpu_ms_per_exchange'))} ({_fmt(c.get('ratio_to_bare'))}) "
+            f"| {_fmt(la.get('over_bare_p50_ms'))} / {_fmt(la.get('over_bare_p99_ms'))} "
+            f"| {_fmt(m.get('idle_mib'), 1)} | {_fmt(m.get('per_100_streams_mib'), 1)} "
+            f"| {_fmt(w.get('rps'), 0)} ({_fmt(w.get('ratio_to_bare'))}) |")
+    levels = list(r["sse"])
+    rows += ["", "| target | " + " | ".join(
+        f"{streams} stream(s): gap p99 / first event p50 over direct, ms; lost"
+        for streams in levels) + " |", "|---|" + "---|" * len(levels)]
+    for name in names:
+        cells = [f"{_fmt(r['sse'][k][name]['gap_p99_over_direct_ms'], 1)} / "
+                 f"{_fmt(r['sse'][k][name]['first_event_p50_over_direct_ms'], 1)}; "
+                 f"{r['sse'][k][name]['events_lost']}" for k in levels]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
@@ -797,6 +824,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="small counts: a smoke run of every phase (about a minute)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the README's tables (ratios and differences) only")
+    parser.add_argument("--from", dest="saved", metavar="FILE",
+                        help="run nothing: print the report of a run saved with --json")
     parser.add_argument("--targets", metavar="LIST", default=",".join(PROXIES),
                         help=f"comma-separated, from {', '.join(PROXIES)} (default: all)")
     parser.add_argument("--peers-venv", metavar="DIR", default=str(PEERS_VENV),
@@ -822,10 +853,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"[bench {time.monotonic() - began:6.1f} s] {message}\n")
         sys.stderr.flush()
 
-    results = bench(settings, progress)
-    results["elapsed_s"] = round(time.monotonic() - began, 1)
+    if args.saved:
+        results: Json = orjson.loads(Path(args.saved).read_bytes())
+    else:
+        results = bench(settings, progress)
+        results["elapsed_s"] = round(time.monotonic() - began, 1)
     if args.json:
         sys.stdout.write(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif args.markdown:
+        sys.stdout.write(format_markdown(results) + "\n")
     else:
         sys.stdout.write(format_report(results) + f"\n\n(run took {results['elapsed_s']} s)\n")
     missed = any(item["pass"] is False for item in results["checks"])

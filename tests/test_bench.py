@@ -102,6 +102,22 @@ def test_peers_that_are_not_installed_are_reported(quick: dict[str, Any]) -> Non
     assert "CPU ms/exch" in text and "x bare" in text
 
 
+def test_saved_run_prints_as_readme_tables(quick: dict[str, Any], tmp_path: Path) -> None:
+    """`--from FILE --markdown` runs nothing and prints a row per measured proxy in each of the
+    README's two tables (peers that were not measured have none)."""
+    saved = tmp_path / "run.json"
+    saved.write_bytes(orjson.dumps(quick))
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--from", str(saved), "--markdown"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    tables = completed.stdout.strip().split("\n\n")
+    assert len(tables) == 2
+    for table in tables:
+        rows = table.splitlines()[2:]
+        assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(MEASURED)
+    assert completed.stderr == ""
+
+
 def test_quick_run_loses_no_event(quick: dict[str, Any]) -> None:
     """Every delta the upstream sent reached the client whole, through every target."""
     for level in quick["sse"].values():
