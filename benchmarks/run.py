@@ -723,9 +723,21 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _measured(r: Json) -> list[str]:
+    return [n for n, t in r["targets"].items() if n != "direct" and t["status"] == "measured"]
+
+
+def _per_proxy(r: Json) -> Iterator[tuple[str, Json, Json, Json, Json]]:
+    """Per measured proxy: its Claude Code, latency, memory and wrk figures."""
+    for name in _measured(r):
+        wrk = r["wrk"].get(name)
+        yield (name, r["claude_code"].get(name, {}), r["latency"].get(name, {}),
+               r["memory"].get(name, {}), wrk if isinstance(wrk, dict) else {})
+
+
 def format_report(r: Json) -> str:
     s = r["settings"]
-    names = [n for n, t in r["targets"].items() if n != "direct" and t["status"] == "measured"]
+    names = _measured(r)
     lines = [f"otelproxy benchmark: Python {s['python']}, aiohttp {s['aiohttp']}, {s['cpus']} "
              f"CPUs, pinning {s['pinning']}; load average at the end "
              f"{' '.join(f'{x:.2f}' for x in s['load_average'])}" + (" [quick]" if s["quick"]
@@ -744,9 +756,7 @@ def format_report(r: Json) -> str:
               f"{'p99 ms':>7} {'+bare':>6} {'idle MiB':>8} {'MiB/100str':>10} {'wrk r/s':>8} "
               f"{'x bare':>7}")
     lines.append(header)
-    for name in names:
-        c, la, m = cc.get(name, {}), lat.get(name, {}), mem.get(name, {})
-        w = wrk.get(name, {}) if isinstance(wrk.get(name), dict) else {}
+    for name, c, la, m, w in _per_proxy(r):
         lines.append(
             f"  {name:<15} {_fmt(c.get('cpu_ms_per_exchange'), 3):>11} "
             f"{_fmt(c.get('ratio_to_bare')):>7} {_fmt(la.get('p50_ms'), 3):>7} "
@@ -791,14 +801,11 @@ def format_report(r: Json) -> str:
 
 def format_markdown(r: Json) -> str:
     """The README's tables: one row per measured proxy."""
-    names = [n for n, t in r["targets"].items() if n != "direct" and t["status"] == "measured"]
-    cc, lat, mem, wrk = r["claude_code"], r["latency"], r["memory"], r["wrk"]
+    names = _measured(r)
     rows = ["| target | CPU ms per exchange (x bare) | latency p50 / p99 over bare, ms | "
             "idle RSS, MiB | RSS per 100 streams, MiB | wrk req/s (x bare) |",
             "|---|---|---|---|---|---|"]
-    for name in names:
-        c, la, m = cc.get(name, {}), lat.get(name, {}), mem.get(name, {})
-        w = wrk.get(name, {}) if isinstance(wrk.get(name), dict) else {}
+    for name, c, la, m, w in _per_proxy(r):
         rows.append(
             f"| {name} | {_fmt(c.get('cpu_ms_per_exchange'))} ({_fmt(c.get('ratio_to_bare'))}) "
             f"| {_fmt(la.get('over_bare_p50_ms'))} / {_fmt(la.get('over_bare_p99_ms'))} "
