@@ -142,18 +142,38 @@ def tree(pid: int) -> list[int]:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, every thread) of ``pid`` and its descendants, including
-    children that have exited and been waited for."""
-    total = 0
+def _label(member: int) -> str:
+    """What a process of a tree is, for the CPU split: otelproxy's recorder is a spawned
+    multiprocessing child, started beside multiprocessing's resource tracker."""
+    try:
+        command = Path(f"/proc/{member}/cmdline").read_bytes()
+    except OSError:
+        return "gone"
+    if b"resource_tracker" in command:
+        return "resource tracker"
+    if b"spawn_main" in command:
+        return "spawned child"
+    return Path(command.split(b"\0")[0].decode(errors="replace")).name or "?"
+
+
+def tree_cpu_by_process(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system, every thread) per process of ``pid``'s tree: ``main`` (with
+    the children it has waited for), the others by what they are (``_label``)."""
+    ticks: dict[str, int] = {}
     for index, member in enumerate(tree(pid)):
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = _stat(member)
-            # utime, stime; cutime, cstime of the root only (reaped children)
-            total += int(fields[11]) + int(fields[12])
+            used = int(fields[11]) + int(fields[12])  # utime, stime
             if index == 0:
-                total += int(fields[13]) + int(fields[14])
-    return total / _TICKS
+                used += int(fields[13]) + int(fields[14])  # cutime, cstime: reaped children
+            label = "main" if index == 0 else _label(member)
+            ticks[label] = ticks.get(label, 0) + used
+    return {label: used / _TICKS for label, used in ticks.items()}
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its descendants, including children it has waited for."""
+    return sum(tree_cpu_by_process(pid).values())
 
 
 def _status_kib(pid: int, key: str) -> int:

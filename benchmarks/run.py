@@ -254,8 +254,13 @@ class Control:
         return round(time.monotonic() - began, 3)
 
 
-def cpu_s(target: Target) -> float:
-    return 0.0 if target.process is None else procs.tree_cpu_s(target.process.pid)
+def cpu_s(target: Target) -> dict[str, float]:
+    """CPU seconds so far per process of the target's tree (see ``procs.tree_cpu_by_process``)."""
+    return {} if target.process is None else procs.tree_cpu_by_process(target.process.pid)
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {label: after[label] - before.get(label, 0.0) for label in after}
 
 
 def rss_mib(target: Target) -> float | None:
@@ -392,7 +397,7 @@ class LoadGenerator:
         order = [*self.proxies, *reversed(self.proxies)]  # ABBA: each target twice
         exchanges = dict.fromkeys(self.proxies, 0)
         broken = dict.fromkeys(self.proxies, 0)
-        cpu = dict.fromkeys(self.proxies, 0.0)
+        cpu: dict[str, dict[str, float]] = {name: {} for name in self.proxies}
         catch_up = dict.fromkeys(self.proxies, 0.0)
         async with client(s.conversations) as session:
             for name in order:
@@ -400,7 +405,8 @@ class LoadGenerator:
                 before = cpu_s(target)
                 count, failed = await self._conversations(target, session, s.cc_seconds / 2)
                 catch_up[name] += await self.control.settle(target)
-                cpu[name] += cpu_s(target) - before
+                for label, used in cpu_used(before, cpu_s(target)).items():
+                    cpu[name][label] = cpu[name].get(label, 0.0) + used
                 exchanges[name] += count
                 broken[name] += failed
         out: Json = {"conversations": s.conversations, "seconds_per_target": s.cc_seconds,
@@ -408,9 +414,12 @@ class LoadGenerator:
                      "last_turn_bytes": len(
                          traffic.conversation_request("x", traffic.MAX_TURNS - 1))}
         for name in self.proxies:
-            per = cpu[name] * 1000 / exchanges[name] if exchanges[name] else math.nan
+            served = exchanges[name] or math.nan
             out[name] = {"exchanges": exchanges[name], "incomplete": broken[name],
-                         "cpu_ms_per_exchange": round(per, 3),
+                         "cpu_ms_per_exchange": round(sum(cpu[name].values()) * 1000 / served, 3),
+                         "cpu_ms_per_exchange_by_process": {
+                             label: round(used * 1000 / served, 3)
+                             for label, used in cpu[name].items()},
                          "settle_s": round(catch_up[name], 3)}
         for name in self.proxies:
             out[name]["ratio_to_bare"] = _ratio(out[name]["cpu_ms_per_exchange"],
@@ -546,8 +555,8 @@ async def wrk_phase(names: list[str], everyone: dict[str, Target], control: Cont
         figures["settle_s"] = await control.settle(target)
         if "requests" in figures and target.process is not None:
             target.sent += figures["requests"]
-            figures["cpu_ms_per_request"] = round(
-                (cpu_s(target) - before) * 1000 / max(1, figures["requests"]), 3)
+            used = sum(cpu_used(before, cpu_s(target)).values())
+            figures["cpu_ms_per_request"] = round(used * 1000 / max(1, figures["requests"]), 3)
         runs[name].append(figures)
     out: Json = {"connections": settings.wrk_connections, "seconds": settings.wrk_seconds}
     for name in names:
@@ -779,6 +788,11 @@ def format_report(r: Json) -> str:
                          f"{_fmt(row['first_event_p50_over_direct_ms'], 3):>8} "
                          f"{_fmt(row['first_event_p99_over_direct_ms'], 3):>8}   lost "
                          f"{row['events_lost']}, incomplete {row['incomplete_streams']}")
+    lines += ["", "CPU ms per Claude Code exchange by process of the tree:"]
+    for name, c, *_ in _per_proxy(r):
+        split = c.get("cpu_ms_per_exchange_by_process", {})
+        lines.append(f"  {name:<15} " + ", ".join(f"{label} {used:.3f}"
+                                                 for label, used in split.items()))
     lines += ["", "Process trees when idle (allowed CPUs, resident MiB):"]
     for name in names:
         for member in mem.get(name, {}).get("processes", []):

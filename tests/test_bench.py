@@ -59,6 +59,9 @@ def test_quick_run_reports_every_figure(quick: dict[str, Any]) -> None:
         assert _number(memory["per_100_streams_mib"])
         assert quick["wrk"][name]["rps"] > 0 and _number(quick["wrk"][name]["ratio_to_bare"])
     assert cc["bare"]["ratio_to_bare"] == 1.0
+    split = cc["otelproxy"]["cpu_ms_per_exchange_by_process"]
+    assert {"main", "spawned child"} <= set(split)  # the proxy and its recorder
+    assert math.isclose(sum(split.values()), cc["otelproxy"]["cpu_ms_per_exchange"], abs_tol=0.01)
     assert quick["latency"]["body_bytes"] > 90_000
     assert set(quick["sse"]) == {"1", "50", "500"}
     for level in quick["sse"].values():
@@ -174,7 +177,7 @@ def test_tree_cpu_and_memory_count_the_children(tmp_path: Path) -> None:
     marker = tmp_path / "busy-done"
     child = tmp_path / "child.py"
     child.write_text("import pathlib, sys, time\n"
-                     "while time.process_time() < 0.3:\n    pass\n"
+                     "while time.process_time() < 0.35:\n    pass\n"
                      "pathlib.Path(sys.argv[1]).touch()\ntime.sleep(60)\n")
     parent_script = tmp_path / "parent.py"
     parent_script.write_text("import subprocess, sys, time\n"
@@ -189,6 +192,9 @@ def test_tree_cpu_and_memory_count_the_children(tmp_path: Path) -> None:
         members = procs.tree(parent.pid)
         assert len(members) == 2 and members[0] == parent.pid
         assert procs.tree_cpu_s(parent.pid) >= 0.3
+        split = procs.tree_cpu_by_process(parent.pid)
+        assert set(split) == {"main", Path(sys.executable).name} and split["main"] < 0.3
+        assert split[Path(sys.executable).name] >= 0.3  # 0.35 s used; /proc counts 10 ms ticks
         assert procs.tree_rss_mib(parent.pid) > procs.tree_rss_mib(members[1])
     finally:
         for pid in reversed(procs.tree(parent.pid)):
