@@ -154,15 +154,20 @@ class StreamResult:
     complete: bool = False
 
 
-async def post(session: aiohttp.ClientSession, target: Target, body: bytes) -> int:
-    """One non-streaming request; its latency in ns (the whole answer read)."""
+async def post(session: aiohttp.ClientSession, target: Target, body: bytes) -> int | None:
+    """One non-streaming request; its latency in ns (the whole answer read), or None when it
+    failed (counted in ``target.failures``)."""
     target.sent += 1
     began = time.perf_counter_ns()
-    async with session.post(target.url, data=body, headers=traffic.HEADERS) as response:
-        data = await response.read()
-        if response.status != 200 or not data.startswith(b"{"):
-            target.failures += 1
-    return time.perf_counter_ns() - began
+    try:
+        async with session.post(target.url, data=body, headers=traffic.HEADERS) as response:
+            data = await response.read()
+            if response.status == 200 and data.startswith(b"{"):
+                return time.perf_counter_ns() - began
+    except (aiohttp.ClientError, TimeoutError):
+        pass
+    target.failures += 1
+    return None
 
 
 async def stream(session: aiohttp.ClientSession, target: Target, body: bytes, deltas: int,
@@ -236,7 +241,11 @@ class Control:
             return round(time.monotonic() - began, 3)
         health: Json = {}
         while time.monotonic() < deadline:
-            health = await self.json(target.health_url)
+            try:
+                health = await self.json(target.health_url)
+            except aiohttp.ClientError as exc:  # it died: the run goes on, and says so
+                target.notes.append(f"/healthz failed: {type(exc).__name__}")
+                return round(time.monotonic() - began, 3)
             if health.get("in_flight", 0) == 0 and health.get("records_pending", 0) == 0:
                 break
             await asyncio.sleep(0.05)
@@ -343,8 +352,9 @@ class LoadGenerator:
                 for name in order:
                     target = self.targets[name]
                     for _ in range(per_round):
-                        samples[name].append(await asyncio.wait_for(
-                            post(sessions[name], target, body), 30))
+                        took = await asyncio.wait_for(post(sessions[name], target, body), 60)
+                        if took is not None:
+                            samples[name].append(took)
                     await self.control.settle(target)
         finally:
             for session in sessions.values():
@@ -414,7 +424,7 @@ class LoadGenerator:
                      "last_turn_bytes": len(
                          traffic.conversation_request("x", traffic.MAX_TURNS - 1))}
         for name in self.proxies:
-            served = exchanges[name] or math.nan
+            served = exchanges[name] - broken[name] or math.nan  # complete exchanges only
             out[name] = {"exchanges": exchanges[name], "incomplete": broken[name],
                          "cpu_ms_per_exchange": round(sum(cpu[name].values()) * 1000 / served, 3),
                          "cpu_ms_per_exchange_by_process": {
@@ -489,7 +499,7 @@ class LoadGenerator:
                                                            direct["first_event_p50_ms"])
             row["first_event_p99_over_direct_ms"] = _minus(row["first_event_p99_ms"],
                                                            direct["first_event_p99_ms"])
-            if name in peaks:
+            if peaks.get(name):  # 0: the process was gone
                 idle = memory[name]["idle_mib"]
                 row["peak_rss_mib"] = peaks[name]
                 memory[name][f"peak_{level.streams}_streams_mib"] = peaks[name]
@@ -690,8 +700,13 @@ async def _phases(settings: Settings, running: list[Target], upstream_port: int,
                                          {t.name: t for t in running}, control, settings,
                                          pinning, work)
         results["phase_s"]["wrk"] = round(time.monotonic() - began, 1)
-        results["health"] = {t.name: await control.json(t.health_url)
-                             for t in running if t.health_url is not None}
+        results["health"] = {}
+        for target in running:
+            if target.health_url is not None:
+                try:
+                    results["health"][target.name] = await control.json(target.health_url)
+                except aiohttp.ClientError as exc:
+                    results["health"][target.name] = {"error": type(exc).__name__}
         results["upstream"] = await control.json(control.upstream_stats)
         results["otlp_receiver"] = await control.json(control.otlp_stats or "")
     return results
