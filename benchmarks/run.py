@@ -1,4 +1,4 @@
-"""The benchmark: ``python -m benchmarks.run [--quick] [--json] [--targets a,b]``.
+"""The benchmark: ``python -m benchmarks.run [--quick] [--json | --markdown] [--targets a,b]``.
 
 One run starts the fake upstream and the OTLP receiver (``benchmarks.servers``) and every target
 (``benchmarks.targets``: bare pass-through, otelproxy, otelproxy with OTLP export, mitmproxy,
