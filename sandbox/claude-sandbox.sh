@@ -291,7 +291,26 @@ start_seq() {
   ensure_service "$name-seq" "${args[@]}" "$SEQ_IMAGE"
 }
 
+# Seq takes a while to accept connections after it starts (and under rootless podman a new
+# container's name can take a moment to resolve): wait, up to 60 s, until a container on the
+# network reaches seq:5341, so the proxy's first exports are not given up on.
+wait_for_seq() {
+  run "$runtime" run --rm --network "$network" --entrypoint python "$PROXY_IMAGE" -c '
+import socket, sys, time
+deadline = time.monotonic() + 60
+while True:
+    try:
+        socket.create_connection(("seq", 5341), timeout=2).close()
+        break
+    except OSError as error:
+        if time.monotonic() > deadline:
+            sys.exit(f"seq:5341 not reachable after 60 s: {error}")
+        time.sleep(0.5)
+' || note "Seq is not reachable yet; starting the proxy anyway (its export retries)"
+}
+
 start_proxy() {
+  if ((otel)) && [[ $(container_state "$name-api-logger") != running ]]; then wait_for_seq; fi
   local args=(--network "$network" --network-alias api-logger
     -p "127.0.0.1:$((port_base + 1)):8000" -v "$name-logs:/var/log/otelproxy"
     -e "OTELPROXY_SEQ_URL=$SEQ_INGEST_URL")

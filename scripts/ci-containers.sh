@@ -354,7 +354,12 @@ run_sandbox() {
       2>"$work/check.err"; then
       break
     fi
-    ((attempt < 30)) || { cat "$work/check.err"; fail "end-to-end checks"; }
+    if ((attempt == 30)); then
+      cat "$work/check.err"
+      echo "-- the proxy's log:"
+      rt logs "$NAME-api-logger" 2>&1 | tail -40
+      fail "end-to-end checks"
+    fi
     sleep 2
   done
 

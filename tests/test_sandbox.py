@@ -262,7 +262,12 @@ def test_dry_run_starts_exactly_what_the_flags_ask_for(
     assert {c[0] for c in result.commands} == {runtime}
     assert network_creates(result) == [[runtime, "network", "create", "claude-sandbox-net"]]
     assert len(runs_of(result, SEQ_IMAGE)) == (1 if "--otel" in flags else 0)
-    assert len(runs_of(result, PROXY_IMAGE)) == (1 if "--log-api" in flags else 0)
+    proxies = [run for run in runs_of(result, PROXY_IMAGE) if "--rm" not in run]
+    assert len(proxies) == (1 if "--log-api" in flags else 0)
+    # With Seq beside it, a throwaway container of the proxy image first waits for seq:5341.
+    probes = [run for run in runs_of(result, PROXY_IMAGE) if "--rm" in run]
+    assert len(probes) == (1 if {"--otel", "--log-api"} <= set(flags) else 0)
+    assert all(option(run, "--network") == "claude-sandbox-net" for run in probes)
     for secret in SECRETS:
         assert secret not in result.stdout and secret not in result.stderr
 
@@ -593,6 +598,8 @@ def created(calls: list[list[str]]) -> list[str]:
     for call in calls:
         if call[1:3] == ["network", "create"]:
             out.append(f"network {call[3]}")
+        elif call[1] == "run" and "--rm" in call:
+            out.append(f"probe {call[-3]}")  # the wait for Seq: a throwaway container
         elif call[1] == "run":
             out.append(f"container {option(call, '--name')}")
         elif call[1] == "build":
@@ -611,6 +618,7 @@ def test_second_run_reuses_the_network_seq_and_proxy(sandbox: Sandbox, runtime: 
         "image otelproxy:local",
         "network claude-sandbox-net",
         "container claude-sandbox-seq",
+        "probe otelproxy:local",
         "container claude-sandbox-api-logger",
         "container claude-sandbox",
     ]
