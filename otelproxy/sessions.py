@@ -516,8 +516,9 @@ class SessionTracker:
         provider = record.exchange.provider
         parent_lane = Lane(lane.client_session_id, lane.parent_agent_id, None)
         for spawn_key in _spawn_lookups(messages):
-            rows = self._candidates(spawn_key, provider, parent_lane) \
-                or self._candidates(spawn_key, provider)
+            rows = self._candidates(spawn_key, provider, parent_lane) or [
+                row for row in self._candidates(spawn_key, provider)  # another agent's turn
+                if row["client_session_id"] == lane.client_session_id]
             if rows:
                 return self._new(record, fingerprint=key, kind=kind, parent=rows[0],
                                  parent_seq=rows[0]["seq"], reason="agent_spawned")

@@ -584,3 +584,27 @@ def show_session_turns(proxy: RunningProxy, session_id: str) -> list[dict[str, A
         return [dict(r) for r in conn.execute(
             "SELECT seq, user_preview FROM exchanges WHERE session_id = ? ORDER BY seq",
             (session_id,)).fetchall()]
+
+
+def test_a_subagent_links_only_within_its_own_client_session(proxy, fake):
+    """Two Claude Code sessions spawn agents with the same task: each subagent links to the
+    turn of its own client session, even when its parent agent's lane is unknown."""
+    def client(session: str, **agent: str) -> anthropic.Anthropic:
+        headers = {"X-Claude-Code-Session-Id": session, **agent}
+        return anthropic.Anthropic(base_url=proxy.base(), api_key=KEY, max_retries=0,
+                                   default_headers=headers)
+
+    def ask(sdk: anthropic.Anthropic, text: str) -> None:
+        sdk.messages.create(model=MODEL, max_tokens=20,
+                            messages=[{"role": "user", "content": text}])
+
+    ask(client("session-b"), "RUN_AGENT: the same task")
+    ask(client("session-a"), "RUN_AGENT: the same task")  # the newer of the two turns
+    ask(client("session-b", **{"X-Claude-Code-Agent-Id": "sub",
+                               "X-Claude-Code-Parent-Agent-Id": "unseen"}), "the same task")
+    with proxy.db() as conn:
+        rows = {(r["client_session_id"], r["agent_id"]): dict(r)
+                for r in conn.execute("SELECT * FROM sessions")}
+    sub = rows[("session-b", "sub")]
+    assert (sub["kind"], sub["parent_id"], sub["fork_from_seq"]) == (
+        "subagent", rows[("session-b", None)]["id"], 1)
