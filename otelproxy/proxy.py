@@ -253,13 +253,13 @@ async def _forward(
             status=upstream.status, reason=upstream.reason,
             headers=response_headers(exchange.response_headers),
         )
+        oversize: Oversize | None = None
         try:
             await response.prepare(request)
             exchange.proxy_ns += time.monotonic_ns() - mark
             chunks = exchange.chunks
             reader = upstream.content
             room = state.config.record_max_body  # what the record may still keep
-            oversize: Oversize | None = None
             while True:
                 try:
                     data = await reader.readany()
@@ -281,7 +281,6 @@ async def _forward(
                         await oversize.catch_up([chunk for _, chunk in chunks])
                         chunks.append((received, data[:room]))
                     oversize.update(data)
-                    exchange.response_cut = oversize.cut()
                 await response.write(data)
                 exchange.proxy_ns += time.monotonic_ns() - received
             await response.write_eof()
@@ -293,6 +292,9 @@ async def _forward(
             _client_gone(state, exchange, "client disconnected mid-response")
             upstream.close()
             raise
+        finally:
+            if oversize is not None:  # the digest once, however the stream ended
+                exchange.response_cut = oversize.cut()
     exchange.finished_ns = time.monotonic_ns()
     return response
 

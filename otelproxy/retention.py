@@ -136,14 +136,14 @@ def sweep(conn: sqlite3.Connection, log_dir: Path, *, max_age_s: float | None,
     files = [f for unit in doomed for f in unit.files]
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for column, values in (("session_id", sessions), ("file_path", files)):
-            for at in range(0, len(values), 500):
+        for table, column, values in (("fingerprints", "session_id", sessions),
+                                      ("sessions", "id", sessions),
+                                      ("exchanges", "session_id", sessions),
+                                      ("exchanges", "file_path", files)):
+            for at in range(0, len(values), 500):  # SQLite caps the parameters of a statement
                 part = values[at:at + 500]
-                marks = ",".join("?" * len(part))
-                if column == "session_id":
-                    conn.execute(f"DELETE FROM fingerprints WHERE session_id IN ({marks})", part)
-                    conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", part)
-                conn.execute(f"DELETE FROM exchanges WHERE {column} IN ({marks})", part)
+                conn.execute(f"DELETE FROM {table} WHERE {column} IN"
+                             f" ({','.join('?' * len(part))})", part)
     except BaseException:
         conn.execute("ROLLBACK")
         raise

@@ -286,20 +286,24 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _agent_calls(message: Any) -> list[dict[str, Any]]:
+    """The Agent/Task tool_use blocks of an assistant message."""
+    content = message.get("content") if isinstance(message, dict) else None
+    return [block for block in content if isinstance(block, dict)
+            and block.get("type") == "tool_use" and block.get("name") in AGENT_TOOLS] \
+        if isinstance(content, list) else []
+
+
 def spawn_keys(output: dict[str, Any] | None) -> list[str]:
     """Keys that let a subagent find the turn that spawned it: ``tool:{id}`` for every Agent/Task
     tool_use in the answer (a fork subagent's history holds that block) and
     ``agent_prompt:{sha256}`` of its prompt (a fresh subagent's first message is that prompt)."""
     keys: list[str] = []
-    content = (output or {}).get("content")
-    for block in content if isinstance(content, list) else []:
-        if not (isinstance(block, dict) and block.get("type") == "tool_use"
-                and block.get("name") in AGENT_TOOLS):
-            continue
+    for block in _agent_calls(output):
         if isinstance(block.get("id"), str):
             keys.append("tool:" + block["id"])
-        prompt = (block.get("input") or {}).get("prompt") if isinstance(
-            block.get("input"), dict) else None
+        tool_input = block.get("input")
+        prompt = tool_input.get("prompt") if isinstance(tool_input, dict) else None
         if isinstance(prompt, str) and prompt.strip():
             keys.append("agent_prompt:" + _digest(prompt.strip()))
     return keys
@@ -310,11 +314,8 @@ def _spawn_lookups(messages: list[Any]) -> list[str]:
     keys: list[str] = []
     for message in reversed(messages):  # the newest Agent tool_use in an inherited history
         if isinstance(message, dict) and message.get("role") == "assistant":
-            content = message.get("content")
-            for block in content if isinstance(content, list) else []:
-                if isinstance(block, dict) and block.get("type") == "tool_use" \
-                        and block.get("name") in AGENT_TOOLS and isinstance(block.get("id"), str):
-                    keys.append("tool:" + block["id"])
+            keys = ["tool:" + block["id"] for block in _agent_calls(message)
+                    if isinstance(block.get("id"), str)]
             if keys:
                 break
     if messages:
