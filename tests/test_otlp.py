@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -24,6 +26,7 @@ import pytest
 from otelproxy import config as config_module
 from otelproxy import otlp
 from otelproxy.errors import ConfigError
+from otelproxy.otlp import mapping
 from tests.conftest import RunningProxy
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.otlp_receiver import LogData, OtlpReceiver, SpanData, unused_url
@@ -856,6 +859,26 @@ def test_nothing_configured_means_no_sink_and_no_threads() -> None:
     assert {t.name for t in threading.enumerate()} <= before
 
 
+def test_resolving_settings_loads_neither_requests_nor_the_sdk() -> None:
+    """The proxy process resolves the OTLP settings (through the recorder) without importing
+    `requests` or the OpenTelemetry SDK; building a sink loads them."""
+    probe = (
+        "import sys\n"
+        "from otelproxy import config, otlp, recorder\n"
+        "cfg = config.build({'seq_url': 'http://seq:5341'}, list(config.DEFAULT_UPSTREAMS))\n"
+        "assert otlp.resolve(cfg, {}) is not None\n"
+        "heavy = ('requests', 'opentelemetry.sdk', 'otelproxy.otlp.export')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+        "sink = otlp.build_sink(cfg, {})\n"
+        "assert sink is not None and sink.shutdown(1) is not None\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, check=True)
+    before, after = done.stdout.splitlines()
+    assert before == "[]", done.stdout
+    assert after == "['opentelemetry.sdk', 'otelproxy.otlp.export', 'requests']", done.stdout
+
+
 def test_seq_url_and_key_win_over_the_standard_environment() -> None:
     """--seq-url sets both endpoints under /ingest/otlp; --seq-api-key sets X-Seq-ApiKey."""
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
@@ -918,13 +941,13 @@ def test_invalid_otel_settings_are_one_line_config_errors(env: dict[str, str]) -
 
 def test_routes_are_low_cardinality() -> None:
     """Ids in a path become {id}; the API's own words stay."""
-    assert otlp.route("/v1/messages") == "/v1/messages"
-    assert otlp.route("/v1/messages/count_tokens") == "/v1/messages/count_tokens"
-    assert otlp.route("/v1/messages/batches/msgbatch_013Zva2CMHLNnXjNJJKqJ2EF/results") == \
+    assert mapping.route("/v1/messages") == "/v1/messages"
+    assert mapping.route("/v1/messages/count_tokens") == "/v1/messages/count_tokens"
+    assert mapping.route("/v1/messages/batches/msgbatch_013Zva2CMHLNnXjNJJKqJ2EF/results") == \
         "/v1/messages/batches/{id}/results"
-    assert otlp.route("/v1/models/gpt-4o") == "/v1/models/{id}"
-    assert otlp.route("/v1/responses/resp_67ccd2bed1ec8190") == "/v1/responses/{id}"
-    assert otlp.route("/api/hello") == "/api/hello"
+    assert mapping.route("/v1/models/gpt-4o") == "/v1/models/{id}"
+    assert mapping.route("/v1/responses/resp_67ccd2bed1ec8190") == "/v1/responses/{id}"
+    assert mapping.route("/api/hello") == "/api/hello"
 
 
 def test_receiver_refuses_what_seq_refuses(seq: OtlpReceiver) -> None:

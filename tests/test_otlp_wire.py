@@ -1,5 +1,5 @@
-"""The OTLP wire encoder (``otelproxy.otlp_wire``) decoded by ``opentelemetry-proto``, and the
-exporter that sends its batches (``otelproxy.otlp._Exporter``) against the real receiver."""
+"""The OTLP wire encoder (``otelproxy.otlp.wire``) decoded by ``opentelemetry-proto``, and the
+exporter that sends its batches (``otelproxy.otlp.export._Exporter``) against the real receiver."""
 
 from __future__ import annotations
 
@@ -17,16 +17,17 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from otelproxy import otlp, otlp_wire
 from otelproxy.config import Config
 from otelproxy.errors import ConfigError
+from otelproxy.otlp import export, wire
+from otelproxy.otlp.settings import BatchSettings, TlsFiles, resolve
 from tests.otlp_receiver import LOGS_PATH, TRACES_PATH, OtlpReceiver, any_value, attributes
 from tests.otlp_receiver import unused_url as unused_receiver_url
 
 TRACE_ID = bytes(range(1, 17))
 SPAN_ID = bytes(range(21, 29))
 PARENT_ID = bytes(range(31, 39))
-ENVELOPE = otlp_wire.Envelope({"service.name": "otelproxy-test", "service.version": "9.9"},
+ENVELOPE = wire.Envelope({"service.name": "otelproxy-test", "service.version": "9.9"},
                               "otelproxy", "1.2.3")
 
 
@@ -42,9 +43,9 @@ def decode_spans(items: list[bytes]) -> list[Span]:
 
 def round_trip(value: Any) -> Any:
     """``value`` as one attribute of a span, decoded again."""
-    span = otlp_wire.span(otlp_wire.SpanContext(TRACE_ID, SPAN_ID), None, "s", 2, 1, 2,
-                          otlp_wire.span_attributes(otlp_wire.key_values({"k": value})))
-    (decoded,) = decode_spans([otlp_wire.Envelope.item(span)])
+    span = wire.span(wire.SpanContext(TRACE_ID, SPAN_ID), None, "s", 2, 1, 2,
+                          wire.span_attributes(wire.key_values({"k": value})))
+    (decoded,) = decode_spans([wire.Envelope.item(span)])
     (pair,) = decoded.attributes
     assert pair.key == "k"
     return any_value(pair.value)
@@ -74,31 +75,31 @@ def test_every_varint_width_decodes() -> None:
 
 
 def test_none_is_skipped_and_unknown_types_are_refused() -> None:
-    assert otlp_wire.key_values({"a": None}) == []
+    assert wire.key_values({"a": None}) == []
     with pytest.raises(TypeError, match="dict"):
-        otlp_wire.key_values({"a": {"nested": 1}})
+        wire.key_values({"a": {"nested": 1}})
 
 
 def test_keys_past_the_cache_still_encode() -> None:
-    many = {f"k{i}": i for i in range(otlp_wire._KEY_CACHE_SIZE + 10)}
-    span = otlp_wire.span(otlp_wire.SpanContext(TRACE_ID, SPAN_ID), None, "s", 2, 1, 2,
-                          otlp_wire.span_attributes(otlp_wire.key_values(many)))
-    (decoded,) = decode_spans([otlp_wire.Envelope.item(span)])
+    many = {f"k{i}": i for i in range(wire._KEY_CACHE_SIZE + 10)}
+    span = wire.span(wire.SpanContext(TRACE_ID, SPAN_ID), None, "s", 2, 1, 2,
+                          wire.span_attributes(wire.key_values(many)))
+    (decoded,) = decode_spans([wire.Envelope.item(span)])
     assert attributes(decoded.attributes) == many
 
 
 def test_span_fields() -> None:
-    context = otlp_wire.SpanContext(TRACE_ID, SPAN_ID, "vendor=abc")
-    event = otlp_wire.event(1_700_000_000_500_000_000, "stream.chunk",
-                            otlp_wire.key_values({"stream.chunk.index": 3}))
-    server = otlp_wire.span(context, PARENT_ID, "chat claude-x", otlp_wire.SPAN_KIND_SERVER,
+    context = wire.SpanContext(TRACE_ID, SPAN_ID, "vendor=abc")
+    event = wire.event(1_700_000_000_500_000_000, "stream.chunk",
+                            wire.key_values({"stream.chunk.index": 3}))
+    server = wire.span(context, PARENT_ID, "chat claude-x", wire.SPAN_KIND_SERVER,
                             1_700_000_000_000_000_000, 1_700_000_001_000_000_000,
-                            otlp_wire.span_attributes(otlp_wire.key_values(
+                            wire.span_attributes(wire.key_values(
                                 {"session.id": "s-1", "session.seq": 2})),
                             [event], "upstream reset", parent_is_remote=True)
-    plain = otlp_wire.span(otlp_wire.SpanContext(TRACE_ID, PARENT_ID), None, "GET /v1/models",
-                           otlp_wire.SPAN_KIND_CLIENT, 5, 6, b"", error="")
-    first, second = decode_spans([otlp_wire.Envelope.item(server), otlp_wire.Envelope.item(plain)])
+    plain = wire.span(wire.SpanContext(TRACE_ID, PARENT_ID), None, "GET /v1/models",
+                           wire.SPAN_KIND_CLIENT, 5, 6, b"", error="")
+    first, second = decode_spans([wire.Envelope.item(server), wire.Envelope.item(plain)])
 
     assert (first.trace_id, first.span_id, first.parent_span_id) == (TRACE_ID, SPAN_ID, PARENT_ID)
     assert first.trace_state == "vendor=abc"
@@ -121,19 +122,19 @@ def test_span_fields() -> None:
 
 
 def test_span_without_error_has_unset_status() -> None:
-    span = otlp_wire.span(otlp_wire.SpanContext(TRACE_ID, SPAN_ID), None, "s", 2, 1, 2, b"")
-    (decoded,) = decode_spans([otlp_wire.Envelope.item(span)])
+    span = wire.span(wire.SpanContext(TRACE_ID, SPAN_ID), None, "s", 2, 1, 2, b"")
+    (decoded,) = decode_spans([wire.Envelope.item(span)])
     assert decoded.status.code == 0 and not decoded.HasField("status")
 
 
 def test_log_record_fields() -> None:
-    context = otlp_wire.SpanContext(TRACE_ID, SPAN_ID)
-    shared = otlp_wire.log_attributes(otlp_wire.key_values({"session.id": "s-1"}))
-    own = otlp_wire.log_attributes(otlp_wire.key_values({"proxy.record": "response"}))
-    record = otlp_wire.log_record(context, 10, 20, 17, "ERROR", "POST /v1/messages 502 ✗",
+    context = wire.SpanContext(TRACE_ID, SPAN_ID)
+    shared = wire.log_attributes(wire.key_values({"session.id": "s-1"}))
+    own = wire.log_attributes(wire.key_values({"proxy.record": "response"}))
+    record = wire.log_record(context, 10, 20, 17, "ERROR", "POST /v1/messages 502 ✗",
                                   shared + own, "response")
     request = ExportLogsServiceRequest.FromString(
-        ENVELOPE.request([otlp_wire.Envelope.item(record)]))
+        ENVELOPE.request([wire.Envelope.item(record)]))
     (scope_logs,) = request.resource_logs[0].scope_logs
     (decoded,) = scope_logs.log_records
     assert (decoded.time_unix_nano, decoded.observed_time_unix_nano) == (10, 20)
@@ -158,17 +159,16 @@ class Losses:
 def exporter(receiver_url: str, *, batch: int = 4, delay_ms: int = 60_000,
              timeout_s: float = 5.0, compression: str = "none",
              api_key: str = "seq-test-api-key", env: dict[str, str] | None = None,
-             export_timeout_ms: int = 30_000) -> tuple[otlp._Exporter, otlp._Tally, Losses]:
-    settings = otlp.resolve(Config(seq_url=receiver_url, seq_api_key=api_key), env or {})
+             export_timeout_ms: int = 30_000) -> tuple[export._Exporter, export._Tally, Losses]:
+    settings = resolve(Config(seq_url=receiver_url, seq_api_key=api_key), env or {})
     assert settings is not None
     settings = dataclasses.replace(settings, timeout_s=timeout_s, compression=compression)
-    tally = otlp._Tally({"traces": 100, "logs": 100})
+    tally = export._Tally({"traces": 100, "logs": 100})
     losses = Losses()
     assert settings.traces_endpoint is not None
-    made = otlp._Exporter("traces", settings.traces_endpoint, settings.traces_headers,
-                          otlp.BatchSettings(delay_ms, 100, batch, export_timeout_ms), settings,
-                          ENVELOPE,
-                          tally, losses)
+    made = export._Exporter("traces", settings.traces_endpoint, settings.traces_headers,
+                            BatchSettings(delay_ms, 100, batch, export_timeout_ms), settings,
+                            ENVELOPE, tally, losses)
     made.start()
     return made, tally, losses
 
@@ -176,13 +176,13 @@ def exporter(receiver_url: str, *, batch: int = 4, delay_ms: int = 60_000,
 def spans(count: int, first: int = 0) -> list[bytes]:
     out = []
     for index in range(first, first + count):
-        span = otlp_wire.span(otlp_wire.SpanContext(TRACE_ID, index.to_bytes(8, "big")), None,
-                              f"span {index}", otlp_wire.SPAN_KIND_SERVER, 1, 2, b"")
-        out.append(otlp_wire.Envelope.item(span))
+        span = wire.span(wire.SpanContext(TRACE_ID, index.to_bytes(8, "big")), None,
+                              f"span {index}", wire.SPAN_KIND_SERVER, 1, 2, b"")
+        out.append(wire.Envelope.item(span))
     return out
 
 
-def queue(target: otlp._Exporter, tally: otlp._Tally, items: list[bytes]) -> None:
+def queue(target: export._Exporter, tally: export._Tally, items: list[bytes]) -> None:
     assert tally.reserve({"traces": len(items)})
     target.add(items)
 
@@ -361,10 +361,10 @@ def test_https_endpoint_trusts_the_certificate_variable(certificate: tuple[Path,
 
 def test_client_certificate_needs_its_key() -> None:
     with pytest.raises(ConfigError, match="CLIENT_KEY"):
-        otlp.resolve(Config(seq_url="https://seq:5341"),
+        resolve(Config(seq_url="https://seq:5341"),
                      {"OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "/etc/client.pem"})
-    settings = otlp.resolve(Config(seq_url="https://seq:5341"), {
+    settings = resolve(Config(seq_url="https://seq:5341"), {
         "OTEL_EXPORTER_OTLP_LOGS_CLIENT_CERTIFICATE": "/c.pem",
         "OTEL_EXPORTER_OTLP_LOGS_CLIENT_KEY": "/k.pem"})
     assert settings is not None
-    assert settings.tls == {"logs": otlp.TlsFiles(None, "/c.pem", "/k.pem")}
+    assert settings.tls == {"logs": TlsFiles(None, "/c.pem", "/k.pem")}
