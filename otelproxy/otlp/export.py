@@ -327,7 +327,7 @@ class OtlpSink(Worker):
         self._last_warn = -WARN_INTERVAL_S
         self._warned_losses = 0
         envelope = wire.Envelope(Resource.create(dict(settings.resource)).attributes,
-                                      "otelproxy", __version__)
+                                 "otelproxy", __version__)
         self._exporters: dict[str, _Exporter] = {}
         for signal, endpoint, headers, batch in (
                 ("traces", settings.traces_endpoint, settings.traces_headers, settings.spans),

@@ -371,53 +371,20 @@ def _new_id(bits: int) -> bytes:
     return value.to_bytes(bits // 8, "big")
 
 
-def encode(record: Record, settings: ExportSettings) -> tuple[list[bytes], list[bytes]]:
-    """One exchange as OTLP: its spans (SERVER, then the upstream CLIENT span when the request
-    was forwarded) and its two log records, each encoded and framed for ``Envelope.request``."""
+def server_span_error(record: Record) -> str | None:
+    """The SERVER span's status message when it is an error (``is_error``), else None."""
     exchange = record.exchange
-    common = wire.key_values(common_attributes(record))
-    start_ns = wall_ns(record, exchange.started_ns)
-    end_ns = wall_ns(record, exchange.finished_ns)
-    client = _client_parent(record)
-    if client is None:
-        server = wire.SpanContext(_new_id(128), _new_id(64))
-        parent_id = None
-    else:
-        trace_id, parent_id, trace_state = client
-        server = wire.SpanContext(trace_id, _new_id(64), trace_state)
-    events: list[bytes] = []
-    if settings.chunk_events and record.streaming:
-        for index, event in enumerate(record.events[:MAX_CHUNK_OFFSETS]):
-            events.append(wire.event(wall_ns(record, event.ns), "stream.chunk",
-                                          wire.key_values({
-                                              "stream.chunk.index": index,
-                                              "stream.chunk.offset_ms": _ms(
-                                                  event.ns - exchange.started_ns),
-                                              "stream.chunk.size": len(event.raw)})))
-    error = (exchange.error or f"HTTP {exchange.status}") if is_error(record) else None
-    spans = [wire.span(server, parent_id, span_name(record), wire.SPAN_KIND_SERVER,
-                            start_ns, end_ns, wire.span_attributes(common), events, error,
-                            parent_is_remote=client is not None)]
-    if exchange.forwarded_ns is not None and exchange.outcome is not Outcome.REJECTED:
-        spans.append(_client_span(record, server))
-
-    number, text = severity(record)
-    now = time.time_ns()
-    shared = wire.log_attributes(common)
-    request = shared + wire.log_attributes(wire.key_values(
-        {"proxy.record": "request", **request_record_attributes(record, settings.max_body)}))
-    response = shared + wire.log_attributes(wire.key_values(
-        {"proxy.record": "response", **response_record_attributes(record, settings.max_body)}))
-    logs = [wire.log_record(server, start_ns, now, number, text, request_summary(record),
-                                 request, "request"),
-            wire.log_record(server, end_ns, now, number, text, response_summary(record),
-                                 response, "response")]
-    item = wire.Envelope.item
-    return [item(span) for span in spans], [item(log) for log in logs]
+    return (exchange.error or f"HTTP {exchange.status}") if is_error(record) else None
 
 
-def _client_span(record: Record, server: wire.SpanContext) -> bytes:
-    """The upstream call, as a child CLIENT span (nothing was injected into it)."""
+def has_client_span(record: Record) -> bool:
+    """Whether the request went upstream, so the exchange has a CLIENT span."""
+    exchange = record.exchange
+    return exchange.forwarded_ns is not None and exchange.outcome is not Outcome.REJECTED
+
+
+def client_span_attributes(record: Record) -> tuple[Attributes, str | None]:
+    """The upstream CLIENT span's attributes and its status message when it failed."""
     exchange = record.exchange
     host, port = _origin(exchange.upstream_url)
     query = f"?{exchange.query}" if exchange.query else ""
@@ -438,8 +405,61 @@ def _client_span(record: Record, server: wire.SpanContext) -> bytes:
         attributes["error.type"] = (str(exchange.outcome) if upstream_failed
                                     else str(exchange.status))
         error = exchange.error or f"HTTP {exchange.status}"
+    return attributes, error
+
+
+def client_span_name(record: Record) -> str:
+    """``{METHOD} {route}`` of the upstream call."""
+    return f"{record.exchange.method} {route(record.exchange.path)}"
+
+
+def encode(record: Record, settings: ExportSettings) -> tuple[list[bytes], list[bytes]]:
+    """One exchange as OTLP: its spans (SERVER, then the upstream CLIENT span when the request
+    was forwarded) and its two log records, each encoded and framed for ``Envelope.request``."""
+    exchange = record.exchange
+    common = wire.key_values(common_attributes(record))
+    start_ns = wall_ns(record, exchange.started_ns)
+    end_ns = wall_ns(record, exchange.finished_ns)
+    client = _client_parent(record)
+    if client is None:
+        server = wire.SpanContext(_new_id(128), _new_id(64))
+        parent_id = None
+    else:
+        trace_id, parent_id, trace_state = client
+        server = wire.SpanContext(trace_id, _new_id(64), trace_state)
+    events: list[bytes] = []
+    if settings.chunk_events and record.streaming:
+        for index, event in enumerate(record.events[:MAX_CHUNK_OFFSETS]):
+            events.append(wire.event(wall_ns(record, event.ns), "stream.chunk", wire.key_values({
+                "stream.chunk.index": index,
+                "stream.chunk.offset_ms": _ms(event.ns - exchange.started_ns),
+                "stream.chunk.size": len(event.raw)})))
+    spans = [wire.span(server, parent_id, span_name(record), wire.SPAN_KIND_SERVER, start_ns,
+                       end_ns, wire.span_attributes(common), events, server_span_error(record),
+                       parent_is_remote=client is not None)]
+    if has_client_span(record):
+        spans.append(_client_span(record, server))
+
+    number, text = severity(record)
+    now = time.time_ns()
+    shared = wire.log_attributes(common)
+    request = shared + wire.log_attributes(wire.key_values(
+        {"proxy.record": "request", **request_record_attributes(record, settings.max_body)}))
+    response = shared + wire.log_attributes(wire.key_values(
+        {"proxy.record": "response", **response_record_attributes(record, settings.max_body)}))
+    logs = [wire.log_record(server, start_ns, now, number, text, request_summary(record),
+                            request, "request"),
+            wire.log_record(server, end_ns, now, number, text, response_summary(record),
+                            response, "response")]
+    item = wire.Envelope.item
+    return [item(span) for span in spans], [item(log) for log in logs]
+
+
+def _client_span(record: Record, server: wire.SpanContext) -> bytes:
+    """The upstream call, as a child CLIENT span (nothing was injected into it)."""
+    exchange = record.exchange
+    attributes, error = client_span_attributes(record)
     context = wire.SpanContext(server.trace_id, _new_id(64), server.trace_state)
-    return wire.span(context, server.span_id, f"{exchange.method} {route(exchange.path)}",
-                          wire.SPAN_KIND_CLIENT, wall_ns(record, exchange.forwarded_ns),
-                          wall_ns(record, exchange.finished_ns),
-                          wire.span_attributes(wire.key_values(attributes)), (), error)
+    return wire.span(context, server.span_id, client_span_name(record), wire.SPAN_KIND_CLIENT,
+                     wall_ns(record, exchange.forwarded_ns), wall_ns(record, exchange.finished_ns),
+                     wire.span_attributes(wire.key_values(attributes)), (), error)
