@@ -1,10 +1,10 @@
 """What two OpenTelemetry packages would cost otelproxy, measured (not project dependencies):
 
     bash benchmarks/install-peers.sh                 # once: makes benchmarks/.otel-venv
-    .venv/bin/python -m benchmarks.otel_packages     # ~55 s; --json, --seconds, --rounds
+    .venv/bin/python -m benchmarks.otel_packages     # ~55 s; --json, --scale
 
 encode      CPU per exchange of turning the same benchmark-shaped records into OTLP/HTTP
-            protobuf request bodies, in one process, alternately, ``--rounds`` times:
+            protobuf request bodies, in one process, alternately, ``--encode-rounds`` times:
             ``otelproxy``: ``otelproxy.otlp.mapping.encode`` (attributes + ``otelproxy.otlp.wire``)
             and one ``Envelope.request`` per batch of 64 exchanges;
             ``sdk``: the same attributes, names, times and severities (the mapping's functions)
@@ -24,11 +24,13 @@ passthrough CPU ms per exchange of a bare aiohttp pass-through (``benchmarks.ser
             start). Variants: ``off``; ``instrumented`` (an SDK ``TracerProvider`` records the
             CLIENT spans, no processor: they are dropped when they end); ``instrumented+export``
             (the same with a ``BatchSpanProcessor`` and ``OTLPSpanExporter`` sending them to a
-            loopback receiver, schedule delay 1 s). Claude-Code-shaped load as in
-            ``benchmarks.run`` (20 conversations, 150-event answers with deltas 3 ms apart), each
-            variant ``--rounds`` slices of ``--seconds``, interleaved (ABC CBA ABC ...); the mean
-            over slices is reported with each slice's figure; the pass-throughs on CPU 1, load
-            generator, fake upstream and receiver on CPU 0; CPU time read from ``/proc``.
+            loopback receiver, schedule delay 1 s). Load as in ``benchmarks.run``: 20 clients
+            sending Claude Code conversation turns (41 to 91 KB requests), answered twice over:
+            with short JSON (``LOADS``: the instrumentation's cost is per request, and this
+            baseline is steady) and with 150-event streams, deltas 3 ms apart (the Claude Code
+            exchange). Each variant gets interleaved slices (ABC CBA ...), the mean over slices
+            is reported with each slice's figure; the pass-throughs run on CPU 1, the load
+            generator, fake upstream and receiver on CPU 0; CPU time is read from ``/proc``.
 
 Both parts run in ``benchmarks/.otel-venv`` (made by ``install-peers.sh``: otelproxy editable plus
 the SDK, exporter and instrumentation); the load generator runs in the calling interpreter.
@@ -46,11 +48,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from benchmarks import procs, traffic
-from benchmarks.procs import HOST, Pinning, Process
+from benchmarks.procs import HOST, Process
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -341,26 +344,41 @@ def serve_pass_through(variant: str, port: int, otlp_url: str) -> None:
     servers.run(servers.serve(servers.BarePassThrough().app(), port))
 
 
-async def _conversation_client(url: str, session: Any, until: float,
-                               counts: dict[str, int]) -> None:
-    """One client running conversations (turn after turn) until ``until``."""
+@dataclass(frozen=True)
+class Load:
+    """One kind of load: Claude-Code-shaped requests, streamed answers or short JSON ones."""
+
+    name: str
+    stream: bool
+    seconds: float
+    rounds: int
+
+
+LOADS: Final = (Load("JSON", False, 2.0, 4), Load("streamed", True, 2.5, 2))
+"""The instrumentation's cost is per request: short JSON answers show it against a steady
+baseline (many exchanges, a fixed number of reads and writes each); the streamed answers give
+the Claude Code exchange it would be added to (the forwarding loop's chunking varies more)."""
+
+
+async def _conversation_client(url: str, session: Any, load: Load, bodies: Sequence[bytes],
+                               until: float, counts: dict[str, int]) -> None:
+    """One client sending a conversation's turns (then a new conversation) until ``until``."""
     import aiohttp
 
     headers = {**traffic.HEADERS, "x-bench-deltas": str(traffic.DELTA_COUNT),
                "x-bench-interval-ms": str(DELTA_INTERVAL_MS)}
+    end = b"message_stop" if load.stream else b'"end_turn"'
     while time.monotonic() < until:
-        counts["conversations"] += 1
-        name = f"otel{counts['conversations']}"
-        for turn in range(traffic.MAX_TURNS):
+        for body in bodies:
             if time.monotonic() >= until:
                 return
             tail = b""
             try:
                 async with session.post(url + "?beta=true", headers=headers,
-                                        data=traffic.conversation_request(name, turn)) as answer:
+                                        data=body) as answer:
                     async for data in answer.content.iter_any():
-                        tail = (tail + data)[-64:]
-                    ok = answer.status == 200 and b"message_stop" in tail
+                        tail = (tail + data)[-256:]
+                    ok = answer.status == 200 and end in tail
             except (aiohttp.ClientError, TimeoutError):
                 ok = False
             counts["exchanges" if ok else "failures"] += 1
@@ -368,21 +386,24 @@ async def _conversation_client(url: str, session: Any, until: float,
                 break
 
 
-async def _load(url: str, seconds: float) -> dict[str, int]:
+async def _load(url: str, load: Load, seconds: float) -> dict[str, int]:
+    """``CONVERSATIONS`` clients for ``seconds``; exchanges that came back whole, failures."""
     import aiohttp
 
-    counts = {"exchanges": 0, "failures": 0, "conversations": 0}
+    bodies = [traffic.conversation_request("otel", turn, load.stream)
+              for turn in range(traffic.MAX_TURNS)]
+    counts = {"exchanges": 0, "failures": 0}
     connector = aiohttp.TCPConnector(limit=CONVERSATIONS, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                      timeout=aiohttp.ClientTimeout(total=120)) as session:
         until = time.monotonic() + seconds
-        await asyncio.gather(*(_conversation_client(url, session, until, counts)
+        await asyncio.gather(*(_conversation_client(url, session, load, bodies, until, counts)
                                for _ in range(CONVERSATIONS)))
     return counts
 
 
-def measure_pass_through(python: Path, seconds: float, rounds: int) -> Json:
-    """CPU ms per exchange of each pass-through variant (see the module docstring)."""
+def measure_pass_through(python: Path, loads: Sequence[Load]) -> Json:
+    """CPU ms per exchange of each pass-through variant under each load (module docstring)."""
     pinning = procs.pin_load_generator()
     work = Path(tempfile.mkdtemp(prefix="otelproxy-otel-bench-"))
     upstream_port, otlp_port = procs.free_port(), procs.free_port()
@@ -412,7 +433,21 @@ def measure_pass_through(python: Path, seconds: float, rounds: int) -> Json:
                 procs.wait_listening(port, process.popen, 60)
             except RuntimeError as exc:
                 raise RuntimeError(f"{variant}: {exc}; {process.log_tail(600)!r}") from None
-        return asyncio.run(_measure_variants(started, upstream_port, seconds, rounds, pinning))
+        urls = {variant: f"http://{HOST}:{port}/anthropic/{HOST}:{upstream_port}/v1/messages"
+                for variant, (_, port) in started.items()}
+        pids = {variant: process.pid for variant, (process, _) in started.items()}
+
+        async def measure() -> Json:
+            for url in urls.values():  # warm-up: connections, imports, first spans
+                await _load(url, loads[0], 1.0)
+            out: Json = {"pinned": pinning.active, "pinning_note": pinning.reason,
+                         "conversations": CONVERSATIONS,
+                         "idle_rss_mib": {v: procs.tree_rss_mib(pid) for v, pid in pids.items()}}
+            for load in loads:
+                out[load.name] = await _measure_load(urls, pids, load)
+            return out
+
+        return asyncio.run(measure())
     finally:
         for process, _ in started.values():
             process.stop()
@@ -420,46 +455,34 @@ def measure_pass_through(python: Path, seconds: float, rounds: int) -> Json:
             helper.stop()
 
 
-async def _measure_variants(started: dict[str, tuple[Process, int]], upstream_port: int,
-                            seconds: float, rounds: int, pinning: Pinning) -> Json:
-    urls = {variant: f"http://{HOST}:{port}/anthropic/{HOST}:{upstream_port}/v1/messages"
-            for variant, (_, port) in started.items()}
-    for url in urls.values():  # warm-up: connections, imports, first spans
-        await _load(url, 1.0)
-    idle_rss = {variant: procs.tree_rss_mib(process.pid)
-                for variant, (process, _) in started.items()}
-    cpu_ms: dict[str, list[float]] = {variant: [] for variant in started}
-    exchanges = dict.fromkeys(started, 0)
-    failures = dict.fromkeys(started, 0)
-    names = list(started)
-    for index in range(rounds):
+async def _measure_load(urls: dict[str, str], pids: dict[str, int], load: Load) -> Json:
+    """``load.rounds`` slices per variant, the variants' order reversed every round."""
+    cpu_ms: dict[str, list[float]] = {variant: [] for variant in urls}
+    exchanges = dict.fromkeys(urls, 0)
+    failures = dict.fromkeys(urls, 0)
+    names = list(urls)
+    for index in range(load.rounds):
         for variant in names if index % 2 == 0 else names[::-1]:
-            pid = started[variant][0].pid
-            before = procs.tree_cpu_s(pid)
-            counts = await _load(urls[variant], seconds)
+            before = procs.tree_cpu_s(pids[variant])
+            counts = await _load(urls[variant], load, load.seconds)
             if variant == "instrumented+export":
                 await asyncio.sleep(1.2)  # its last batch leaves (schedule delay 1 s)
-            used = procs.tree_cpu_s(pid) - before
+            used = procs.tree_cpu_s(pids[variant]) - before
             exchanges[variant] += counts["exchanges"]
             failures[variant] += counts["failures"]
             if counts["exchanges"]:
                 cpu_ms[variant].append(used * 1000 / counts["exchanges"])
-    per_exchange = {variant: statistics.mean(values) if values else None
-                    for variant, values in cpu_ms.items()}
-    off = per_exchange["off"]
+    mean = {variant: statistics.mean(values) if values else None
+            for variant, values in cpu_ms.items()}
+    off = mean["off"]
     return {
-        "pinned": pinning.active, "pinning_note": pinning.reason,
-        "seconds_per_slice": seconds, "rounds": rounds, "conversations": CONVERSATIONS,
+        "stream": load.stream, "seconds_per_slice": load.seconds, "rounds": load.rounds,
         "exchanges": exchanges, "failures": failures,
-        "cpu_ms_per_exchange": {v: None if x is None else round(x, 3)
-                                for v, x in per_exchange.items()},
+        "cpu_ms_per_exchange": {v: None if x is None else round(x, 3) for v, x in mean.items()},
         "cpu_ms_per_exchange_slices": {v: [round(x, 3) for x in values]
                                        for v, values in cpu_ms.items()},
-        "over_off": {v: None if x is None or not off else round(x / off, 3)
-                     for v, x in per_exchange.items()},
         "added_ms_per_exchange": {v: None if x is None or off is None else round(x - off, 3)
-                                  for v, x in per_exchange.items()},
-        "idle_rss_mib": idle_rss,
+                                  for v, x in mean.items()},
     }
 
 
@@ -487,18 +510,21 @@ def report(result: Json) -> str:
         f"({encode['request_bytes_per_exchange']['sdk']} bytes)  = "
         f"{encode['sdk_over_otelproxy']} x; same spans and log records: "
         f"{encode['same_telemetry']}",
-        f"pass-through ({passing['rounds']} slices of {passing['seconds_per_slice']:g} s each, "
-        f"{passing['conversations']} conversations, pinned: {passing['pinned']}"
-        f"{'' if passing['pinned'] else ' - ' + passing['pinning_note']}):",
+        f"pass-through ({passing['conversations']} conversations, pinned: {passing['pinned']}"
+        f"{'' if passing['pinned'] else ' - ' + passing['pinning_note']}; idle RSS MiB "
+        f"{', '.join(f'{k} {v}' for k, v in passing['idle_rss_mib'].items())}):",
     ]
-    for variant in PASS_THROUGH_VARIANTS:
-        slices = passing["cpu_ms_per_exchange_slices"][variant] or [None]
-        lines.append(
-            f"  {variant:<20} {passing['cpu_ms_per_exchange'][variant]} ms CPU per exchange "
-            f"(x{passing['over_off'][variant]}, +{passing['added_ms_per_exchange'][variant]} ms; "
-            f"slices {min(slices)}..{max(slices)}; {passing['exchanges'][variant]} exchanges, "
-            f"{passing['failures'][variant]} failed; "
-            f"idle RSS {passing['idle_rss_mib'][variant]} MiB)")
+    for load in LOADS:
+        measured = passing[load.name]
+        lines.append(f"  {load.name} answers ({measured['rounds']} slices of "
+                     f"{measured['seconds_per_slice']:g} s per variant):")
+        for variant in PASS_THROUGH_VARIANTS:
+            slices = measured["cpu_ms_per_exchange_slices"][variant] or [None]
+            lines.append(
+                f"    {variant:<20} {measured['cpu_ms_per_exchange'][variant]} ms CPU per "
+                f"exchange (+{measured['added_ms_per_exchange'][variant]} ms; slices "
+                f"{min(slices)}..{max(slices)}; {measured['exchanges'][variant]} exchanges, "
+                f"{measured['failures'][variant]} failed)")
     return "\n".join(lines)
 
 
@@ -506,10 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.otel_packages",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--seconds", type=float, default=2.5,
-                        help="seconds of load per pass-through slice (default 2.5)")
-    parser.add_argument("--rounds", type=int, default=4,
-                        help="pass-through slices per variant (default 4, interleaved)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every pass-through slice's length (default 1)")
     parser.add_argument("--encode-rounds", type=int, default=6)
     parser.add_argument("--otel-venv", default=str(OTEL_VENV), metavar="DIR")
     sub = parser.add_subparsers(dest="step")
@@ -533,7 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     result: Json = {
         "encode": _in_otel_venv(python, ["encode", "--rounds", str(args.encode_rounds)]),
-        "pass_through": measure_pass_through(python, args.seconds, args.rounds),
+        "pass_through": measure_pass_through(python, [
+            Load(load.name, load.stream, load.seconds * args.scale, load.rounds)
+            for load in LOADS]),
     }
     result["seconds"] = round(time.monotonic() - began, 1)
     print(json.dumps(result, indent=2) if args.json else report(result))
