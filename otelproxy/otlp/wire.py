@@ -1,11 +1,12 @@
 """OTLP protobuf, written directly: spans, log records and the export requests that carry them.
 
 The SDK's path (build ``Span``/``LogRecord`` objects, validate their attributes, convert them to
-``opentelemetry-proto`` messages, serialize) cost about 0.9 ms per exchange in the recorder. The
-sink knows its attributes' types up front and shares one set of attributes between the span and
-both log records, so it writes the wire format itself: each attribute is encoded once, each span
-and log record becomes ``bytes`` as soon as it is built, and a batch is those bytes joined under
-one resource and scope. ``tests/test_otlp_wire.py`` decodes everything written here with
+``opentelemetry-proto`` messages, serialize) costs about six times the CPU of this one for the
+same messages (``benchmarks/otel_packages.py``; figures in the README). The sink knows its
+attributes' types up front and shares one set of attributes between the span and both log
+records, so it writes the wire format itself: each attribute is encoded once, each span and log
+record becomes ``bytes`` as soon as it is built, and a batch is those bytes joined under one
+resource and scope. ``tests/test_otlp_wire.py`` decodes everything written here with
 ``opentelemetry-proto``.
 
 Field numbers are those of ``opentelemetry/proto/{common,resource,trace,logs}/v1/*.proto`` and
