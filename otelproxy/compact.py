@@ -20,7 +20,13 @@ content blocks, tools): the common prefix and suffix are found with byte compari
 pieces between them are looked up among the base's pieces, so several edits in one body (Claude
 Code rewrites a system entry, moves cache markers, clears old tool results) each cost only the
 changed pieces. ``rebuild`` applies the ops; ``otelproxy show --raw`` uses it and checks the
-SHA-256, so every recorded body comes back byte for byte.
+SHA-256, so every recorded body comes back byte for byte. The SHA-256 of a body is taken on from
+the hash state its base had at the last ``CHECKPOINT`` boundary of their common prefix, so a turn
+hashes what it added, not the history again.
+
+``Recent`` is the memory the recorder's processors share the same idea through: what they derived
+from the previous body of a conversation (its redaction, its parsed JSON), to derive the next
+body's from it where the two bodies are the same bytes.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 Op = list[int] | str
 """``[offset, length]`` of the base, or text to insert."""
@@ -47,18 +53,20 @@ class DeltaError(Exception):
 
 
 def common_prefix(a: bytes, b: bytes) -> int:
-    """Length of the longest common prefix, compared a block at a time (memcmp speed)."""
+    """Length of the longest common prefix, compared a block at a time (memcmp speed: the
+    blocks are compared through a memoryview, not copied)."""
     limit = min(len(a), len(b))
+    view = memoryview(b)
     start = 0
     while start < limit:
         end = min(limit, start + _BLOCK)
-        if a[start:end] == b[start:end]:
+        if a.startswith(view[start:end], start):
             start = end
             continue
         lo, hi = start, end  # the first difference lies in [start, end)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if a[lo:mid] == b[lo:mid]:
+            if a.startswith(view[lo:mid], lo):
                 lo = mid
             else:
                 hi = mid
@@ -68,16 +76,17 @@ def common_prefix(a: bytes, b: bytes) -> int:
 
 def common_suffix(a: bytes, b: bytes, limit: int) -> int:
     """Length of the longest common suffix, at most ``limit``."""
+    view = memoryview(b)
     n = 0
     while n < limit:
         step = min(limit - n, _BLOCK)
-        if a[len(a) - n - step:len(a) - n] == b[len(b) - n - step:len(b) - n]:
+        if a.endswith(view[len(b) - n - step:len(b) - n], 0, len(a) - n):
             n += step
             continue
         lo, hi = 0, step  # lo bytes more match, hi do not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if a[len(a) - n - mid:len(a) - n] == b[len(b) - n - mid:len(b) - n]:
+            if a.endswith(view[len(b) - n - mid:len(b) - n], 0, len(a) - n):
                 lo = mid
             else:
                 hi = mid
@@ -159,10 +168,35 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+CHECKPOINT = 1 << 16
+"""A body's hash state is kept every this many bytes (``Sha256Prefixes``)."""
+
+
+class Sha256Prefixes:
+    """The SHA-256 of a body, and its hash states at every ``CHECKPOINT`` bytes, so that the
+    digest of a body sharing a prefix with it is computed from the last state in that prefix."""
+
+    __slots__ = ("_states", "digest")
+
+    def __init__(self, body: bytes, previous: Sha256Prefixes | None = None,
+                 shared: int = 0) -> None:
+        """``previous`` was made of a body whose first ``shared`` bytes are ``body``'s."""
+        usable = min(shared // CHECKPOINT, len(previous._states)) if previous else 0
+        self._states: list[Any] = previous._states[:usable] if previous else []
+        hasher = self._states[-1].copy() if usable else hashlib.sha256()
+        view = memoryview(body)
+        for at in range(usable * CHECKPOINT, len(body) - len(body) % CHECKPOINT, CHECKPOINT):
+            hasher.update(view[at:at + CHECKPOINT])
+            self._states.append(hasher.copy())
+        hasher.update(view[len(body) - len(body) % CHECKPOINT:])
+        self.digest = hasher.hexdigest()
+
+
 @dataclass(slots=True)
 class _Base:
     exchange_id: str
     body: bytes
+    hashes: Sha256Prefixes
 
 
 class DeltaEncoder:
@@ -185,6 +219,7 @@ class DeltaEncoder:
         base = self._bases.get(conversation) or (
             self._bases.get(fallback) if fallback is not None else None)
         fields: dict[str, Any] | None = None
+        hashes: Sha256Prefixes | None = None
         if base is not None and body:
             try:
                 ops = diff(base.body, body)
@@ -193,16 +228,20 @@ class DeltaEncoder:
             if ops is not None:
                 cost = sum(len(op) if isinstance(op, str) else 24 for op in ops)
                 if cost < WORTH_IT * len(body):
+                    shared = ops[0][1] if ops and isinstance(ops[0], list) and \
+                        ops[0][0] == 0 else 0
+                    hashes = Sha256Prefixes(body, base.hashes, shared)
                     fields = {"body_delta": {"base": base.exchange_id, "ops": ops},
-                              "body_sha256": sha256(body)}
-        self.remember(conversation, exchange_id, body)
+                              "body_sha256": hashes.digest}
+        self.remember(conversation, exchange_id, body, hashes)
         return fields
 
-    def remember(self, conversation: str, exchange_id: str, body: bytes) -> None:
+    def remember(self, conversation: str, exchange_id: str, body: bytes,
+                 hashes: Sha256Prefixes | None = None) -> None:
         self.forget(conversation)
         if len(body) > self.max_bytes:
             return
-        self._bases[conversation] = _Base(exchange_id, body)
+        self._bases[conversation] = _Base(exchange_id, body, hashes or Sha256Prefixes(body))
         self._bytes += len(body)
         while self._bytes > self.max_bytes:
             _, old = self._bases.popitem(last=False)
@@ -240,3 +279,58 @@ def request_body(entry: dict[str, Any], load: Callable[[str], dict[str, Any]],
         raise DeltaError(f"exchange {entry.get('exchange_id')}: rebuilt body does not match "
                          "its body_sha256")
     return body
+
+
+T = TypeVar("T")
+
+
+class Recent(Generic[T]):
+    """What a processor derived from recent request bodies, per conversation key (what the
+    headers and the start of a body say of its conversation): the last ``per_key`` bodies of
+    each key, at most ``max_bytes`` of bodies in all, least recently used dropped first.
+
+    ``find`` gives the remembered body sharing the longest prefix with a new one. Nothing is
+    trusted from the key: whoever uses an item compares the bytes of the two bodies."""
+
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024, per_key: int = 4) -> None:
+        self.max_bytes = max_bytes
+        self.per_key = per_key
+        self._items: OrderedDict[Hashable, list[tuple[bytes, T]]] = OrderedDict()
+        self._bytes = 0
+
+    def find(self, key: Hashable, body: bytes) -> tuple[T, int] | None:
+        """The item of the remembered body sharing the longest prefix with ``body``, and the
+        length of that prefix; None when none shares a byte."""
+        best: tuple[T, int] | None = None
+        for old, item in self._items.get(key, ()):
+            shared = common_prefix(old, body)
+            if shared > (best[1] if best else 0):
+                best = (item, shared)
+        return best
+
+    def derive(self, key: Hashable, body: bytes,
+               make: Callable[[bytes, T | None, int | None], T]) -> T:
+        """``make(body, previous item, length of the prefix they share)`` (``None, None``
+        when no body shares a byte), remembered in place of the previous item."""
+        found = self.find(key, body)
+        previous = found[0] if found else None
+        item = make(body, previous, found[1] if found else None)
+        self.keep(key, body, item, previous)
+        return item
+
+    def keep(self, key: Hashable, body: bytes, item: T, replaces: T | None = None) -> None:
+        """Remember ``item`` for ``body`` (in place of ``replaces``, the item it came from)."""
+        if len(body) > self.max_bytes:
+            return
+        items = self._items.pop(key, [])
+        kept = [(body, item)]
+        for old in items:
+            if old[1] is replaces or len(kept) >= self.per_key:
+                self._bytes -= len(old[0])
+            else:
+                kept.append(old)
+        self._items[key] = kept
+        self._bytes += len(body)
+        while self._bytes > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self._bytes -= sum(len(old) for old, _ in dropped)

@@ -10,6 +10,12 @@
 3. ``ProviderParse``: provider knowledge — model, stream flag, messages, the reassembled
    assistant message, usage, finish reasons (``otelproxy.providers``).
 4. the session processor (``otelproxy.sessions``), which needs 3.
+
+A conversation's request body repeats the previous one's and adds a little. ``Redact`` and
+``ProviderParse`` therefore remember what they made of recent bodies (``otelproxy.compact.Recent``)
+and work only on the bytes a body does not share with the previous body of its conversation
+(``otelproxy.redact.redact_body``, ``otelproxy.body_json.parse_body``): the result is the same
+as from the whole body, at a cost that grows with what the turn added, not with the history.
 """
 
 from __future__ import annotations
@@ -21,10 +27,19 @@ from typing import Any
 
 import orjson
 
+from otelproxy.body_json import ParsedBody, parse_body
+from otelproxy.compact import Recent
 from otelproxy.header_bytes import escape
 from otelproxy.providers import anthropic, decode_event, openai
-from otelproxy.record import Event, Record
-from otelproxy.redact import redact_bytes, redact_headers, redact_pieces, redact_text
+from otelproxy.record import Event, Exchange, Record
+from otelproxy.redact import (
+    RedactedBody,
+    redact_body,
+    redact_bytes,
+    redact_headers,
+    redact_pieces,
+    redact_text,
+)
 
 try:
     import brotli
@@ -43,10 +58,29 @@ def header(headers: list[tuple[str, str]], name: str) -> str | None:
 
 MAX_DECODED_REQUEST = 128 * 1024 * 1024
 """A compressed request body is decoded for the record up to this size (else not recorded)."""
+REMEMBERED = 32 * 1024 * 1024
+"""Bytes of recent request bodies ``Redact`` and ``ProviderParse`` each keep (``Recent``)."""
+SMALL_BODY = 16 * 1024
+"""A body smaller than this is handled whole, not remembered."""
+_WINDOW = 256
+
+
+def conversation_key(exchange: Exchange, body: bytes) -> Hashable:
+    """Where to look for the previous body of ``body``'s conversation: the call, the client's
+    session and agent ids, and the start of the ``messages`` array (its first message). Only a
+    hint: the bodies' bytes are compared all the same."""
+    start = body.find(b'"messages"')
+    return (exchange.provider, exchange.method, exchange.path,
+            header(exchange.request_headers, "x-claude-code-session-id"),
+            header(exchange.request_headers, "x-claude-code-agent-id"),
+            body[start:start + _WINDOW] if start >= 0 else None)
 
 
 class Redact:
     name = "redact"
+
+    def __init__(self, remembered: int = REMEMBERED) -> None:
+        self._recent: Recent[RedactedBody] = Recent(remembered)
 
     def __call__(self, record: Record) -> None:
         exchange = record.exchange
@@ -56,11 +90,16 @@ class Redact:
         exchange.response_headers = escape(exchange.response_headers)
         record.request_headers = redact_headers(exchange.request_headers)
         record.response_headers = redact_headers(exchange.response_headers)
-        record.request_body = redact_bytes(self._request_body(record))
+        record.request_body = self._redact_body(exchange, self._request_body(record))
         exchange.path = redact_text(exchange.path)
         exchange.query = redact_text(exchange.query)
         if exchange.error:
             exchange.error = redact_text(exchange.error)
+
+    def _redact_body(self, exchange: Exchange, body: bytes) -> bytes:
+        if len(body) < SMALL_BODY:
+            return redact_bytes(body)
+        return self._recent.derive(conversation_key(exchange, body), body, redact_body).redacted
 
     @staticmethod
     def _request_body(record: Record) -> bytes:
@@ -240,6 +279,15 @@ def _with_data(raw: bytes, data: bytes) -> bytes:
 class ProviderParse:
     name = "provider"
 
+    def __init__(self, remembered: int = REMEMBERED) -> None:
+        self._recent: Recent[ParsedBody] = Recent(remembered)
+
+    def _parse(self, exchange: Exchange, body: bytes) -> Any:
+        """``orjson.loads(body)``, from the previous body of its conversation where it can."""
+        if len(body) < SMALL_BODY:
+            return orjson.loads(body)
+        return self._recent.derive(conversation_key(exchange, body), body, parse_body).value
+
     def __call__(self, record: Record) -> None:
         exchange = record.exchange
         module = anthropic if exchange.provider == "anthropic" else openai
@@ -248,7 +296,7 @@ class ProviderParse:
         if not _looks_json(record.request_body):
             return
         try:
-            body = orjson.loads(record.request_body)
+            body = self._parse(exchange, record.request_body)
         except orjson.JSONDecodeError as exc:
             parsed.parse_error = f"request body is not JSON: {exc}"
             parsed.tracked = False
@@ -276,5 +324,7 @@ def _looks_json(body: bytes) -> bool:
     return stripped in (b"{", b"[")
 
 
-def default_processors() -> list[Any]:
-    return [Redact(), DecodeBody(), ProviderParse()]
+def default_processors(remembered: int = REMEMBERED) -> list[Any]:
+    """The processors before the session processor; ``remembered`` = 0 makes every body be
+    redacted and parsed whole (the reference the incremental work is tested against)."""
+    return [Redact(remembered), DecodeBody(), ProviderParse(remembered)]

@@ -16,6 +16,9 @@ A secret appears in the record as its public prefix + ``...`` + its last 4 chara
   (``redact_pieces``), so a key split across events is found too;
 - values shorter than 16 characters lose their last 4 too (``...``): showing 4 of 8 characters
   would give half the secret away;
+- a request body that repeats the previous one of its conversation (every turn sends the
+  whole history again) is scanned only where it differs (``redact_body``): the result is the
+  same bytes as ``redact_bytes`` of the whole body;
 - log lines: ``RedactLogRecords`` filters every line both processes write.
 """
 
@@ -25,6 +28,9 @@ import logging
 import re
 import string
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from otelproxy.compact import common_prefix, common_suffix
 
 SECRET_HEADERS = frozenset(
     {"x-api-key", "authorization", "proxy-authorization", "cookie", "set-cookie",
@@ -178,6 +184,85 @@ def redact_pieces(pieces: Sequence[str]) -> list[str] | None:
         out.append("".join(parts))
         start = end
     return out
+
+
+_IN_KEY = frozenset((string.ascii_letters + string.digits + "_-\\%").encode())
+"""Every byte of a key as written (escapes included) is one of these; so is the first byte
+the key regex tries a position with (``s``, ``\\``, ``%``)."""
+_LOOKBEHIND = 8
+"""The key regex looks at most this many bytes before a position it tries (``\\u00XXs``)."""
+
+
+@dataclass(slots=True)
+class RedactedBody:
+    """A body, its redacted form and the keys found in it (for ``redact_body``)."""
+
+    raw: bytes
+    redacted: bytes
+    keys: list[tuple[int, int, bytes]]
+    """``(start, end, replacement)`` of every key in ``raw``, in order."""
+
+
+def _keys(data: bytes, start: int, end: int) -> list[tuple[int, int, bytes]]:
+    """The keys ``redact_bytes(data)`` replaces that lie in ``data[start:end]``, when neither
+    ``data[start - 1]`` nor ``data[end - 1]`` can be part of a key (or they are the ends)."""
+    return [(m.start(), m.end(), _obfuscate_bytes(m))
+            for m in _KEY_BYTES.finditer(data, start, end)]
+
+
+def _apply(data: bytes, keys: list[tuple[int, int, bytes]]) -> bytes:
+    if not keys:
+        return data
+    parts: list[bytes] = []
+    at = 0
+    for start, end, shown in keys:
+        parts += [data[at:start], shown]
+        at = end
+    parts.append(data[at:])
+    return b"".join(parts)
+
+
+def redact_body(data: bytes, previous: RedactedBody | None = None,
+                shared: int | None = None) -> RedactedBody:
+    """``redact_bytes(data)``, scanning only the bytes that differ from ``previous.raw``.
+
+    Why the parts the two bodies share need no new scan: every byte of a key, as written, is in
+    ``_IN_KEY``, and the regex reads forward from a position it tries only over such bytes and
+    the first byte that is not one; it reads at most ``_LOOKBEHIND`` bytes back. So at a byte
+    ``c`` outside ``_IN_KEY`` no key starts, ends or passes, and the scan resumes after ``c``
+    whatever came before. With ``c1`` the last such byte of the common prefix and ``c2`` the
+    first one at least ``_LOOKBEHIND`` bytes into the common suffix, the keys before ``c1`` and
+    after ``c2`` are those ``previous`` had there (the latter shifted), and only
+    ``data[c1:c2]`` is scanned: a key straddling the end of the shared prefix lies whole in
+    that window, since the window reaches back to a byte no key can span. ``shared``: the
+    length of the common prefix of ``data`` and ``previous.raw``, when known already."""
+    if previous is None or not previous.raw:
+        keys = _keys(data, 0, len(data)) if (
+            b"sk" in data or b"u00" in data or b"%" in data) else []
+        return RedactedBody(data, _apply(data, keys), keys)
+    old = previous.raw
+    prefix = common_prefix(old, data) if shared is None else shared
+    if prefix == len(old) == len(data):
+        return previous
+    suffix = common_suffix(old, data, min(len(old), len(data)) - prefix)
+    cut = prefix - 1
+    while cut >= 0 and data[cut] in _IN_KEY:
+        cut -= 1
+    head = cut + 1  # data[head - 1] is no key byte (or head is 0)
+    tail = len(data)  # the scan window is data[head:tail]
+    at = len(data) - suffix + _LOOKBEHIND
+    while at < len(data) and data[at] in _IN_KEY:
+        at += 1
+    if at < len(data):
+        tail = at  # data[at] is no key byte, and data[at - 8:] is shared
+    shift = len(data) - len(old)
+    keys = [key for key in previous.keys if key[1] < head]
+    if data.find(b"sk", head, tail) >= 0 or data.find(b"u00", head, tail) >= 0 or \
+            data.find(b"%", head, tail) >= 0:
+        keys += _keys(data, head, tail)
+    keys += [(start + shift, end + shift, shown) for start, end, shown in previous.keys
+             if start > tail - shift]
+    return RedactedBody(data, _apply(data, keys), keys)
 
 
 class RedactLogRecords(logging.Filter):

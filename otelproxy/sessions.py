@@ -69,6 +69,14 @@ Here the client's ids decide identity when present and are never merged across, 
 only places a turn inside its lane, the model is outside the hash, compaction continues the
 session, and subagents are their own linked sessions.
 
+Cost per turn: normalising and hashing the whole history again every turn would cost as much as
+the history. ``ProviderParse`` hands over the very message objects of the previous request for
+the messages whose bytes did not change (``otelproxy.body_json``); ``Histories`` keeps, for
+recent requests, the normalised form of each message object and the SHA-256 state after each
+one, so a turn normalises and hashes only the message objects it has not seen. An object that is
+the same object is the same bytes; anything else is normalised anew. The fingerprints are the
+same bytes as ``fingerprint(conversation(messages))`` computes whole.
+
 State lives in SQLite; the processor runs on the recorder's single thread, so concurrent
 requests are decided one at a time in completion order (a spawning turn always completes
 before its subagent's first call), and a restarted proxy continues the same sessions.
@@ -80,7 +88,8 @@ import hashlib
 import os
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -197,15 +206,112 @@ def fingerprint(messages: list[Any]) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def system_fingerprint(system: Any, messages: list[Any]) -> str | None:
+def _is_system(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("role") in _SYSTEM_ROLES
+
+
+def system_fingerprint(system: Any, messages: list[Any],
+                       entries: list[Any] | None = None) -> str | None:
+    """The fingerprint of the top-level system prompt and the system entries of ``messages``
+    (``entries``: those entries normalised already)."""
     parts: list[Any] = []
     if not _empty(system):
         parts.append(_normalise_content(system) if not isinstance(system, dict) else system)
-    parts.extend(
-        normalise_message(m) for m in messages
-        if isinstance(m, dict) and m.get("role") in _SYSTEM_ROLES
-    )
+    parts.extend(entries if entries is not None else
+                 (normalise_message(m) for m in messages if _is_system(m)))
     return fingerprint(parts) if parts else None
+
+
+def _canonical(message: Any) -> bytes:
+    """A normalised message as ``fingerprint`` serialises it inside its list."""
+    return orjson.dumps([message], option=orjson.OPT_SORT_KEYS)[1:-1]
+
+
+class History:
+    """The normalised messages of one request (``conversation``) and their fingerprints, built
+    on from what an earlier request with the same first message objects left."""
+
+    __slots__ = ("_kept", "_states", "_system", "messages", "raw")
+
+    def __init__(self) -> None:
+        self.raw: list[Any] = []
+        self.messages: list[Any] = []
+        """``conversation(raw)``."""
+        self._kept: list[int] = [0]
+        """``len(conversation(raw[:i]))`` for each ``i``."""
+        self._system: list[tuple[int, Any]] = []
+        """``(index, normalised)`` of the system entries of ``raw``."""
+        self._states: list[Any] = [hashlib.sha256(b"[")]
+        """SHA-256 state after ``[`` and the first ``i`` messages, comma-separated (made as
+        needed: a message too deep to serialise raises only where ``fingerprint`` would)."""
+
+    def update(self, raw: list[Any]) -> None:
+        """Become the history of ``raw``: keep what the same leading objects gave."""
+        same = 0
+        for new, old in zip(raw, self.raw, strict=False):
+            if new is not old:
+                break
+            same += 1
+        kept = self._kept[same]
+        del self.raw[same:], self._kept[same + 1:], self.messages[kept:], \
+            self._states[kept + 1:]
+        while self._system and self._system[-1][0] >= same:
+            self._system.pop()
+        for index in range(same, len(raw)):
+            message = raw[index]
+            self.raw.append(message)
+            if _is_system(message):
+                self._system.append((index, normalise_message(message)))
+            else:
+                normalised = normalise_message(message)
+                if not _empty(normalised):
+                    self.messages.append(normalised)
+            self._kept.append(len(self.messages))
+
+    def system_entries(self) -> list[Any]:
+        return [normalised for _, normalised in self._system]
+
+    def _state(self, count: int) -> Any:
+        """The hash state after the first ``count`` messages."""
+        while len(self._states) <= count:
+            done = len(self._states) - 1
+            state = self._states[done].copy()
+            state.update((b"," if done else b"") + _canonical(self.messages[done]))
+            self._states.append(state)
+        return self._states[count]
+
+    def fingerprint(self, count: int, more: Sequence[Any] = ()) -> str:
+        """``fingerprint(self.messages[:count] + more)``."""
+        state = self._state(count).copy()
+        for number, message in enumerate(more, count):
+            state.update((b"," if number else b"") + _canonical(message))
+        state.update(b"]")
+        return str(state.hexdigest())
+
+
+class Histories:
+    """``History`` of recent requests, found by the identity of their first message object."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._histories: OrderedDict[int, History] = OrderedDict()
+
+    def of(self, raw: list[Any]) -> History:
+        """The history of a request's messages, reusing a recent one that starts with the
+        same message object (size 0: always made whole)."""
+        history: History | None = None
+        if raw:
+            found = self._histories.pop(id(raw[0]), None)
+            if found is not None and found.raw and found.raw[0] is raw[0]:
+                history = found
+        if history is None:
+            history = History()
+        history.update(raw)
+        if raw and self.size:
+            self._histories[id(raw[0])] = history
+            while len(self._histories) > self.size:
+                self._histories.popitem(last=False)
+        return history
 
 
 def output_messages(output: dict[str, Any] | None) -> list[Any]:
@@ -340,10 +446,13 @@ class SessionTracker:
 
     name = "session"
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, histories: int = 16) -> None:
+        """``histories``: how many recent requests' normalised histories are kept (0: every
+        request's history is normalised and hashed whole)."""
         self.path = db_path
         self._db: sqlite3.Connection | None = None
         self._in_batch = False
+        self._histories = Histories(histories)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -384,21 +493,22 @@ class SessionTracker:
         parsed = record.parsed
         if not parsed.tracked or parsed.messages is None or not self._in_batch:
             return
-        messages = conversation(parsed.messages)
+        history = self._histories.of(parsed.messages)
         conn = self.db
         conn.execute("SAVEPOINT record")
         try:
-            self._track(record, messages)
+            self._track(record, history)
         except BaseException:
             conn.execute("ROLLBACK TO record")
             raise
         finally:
             conn.execute("RELEASE record")
 
-    def _track(self, record: Record, messages: list[Any]) -> None:
+    def _track(self, record: Record, history: History) -> None:
         parsed = record.parsed
+        messages = history.messages
         lane = Lane.of(record)
-        info = self._place(record, messages, lane)
+        info = self._place(record, history, lane)
         if lane is not None:
             info.client_session_id = lane.client_session_id
             info.agent_id = lane.agent_id
@@ -407,9 +517,10 @@ class SessionTracker:
             info.client_session_id = None
         if info.compaction is None and compaction_of(messages) == "request":
             info.compaction = "request"
-        info.system_sha256 = system_fingerprint(parsed.system, parsed.messages or [])
+        info.system_sha256 = system_fingerprint(parsed.system, parsed.messages or [],
+                                                history.system_entries())
         record.session = info
-        self._save(record, info, messages)
+        self._save(record, info, history)
 
     # -- deciding where the turn belongs ---------------------------------------------------------
 
@@ -464,7 +575,8 @@ class SessionTracker:
         return self.db.execute("SELECT 1 FROM sessions WHERE id = ?",
                                 (session_id,)).fetchone() is not None
 
-    def _place(self, record: Record, messages: list[Any], lane: Lane | None) -> SessionInfo:
+    def _place(self, record: Record, history: History, lane: Lane | None) -> SessionInfo:
+        messages = history.messages
         exchange = record.exchange
         parsed = record.parsed
         provider = exchange.provider
@@ -474,7 +586,7 @@ class SessionTracker:
             if rows:
                 return self._follow(record, self._choose(rows, lane), response_key, whole=True)
             return self._new(record, fingerprint=response_key)
-        key = fingerprint(messages[:-1]) if len(messages) > 1 else None
+        key = history.fingerprint(len(messages) - 1) if len(messages) > 1 else None
         if lane is None:
             # No client hint: the history alone decides (the seed's rules).
             rows = self._candidates(key, provider) if key else []
@@ -567,14 +679,15 @@ class SessionTracker:
 
     # -- writing the state -----------------------------------------------------------------------
 
-    def _save(self, record: Record, info: SessionInfo, messages: list[Any]) -> None:
+    def _save(self, record: Record, info: SessionInfo, history: History) -> None:
         exchange = record.exchange
         parsed = record.parsed
         usage = parsed.usage
         now = iso(exchange.wall_time(exchange.finished_ns or exchange.started_ns))
         model = parsed.response_model or parsed.model
         succeeded = _succeeded(record)
-        state_key = fingerprint(messages + output_messages(parsed.output_message)) \
+        state_key = history.fingerprint(len(history.messages),
+                                        output_messages(parsed.output_message)) \
             if succeeded else None
         tokens = (usage.input_tokens or 0, usage.output_tokens or 0,
                   usage.cache_read_input_tokens or 0, usage.cache_creation_input_tokens or 0)

@@ -125,7 +125,10 @@ def headers_dict(headers: list[tuple[str, str]]) -> dict[str, str | list[str]]:
     return out
 
 
-def request_entry(record: Record) -> dict[str, Any]:
+def request_entry(record: Record, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``request`` entry; with ``delta`` (``DeltaEncoder.encode``'s fields) in place of
+    the body, at the end. (A delta is only made for a conversation turn, whose body parsed as
+    JSON: UTF-8, so it would have been recorded as text, with no ``body_encoding``.)"""
     exchange = record.exchange
     session = record.session
     parsed = record.parsed
@@ -140,7 +143,7 @@ def request_entry(record: Record) -> dict[str, Any]:
         "query": exchange.query,
         "upstream": exchange.upstream_url,
         "headers": headers_dict(record.request_headers),
-        **body_fields(record.request_body),
+        **(body_fields(record.request_body) if delta is None else {}),
         "size": exchange.request_size,
         **cut_fields(exchange.request_cut),
     }
@@ -159,6 +162,8 @@ def request_entry(record: Record) -> dict[str, Any]:
             entry["parent_agent_id"] = session.parent_agent_id
         if session.compaction:
             entry["compaction"] = session.compaction
+    if delta is not None:
+        entry.update(delta)
     return entry
 
 
@@ -643,28 +648,26 @@ class LocalStore:
                 lines.append(_dumps(session_start_entry(record)))
         else:
             relative = f"{exchange.provider}/untracked-{_day(exchange.started_wall)}.jsonl"
-        request = request_entry(record)
+        delta = None
         if session is not None:
             self._staged_sessions.add(session.id)  # forgotten by the encoder if not written
-            self._compact(record, request)
+            delta = self._compact(record)
+        request = request_entry(record, delta)
         request_line = _dumps(request)
         offset = self._stage(relative, [*lines, request_line, _dumps(response_entry(record))])
         offset += sum(len(line) for line in lines)
         self._index(record, relative, offset, len(request_line))
 
-    def _compact(self, record: Record, entry: dict[str, Any]) -> None:
+    def _compact(self, record: Record) -> dict[str, Any] | None:
         """A conversation turn's body as a delta against the previous one (``compact``); a
         body the record keeps only in part is recorded as it is and is no base."""
         session = record.session
         assert session is not None
         if record.exchange.request_cut is not None:
             self._deltas.forget(session.id)
-            return
-        fields = self._deltas.encode(session.id, record.exchange.id, record.request_body,
-                                     fallback=session.parent_id)
-        if fields is not None:
-            del entry["body"]
-            entry.update(fields)
+            return None
+        return self._deltas.encode(session.id, record.exchange.id, record.request_body,
+                                   fallback=session.parent_id)
 
     def _start_branch(self, record: Record) -> None:
         session = record.session

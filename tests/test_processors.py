@@ -4,8 +4,14 @@ stamped with the arrival of the network chunk that completed them."""
 from __future__ import annotations
 
 import base64
+import copy
 import gzip
+import random
+import re
+import sqlite3
+import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 import brotli
@@ -13,9 +19,16 @@ import httpx2
 import orjson
 import pytest
 
-from otelproxy.processors import redact_stream, split_sse
-from otelproxy.record import Event
+from benchmarks import record_growth
+from otelproxy import config
+from otelproxy.pipeline import Pipeline
+from otelproxy.processors import default_processors, redact_stream, split_sse
+from otelproxy.record import Event, Exchange
+from otelproxy.recorder import build_pipeline
+from otelproxy.sessions import SessionTracker
+from otelproxy.store import LocalStore
 from tests.conftest import RunningProxy
+from tests.fake_upstream import Reply, anthropic_sse
 from tests.raw_upstream import RawUpstream, Slow
 
 EVENTS = [
@@ -199,3 +212,109 @@ def test_redact_stream_joins_the_pieces_of_each_responses_text() -> None:
         assert orjson.loads(raw.split(b"data: ", 1)[1]) == payload
     assert key.encode() not in b"".join(e.raw for e in events)
     assert [e.ns for e in events] == list(range(len(raws)))
+
+
+# -- incremental work per turn: the record is the one the whole computation makes -------------
+
+_ESCAPED_KEY = b"\\u0073k-ant-api03-" + b"E" * 30 + b"WXYZ"
+_MARK = "@@ESCAPED@@"
+
+
+def _random_sessions(seed: int, turns: int) -> list[Exchange]:
+    """Two Claude Code lanes (a real first request each) interleaved, turn after turn: answers
+    appended, markers moved, rewinds (branches), compaction, an old tool result cleared, keys
+    in new text, keys cut where one body stops sharing bytes with the next, JSON-escaped
+    keys."""
+    rng = random.Random(seed)
+    lanes = []
+    for lane in ("lane-a", "lane-b"):
+        body = orjson.loads(record_growth.FIRST_CALL.read_bytes())
+        lanes.append((f"3c1d2b7e-5f00-4a8e-9d7c-{lane}", body))
+    out: list[Exchange] = []
+    now = time.monotonic_ns()
+    for turn in range(turns):
+        client_id, body = lanes[turn % 2] if turn in (30, 51) else rng.choice(lanes)
+        messages = body["messages"]
+        choice = {30: 0.0, 51: 0.1}.get(turn, rng.random())  # a rewind, a compaction at least
+        if choice < 0.08 and len(messages) > 3:
+            del messages[rng.randrange(2, len(messages) - 1):]  # a rewind: a branch
+        elif choice < 0.12:
+            messages[:] = [{"role": "user", "content": "This session is being continued from "
+                            "a previous conversation. Summary: " + _MARK}]
+        elif choice < 0.18 and len(messages) > 4:
+            rng.choice(messages[2:])["content"] = "[Old tool result content cleared]"
+        elif choice < 0.4 and str(messages[-1].get("content")).endswith(" sk"):
+            messages[-1]["content"] += "-ant-api03-" + "S" * rng.randint(5, 40) + "WXYZ"
+        for message in messages:
+            content = message.get("content")
+            for block in content if isinstance(content, list) else []:
+                block.pop("cache_control", None)
+        last = messages[-1].get("content")
+        if isinstance(last, list) and last and isinstance(last[-1], dict):
+            last[-1]["cache_control"] = {"type": "ephemeral"}
+        request = orjson.dumps(body).replace(_MARK.encode(), _ESCAPED_KEY)
+        blocks = [{"type": "text", "text": f"turn {turn} " + "w" * rng.randint(0, 300)}]
+        events = anthropic_sse(Reply(blocks=blocks), body["model"])
+        start = now + turn * 1_000_000_000
+        out.append(Exchange(
+            id=f"x-{turn:04d}", provider="anthropic", upstream_url="https://api.anthropic.com",
+            method="POST", path="/v1/messages", query="beta=true",
+            request_headers=[("content-type", "application/json"),
+                             ("x-api-key", "sk-ant-api03-" + "b" * 86 + "-BBBBBBBB"),
+                             ("X-Claude-Code-Session-Id", client_id)],
+            request_body=request, started_wall=1_765_000_000 + turn, started_ns=start,
+            forwarded_ns=start + 1000, status=200, reason="OK",
+            response_headers=[("content-type", "text/event-stream")], headers_ns=start + 2000,
+            chunks=[(start + 3000 + n, event) for n, event in enumerate(events)],
+            finished_ns=start + 10_000))
+        messages.append({"role": "assistant", "content": blocks})
+        text = " ".join(rng.choice(("fix", "the", "bug", "sk", "ant", "-")) for _ in range(40))
+        if rng.random() < 0.3:
+            text += " sk"  # the next turn may grow this into a key
+        messages.append({"role": "user", "content": text})
+    return out
+
+
+def _record(log_dir: Path, exchanges: list[Exchange], *, incremental: bool) -> dict[str, Any]:
+    """The record the recorder's pipeline writes for ``exchanges`` (with the incremental work
+    per turn, or every body redacted, parsed, normalised and hashed whole), session ids
+    replaced by their order of appearance."""
+    cfg = config.build({"log_dir": str(log_dir)}, [])
+    if incremental:
+        pipeline = build_pipeline(cfg, {})
+    else:
+        sessions = SessionTracker(cfg.db_path, histories=0)
+        pipeline = Pipeline([*default_processors(remembered=0), sessions],
+                            [LocalStore(cfg.log_dir, sessions)])
+    for at in range(0, len(exchanges), 5):
+        pipeline.handle_batch(list(copy.deepcopy(exchanges[at:at + 5])))
+    pipeline.close(30)
+    conn = sqlite3.connect(log_dir / "sessions.db")
+    ids: dict[str, str] = {}
+    for (session_id,) in conn.execute("SELECT session_id FROM exchanges ORDER BY rowid"):
+        for found in re.findall(r"\d{8}-\d{6}-[0-9a-f]{4}", session_id or ""):
+            ids.setdefault(found, f"session-{len(ids)}")
+
+    def mapped(text: str) -> str:
+        return re.sub(r"\d{8}-\d{6}-[0-9a-f]{4}", lambda m: ids[m.group()], text)
+    rows = [mapped(repr(row)) for row in conn.execute("SELECT * FROM exchanges ORDER BY rowid")]
+    conn.close()
+    files = {mapped(str(path.relative_to(log_dir))): mapped(path.read_text())
+             for path in sorted(log_dir.rglob("*.jsonl"))}
+    return {"files": files, "rows": rows}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_incremental_record_is_byte_for_byte_the_whole_computation(
+        tmp_path: Path, seed: int) -> None:
+    """Bodies redacted and parsed from the previous one, histories normalised and hashed on from
+    the previous turn: the JSONL files and index rows are the bytes the whole computation
+    writes, over two lanes with rewinds, compaction, cleared results and keys at every boundary;
+    and no key reaches the record whole."""
+    exchanges = _random_sessions(seed, 70)
+    incremental = _record(tmp_path / "incremental", exchanges, incremental=True)
+    whole = _record(tmp_path / "whole", exchanges, incremental=False)
+    assert incremental == whole
+    text = "".join(incremental["files"].values())
+    assert "_b1" in text and '"compaction":"compacted"' in text  # the history had both
+    assert "SSSSSWXYZ" not in text and "EEEEEWXYZ" not in text and "sk-ant-...WXYZ" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import itertools
+import random
 import secrets
 import socket
 import string
@@ -20,7 +21,14 @@ import openai
 import orjson
 import pytest
 
-from otelproxy.redact import obfuscate, redact_bytes, redact_headers, redact_pieces, redact_text
+from otelproxy.redact import (
+    obfuscate,
+    redact_body,
+    redact_bytes,
+    redact_headers,
+    redact_pieces,
+    redact_text,
+)
 from tests.conftest import RunningProxy
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.otlp_receiver import OtlpReceiver
@@ -523,3 +531,73 @@ def test_a_conversation_echoing_a_split_key_stays_one_session(
         turns = [tuple(row) for row in conn.execute(
             "SELECT session_id, seq FROM exchanges ORDER BY ts")]
     assert len(turns) == 2 and turns[0][0] == turns[1][0] and [t[1] for t in turns] == [1, 2]
+
+
+# -- a body redacted from the previous one of its conversation ---------------------------------
+
+_TRICKY = [b"s", b"k", b"-", b"sk-", b"sk-ant-", b"\\", b"\\\\", b"\\u00", b"\\u0073", b"%",
+           b"%73", b"%2D", b"73", b"6b", b"2d", b"u", b"a", b"Z9", b"_", b'"', b" ", b"\\n",
+           b"\\u0022", b":", b",", b"x" * 9, b"0123456789abcdef", b"\xc3\xa9"]
+
+
+def _noise(rng: random.Random, n: int) -> bytes:
+    return b"".join(rng.choice(_TRICKY) for _ in range(n))
+
+
+def _edited(rng: random.Random, body: bytes) -> bytes:
+    """The next body of a conversation: grown at the end, edited somewhere, cut, or grown in
+    the middle (a key may straddle where the two bodies stop being the same)."""
+    choice = rng.random()
+    at = rng.randint(0, len(body))
+    if choice < 0.4:
+        return body + _noise(rng, rng.randint(1, 30))
+    if choice < 0.6:
+        return body[:at] + _noise(rng, rng.randint(0, 10)) + body[at + rng.randint(0, 5):]
+    if choice < 0.7:
+        return body[:at]
+    return body[:at] + _noise(rng, rng.randint(1, 30)) + body[at:]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_body_redacted_from_the_previous_one_is_the_whole_redaction(seed: int) -> None:
+    """``redact_body`` from the previous body gives the bytes ``redact_bytes`` gives whole, over
+    random histories of growth, edits, cuts and key-shaped bytes at every boundary."""
+    rng = random.Random(seed)
+    body = _noise(rng, 40)
+    previous = redact_body(body)
+    assert previous.redacted == redact_bytes(body)
+    for _ in range(400):
+        body = _edited(rng, body)
+        previous = redact_body(body, previous)
+        assert previous.redacted == redact_bytes(body), body
+
+
+def test_a_key_straddling_the_shared_prefix_is_redacted() -> None:
+    """A key whose first half the previous body ended with and whose rest this body adds is
+    found whole: obfuscated, never left half-redacted."""
+    key = "sk-ant-api03-" + "Q" * 40 + "WXYZ"
+    before = b'{"messages":[{"role":"user","content":"here: ' + key[:20].encode() + b'"}]}'
+    after = b'{"messages":[{"role":"user","content":"here: ' + key.encode() + b'"}]}'
+    previous = redact_body(before)
+    redacted = redact_body(after, previous).redacted
+    assert key.encode() not in redacted and key[13:30].encode() not in redacted
+    assert b"sk-ant-...WXYZ" in redacted
+    assert redacted == redact_bytes(after)
+
+
+@pytest.mark.parametrize("written", [
+    "\\u0073k-ant-api03-" + "R" * 30 + "WXYZ",
+    "s\\\\u006b-ant-api03-" + "R" * 30 + "WXYZ",
+    "sk-ant-api03-" + "R" * 20 + "\\u0052" * 10 + "WXYZ",
+])
+def test_a_json_escaped_key_straddling_the_shared_prefix_is_redacted(written: str) -> None:
+    """A JSON-escaped key cut by the end of what two bodies share, at every cut point, is
+    obfuscated as the whole body's redaction does, and the JSON stays valid."""
+    head = b'{"messages":[{"role":"user","content":"a\\n'
+    for cut in range(1, len(written)):
+        previous = redact_body(head + written[:cut].encode() + b'"}]}')
+        body = head + written.encode() + b' and more"}]}'
+        redacted = redact_body(body, previous).redacted
+        assert redacted == redact_bytes(body)
+        assert b"...WXYZ" in redacted
+        orjson.loads(redacted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,13 @@ import orjson
 import pytest
 
 from otelproxy.redact import redact_bytes
-from otelproxy.sessions import conversation, fingerprint, normalise_message, system_fingerprint
+from otelproxy.sessions import (
+    Histories,
+    conversation,
+    fingerprint,
+    normalise_message,
+    system_fingerprint,
+)
 from tests.conftest import RunningProxy
 from tests.fake_upstream import (
     FakeUpstream,
@@ -317,6 +324,47 @@ def test_normalisation_rules():
         [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}], [])
     assert fingerprint(conversation(plain)) != fingerprint(
         conversation([*plain[:1], {"role": "assistant", "content": "other"}]))
+
+
+def _random_message(rng: random.Random) -> Any:
+    role = rng.choice(["user", "assistant", "user", "system", "developer"])
+    content = rng.choice([
+        "", f"text {rng.random()}", [],
+        [{"type": "text", "text": "t", "cache_control": {"type": "ephemeral"}}],
+        [{"type": "thinking", "thinking": "hmm", "signature": "s"}],
+        [{"type": "tool_result", "tool_use_id": "x", "content": f"r{rng.randint(0, 3)}"}],
+    ])
+    return rng.choice([{"role": role, "content": content}, {"type": "reasoning", "id": "r"},
+                       {"role": role, "content": content, "refusal": None}])
+
+
+def test_a_history_built_on_from_an_earlier_request_equals_the_whole_computation():
+    """``Histories`` reuses what the same leading message objects gave and normalises the rest:
+    over random growth, rewinds, replaced histories and edits its messages, fingerprints and
+    system entries are those computed whole."""
+    rng = random.Random(3)
+    histories = Histories()
+    raw: list[Any] = []
+    for _ in range(600):
+        choice = rng.random()
+        if choice < 0.6:
+            raw = raw + [_random_message(rng) for _ in range(rng.randint(1, 3))]
+        elif choice < 0.75 and raw:
+            raw = raw[:rng.randint(1, len(raw))]
+        elif choice < 0.85 and raw:
+            raw = list(raw)
+            raw[rng.randrange(len(raw))] = _random_message(rng)  # an edited message: new object
+        else:
+            raw = [_random_message(rng) for _ in range(rng.randint(0, 3))]
+        history = histories.of(raw)
+        whole = conversation(raw)
+        assert history.messages == whole
+        for count in range(len(whole) + 1):
+            assert history.fingerprint(count) == fingerprint(whole[:count])
+        extra = conversation([_random_message(rng)])
+        assert history.fingerprint(len(whole), extra) == fingerprint(whole + extra)
+        assert system_fingerprint("s", [], history.system_entries()) == \
+            system_fingerprint("s", raw)
 
 
 def claude_turn(proxy: RunningProxy, home: str, cwd: str, *args: str) -> str:
