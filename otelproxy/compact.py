@@ -300,7 +300,7 @@ class Recent(Generic[T]):
 
     def find(self, key: Hashable, body: bytes) -> tuple[T, int] | None:
         """The item of the remembered body sharing the longest prefix with ``body``, and the
-        length of that prefix; None when none shares a byte."""
+        length of that prefix (the newest of equals); None when none shares a byte."""
         best: tuple[T, int] | None = None
         for old, item in self._items.get(key, ()):
             shared = common_prefix(old, body)

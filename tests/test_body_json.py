@@ -16,6 +16,8 @@ from otelproxy.body_json import ParsedBody, parse_body
 def _message(rng: random.Random, turn: int) -> dict[str, Any]:
     text = "".join(rng.choice(["word ", "é", '"', "\\", "\n", "[", "]", "{", ",", "ü€"])
                    for _ in range(rng.randint(0, 12)))
+    if rng.random() < 0.1:  # any JSON value: the array's elements are not always objects
+        return rng.choice([turn, turn * 10 + 1, -turn / 8, text, [turn], None])
     if rng.random() < 0.3:
         return {"role": "user", "content": f"turn {turn} {text}"}
     return {"role": rng.choice(["user", "assistant", "system"]), "content": [
@@ -41,8 +43,10 @@ def _next(rng: random.Random, document: dict[str, Any], turn: int) -> None:
         del messages[rng.randint(0, len(messages) - 1):]
     elif choice < 0.65:
         messages[:] = [{"role": "user", "content": "This session is being continued"}]
-    elif choice < 0.8 and messages:
-        rng.choice(messages)["cache_control"] = {"type": "ephemeral"}
+    elif choice < 0.75 and messages:
+        messages[rng.randrange(len(messages))] = _message(rng, turn)
+    elif choice < 0.8 and messages and isinstance(messages[-1], dict):
+        messages[-1]["cache_control"] = {"type": "ephemeral"}
     elif choice < 0.9:
         document["system"] = f"system {turn}"
     else:
@@ -129,3 +133,14 @@ def _nesting(value: Any) -> tuple[int, int]:
     while isinstance(inner, list):
         depth, inner = depth + 1, inner[0] if inner else None
     return len(messages), depth
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    (b"12", b"13"), (b"1", b"1.5"), (b'"ab"', b'"ac"'), (b'{"a":1}', b'{"a":1 }'),
+    (b"true", b"true "), (b"[1]", b"[1,2]"),
+])
+def test_an_element_whose_last_bytes_changed_is_parsed_anew(before: bytes, after: bytes) -> None:
+    """An element is reused only when all its bytes, up to the delimiter after it, are shared."""
+    first = parse_body(b'{"messages":[' + before + b',{"a":1}],"tools":[]}')
+    body = b'{"messages":[' + after + b',{"a":1}],"tools":[]}'
+    assert parse_body(body, first).value == orjson.loads(body)

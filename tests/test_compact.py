@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import orjson
 import pytest
 
 from otelproxy.compact import (
+    CHECKPOINT,
     DeltaEncoder,
     DeltaError,
+    Recent,
+    Sha256Prefixes,
     common_prefix,
     common_suffix,
     diff,
@@ -106,3 +110,40 @@ def test_request_body_follows_the_chain_and_checks_the_hash():
         request_body(entries["e2"], entries.__getitem__)
     with pytest.raises(DeltaError, match="outside"):
         rebuild(b"abc", [[2, 5]])
+
+
+def test_a_digest_taken_on_from_the_previous_body_is_the_whole_digest():
+    """``Sha256Prefixes`` from the previous body's states gives ``sha256`` of the new body,
+    wherever their shared prefix ends (inside, at and across ``CHECKPOINT`` boundaries), and
+    even when told it shares more than it does not by a byte less."""
+    rng = random.Random(5)
+    body = rng.randbytes(CHECKPOINT * 3 + 17)
+    previous = Sha256Prefixes(body)
+    assert previous.digest == sha256(body)
+    for _ in range(60):
+        at = rng.choice([0, 1, CHECKPOINT - 1, CHECKPOINT, CHECKPOINT + 1, len(body) // 2,
+                         rng.randrange(len(body) + 1)])
+        new = body[:at] + rng.randbytes(rng.randint(0, CHECKPOINT + 5))
+        current = Sha256Prefixes(new, previous, common_prefix(body, new))
+        assert current.digest == sha256(new)
+        body, previous = new, current
+
+
+def test_recent_finds_the_body_sharing_the_longest_prefix_within_its_bounds():
+    """``Recent`` gives the remembered body of a key sharing the longest prefix with a new one
+    (and that length), keeps a few per key, and forgets beyond its byte budget."""
+    recent: Recent[str] = Recent(max_bytes=1000, per_key=2)
+    recent.keep("k", b"aaaa-one", "one")
+    recent.keep("k", b"aaab-two", "two")
+    assert recent.find("k", b"aaab-three") == ("two", 6)
+    assert recent.find("k", b"aaaa-four") == ("one", 5)
+    assert recent.find("k", b"zzz") is None and recent.find("other", b"aaaa") is None
+    recent.keep("k", b"aaac-five", "five", replaces="one")
+    assert recent.find("k", b"aaaa-one") == ("five", 3)  # "one" was replaced; newest first
+    recent.keep("k", b"aaad-six", "six")
+    assert recent.find("k", b"aaab-two") == ("six", 3)  # two a key at most: "two" went
+    recent.keep("other", b"x" * 990, "big")
+    assert recent.find("k", b"aaad-six") is None  # over the budget: the oldest key went
+    assert recent.find("other", b"xx") == ("big", 2)
+    assert Recent[str](max_bytes=0).derive("k", b"body", lambda body, old, shared: "made") == \
+        "made"
