@@ -1,6 +1,7 @@
 """How the local record grows over one long Claude Code session, and how fast it appends.
 
     .venv/bin/python benchmarks/record_growth.py [--turns 300] [--json]
+    .venv/bin/python benchmarks/record_growth.py --bench-traffic [--repeat 5]
 
 Builds a Claude-Code-shaped session of ``--turns`` turns, starting from a real Claude Code
 2.1.332 first request (``tests/data/claude_code/01_first_call.json``: system prompt, tools,
@@ -15,6 +16,13 @@ otelproxy records them (request bodies as deltas, ``otelproxy.compact``) and wit
 the naive record, every body whole. Reported: bytes on disk of each (JSONL files and the SQLite
 index), their ratio, exchanges per second through the pipeline, and a check that every request
 body comes back byte for byte from the compact record (``otelproxy.browse.raw_bodies``).
+Exchanges per second are given on the wall clock and on the process's CPU time (on a shared
+machine the latter is the steadier figure).
+
+``--bench-traffic`` instead measures the recorder's CPU time per exchange on the benchmark's
+traffic (``benchmarks.traffic``: 20 conversations of 12 turns, 41 to 91 KB requests, answers of
+150 SSE events), recorded in the order the load generator sends them, in batches of 8: an
+in-process microbenchmark of the recorder alone (no proxy, no sockets, no pipe).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import traffic  # noqa: E402
 from otelproxy import browse, config, db  # noqa: E402
 from otelproxy.compact import DeltaEncoder  # noqa: E402
 from otelproxy.record import Exchange  # noqa: E402
@@ -120,20 +129,62 @@ def disk_bytes(log_dir: Path) -> dict[str, int]:
     return {"jsonl": jsonl, "index": index, "total": jsonl + index}
 
 
-def record(items: list[Exchange], log_dir: Path, *, deltas: bool) -> float:
-    """Runs the recorder pipeline over the exchanges; returns the seconds it took."""
+def traffic_exchanges(conversations: int = 20, turns: int = traffic.MAX_TURNS) -> list[Exchange]:
+    """The benchmark's Claude-Code-shaped exchanges, turn after turn of every conversation."""
+    events = [*traffic.stream_head(), *(traffic.delta_event(n) for n in range(traffic.DELTA_COUNT)),
+              traffic.stream_tail(traffic.DELTA_COUNT)]
+    headers = list(traffic.HEADERS.items())
+    out: list[Exchange] = []
+    start = time.monotonic_ns()
+    for turn in range(turns):
+        for number in range(conversations):
+            body = traffic.conversation_request(f"c{number:02d}", turn)
+            at = start + len(out) * 50_000_000
+            chunks = [(at + 1_000_000 + i * 100_000, event) for i, event in enumerate(events)]
+            out.append(Exchange(
+                id=f"traffic-{len(out):05d}", provider="anthropic",
+                upstream_url="https://api.anthropic.com", method="POST", path="/v1/messages",
+                query="beta=true", request_headers=headers, request_body=body,
+                started_wall=time.time(), started_ns=at, forwarded_ns=at + 100_000, status=200,
+                reason="OK", response_headers=[("content-type", "text/event-stream")],
+                headers_ns=at + 500_000, chunks=chunks, finished_ns=chunks[-1][0] + 1000))
+    return out
+
+
+def traffic_cpu_ms(repeat: int) -> list[float]:
+    """CPU milliseconds per exchange of the recorder pipeline on ``traffic_exchanges``, one
+    figure a run (a fresh record each time)."""
+    figures = []
+    for _ in range(repeat):
+        items = traffic_exchanges()
+        work = Path(tempfile.mkdtemp(prefix="otelproxy-traffic-", dir=os.environ.get("TMPDIR")))
+        try:
+            pipeline = build_pipeline(config.build({"log_dir": str(work)}, []), {})
+            started = time.process_time()
+            for at in range(0, len(items), BATCH):
+                pipeline.handle_batch(list(items[at:at + BATCH]))
+            figures.append(1000 * (time.process_time() - started) / len(items))
+            pipeline.close(30)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return figures
+
+
+def record(items: list[Exchange], log_dir: Path, *, deltas: bool) -> tuple[float, float]:
+    """Runs the recorder pipeline over the exchanges; returns the seconds it took (wall clock,
+    CPU time of the process)."""
     cfg = config.build({"log_dir": str(log_dir)}, [])
     pipeline = build_pipeline(cfg, {})
     if not deltas:
         for sink in pipeline.sinks:
             if isinstance(sink, LocalStore):
                 sink._deltas = DeltaEncoder(max_bytes=0)  # remembers nothing: every body whole
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for at in range(0, len(items), BATCH):
         pipeline.handle_batch(list(items[at:at + BATCH]))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     pipeline.close(30)
-    return elapsed
+    return elapsed, cpu
 
 
 def verify(log_dir: Path, turns: list[tuple[bytes, list[bytes]]]) -> int:
@@ -151,12 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=300)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--bench-traffic", action="store_true",
+                        help="CPU ms per exchange on the benchmark's traffic instead")
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.bench_traffic:
+        figures = traffic_cpu_ms(args.repeat)
+        median = sorted(figures)[len(figures) // 2]
+        print("recorder CPU ms per exchange (benchmark traffic): "
+              + " ".join(f"{ms:.3f}" for ms in figures) + f"  median {median:.3f}")
+        return 0
     turns = session_turns(args.turns)
     work = Path(tempfile.mkdtemp(prefix="otelproxy-growth-", dir=os.environ.get("TMPDIR")))
     try:
-        naive_s = record(exchanges(turns), work / "naive", deltas=False)
-        compact_s = record(exchanges(turns), work / "compact", deltas=True)
+        naive_s, naive_cpu = record(exchanges(turns), work / "naive", deltas=False)
+        compact_s, compact_cpu = record(exchanges(turns), work / "compact", deltas=True)
         naive, compact = disk_bytes(work / "naive"), disk_bytes(work / "compact")
         checked = verify(work / "compact", turns)
     finally:
@@ -170,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "compact_share_of_naive": round(compact["total"] / naive["total"], 4),
         "exchanges_per_s_compact": round(args.turns / compact_s, 1),
         "exchanges_per_s_naive": round(args.turns / naive_s, 1),
+        "exchanges_per_cpu_s_compact": round(args.turns / compact_cpu, 1),
+        "exchanges_per_cpu_s_naive": round(args.turns / naive_cpu, 1),
         "bodies_rebuilt_byte_for_byte": checked,
     }
     if args.json:
@@ -179,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.turns} turns, requests sent {sent / mib:.1f} MiB "
               f"(last {len(turns[-1][0]) / 1024:.0f} KiB)")
         print(f"naive record   {naive['total'] / mib:8.2f} MiB  "
-              f"({result['exchanges_per_s_naive']} exchanges/s)")
+              f"({result['exchanges_per_s_naive']} exchanges/s, "
+              f"{result['exchanges_per_cpu_s_naive']} per CPU second)")
         print(f"compact record {compact['total'] / mib:8.2f} MiB  "
-              f"({result['exchanges_per_s_compact']} exchanges/s)  = "
+              f"({result['exchanges_per_s_compact']} exchanges/s, "
+              f"{result['exchanges_per_cpu_s_compact']} per CPU second)  = "
               f"{100 * result['compact_share_of_naive']:.1f}% of naive")
         print(f"request bodies rebuilt byte for byte: {checked}")
     return 0

@@ -292,7 +292,7 @@ class History:
 class Histories:
     """``History`` of recent requests, found by the identity of their first message object."""
 
-    def __init__(self, size: int = 16) -> None:
+    def __init__(self, size: int = 64) -> None:
         self.size = size
         self._histories: OrderedDict[int, History] = OrderedDict()
 
@@ -446,7 +446,7 @@ class SessionTracker:
 
     name = "session"
 
-    def __init__(self, db_path: Path, histories: int = 16) -> None:
+    def __init__(self, db_path: Path, histories: int = 64) -> None:
         """``histories``: how many recent requests' normalised histories are kept (0: every
         request's history is normalised and hashed whole)."""
         self.path = db_path

@@ -36,7 +36,16 @@ from otelproxy.compact import DeltaEncoder
 from otelproxy.config import PROVIDERS
 from otelproxy.pipeline import Failures
 from otelproxy.preview import assistant_preview, user_preview
-from otelproxy.record import SCHEMA_VERSION, BodyCut, Outcome, Record, SessionKind, iso
+from otelproxy.record import (
+    SCHEMA_VERSION,
+    BodyCut,
+    Event,
+    Exchange,
+    Outcome,
+    Record,
+    SessionKind,
+    iso,
+)
 from otelproxy.retention import QUIET_S, SWEEP_EVERY, Retention, sweep
 from otelproxy.sessions import SessionTracker
 
@@ -182,18 +191,7 @@ def response_entry(record: Record) -> dict[str, Any]:
         "headers": headers_dict(record.response_headers),
     }
     if record.streaming:
-        previous = exchange.started_ns
-        chunks = []
-        for event in record.events:
-            chunk: dict[str, Any] = {
-                "ts": iso(exchange.wall_time(event.ns)),
-                "delta_ms": round((event.ns - previous) / 1e6, 3),
-                "offset_ms": round((event.ns - exchange.started_ns) / 1e6, 3),
-                **body_fields(event.raw, "raw"),
-            }
-            chunks.append(chunk)
-            previous = event.ns
-        entry["chunks"] = chunks
+        entry["chunks"] = _chunk_entries(exchange, record.events)
     else:
         entry.update(body_fields(record.response_body))
     entry["size"] = exchange.response_size
@@ -232,6 +230,28 @@ def response_entry(record: Record) -> dict[str, Any]:
     if record.notes:
         entry["notes"] = record.notes
     return entry
+
+
+def _chunk_entries(exchange: Exchange, events: list[Event]) -> list[dict[str, Any]]:
+    """The ``chunks`` of a stream's response entry (a hundred or more a turn: written out
+    here rather than through ``Exchange.wall_time`` and ``body_fields``, same values)."""
+    started_ns, started_wall = exchange.started_ns, exchange.started_wall
+    previous = started_ns
+    chunks = []
+    for event in events:
+        ns = event.ns
+        chunk: dict[str, Any] = {
+            "ts": iso(started_wall + (ns - started_ns) / 1e9),
+            "delta_ms": round((ns - previous) / 1e6, 3),
+            "offset_ms": round((ns - started_ns) / 1e6, 3),
+        }
+        try:
+            chunk["raw"] = event.raw.decode("utf-8")
+        except UnicodeDecodeError:
+            chunk.update(body_fields(event.raw, "raw"))
+        chunks.append(chunk)
+        previous = ns
+    return chunks
 
 
 def _dumps(entry: dict[str, Any]) -> bytes:

@@ -22,7 +22,12 @@ import pytest
 from benchmarks import record_growth
 from otelproxy import config
 from otelproxy.pipeline import Pipeline
-from otelproxy.processors import default_processors, redact_stream, split_sse
+from otelproxy.processors import (
+    _event_end,
+    default_processors,
+    redact_stream,
+    split_sse,
+)
 from otelproxy.record import Event, Exchange
 from otelproxy.recorder import build_pipeline
 from otelproxy.sessions import SessionTracker
@@ -318,3 +323,43 @@ def test_the_incremental_record_is_byte_for_byte_the_whole_computation(
     text = "".join(incremental["files"].values())
     assert "_b1" in text and '"compaction":"compacted"' in text  # the history had both
     assert "SSSSSWXYZ" not in text and "EEEEEWXYZ" not in text and "sk-ant-...WXYZ" in text
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_quick_split_agrees_with_the_general_terminator_search(seed: int) -> None:
+    """``split_sse`` cuts where the general terminator search (``\\n\\n``, ``\\r\\n\\r\\n``,
+    ``\\r\\r``) cuts, stamps each event with its chunk and keeps every byte, with and without
+    CR in the stream, cut into chunks anywhere."""
+    rng = random.Random(seed)
+    pieces = [b"event: ", b"data: ", b'{"t":"', b'"}', b"\n", b"\r", b"\r\n", b"\n\n", b"  ",
+              b"\xc3\xa9", b"ping", b"[DONE]"]
+    if seed % 2:  # streams without CR: only "\n\n" ends an event
+        pieces = [piece for piece in pieces if b"\r" not in piece]
+    stream = b"".join(rng.choice(pieces) for _ in range(2000))
+    cuts = sorted(rng.sample(range(len(stream)), 40))
+    chunks = [(n, stream[a:b]) for n, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(stream)],
+                                                              strict=True))]
+    events = split_sse(chunks)
+    assert b"".join(e.raw for e in events) == stream
+    expected, pending, start = [], b"", 0
+    for ns, data in chunks:  # the general search alone
+        pending, start = pending + data, 0
+        while (cut := _event_end(pending, start)) >= 0:
+            expected.append((ns, pending[start:cut]))
+            start = cut
+        pending = pending[start:]
+    expected += [(chunks[-1][0], pending)] if pending else []
+    assert [(e.ns, e.raw) for e in events] == expected
+
+
+def test_a_key_split_as_s_and_k_across_deltas_is_redacted() -> None:
+    """A key whose "s" ends one delta and "k-…" starts the next (no "sk" in any event's bytes)
+    is still obfuscated in the record."""
+    key = "sk-ant-api03-" + "P" * 30 + "WXYZ"
+    events = [Event(n, b'event: content_block_delta\ndata: ' + orjson.dumps(
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "text_delta", "text": text}}) + b"\n\n")
+        for n, text in enumerate(["my key is s", key[1:], " ok"])]
+    out, _ = redact_stream("anthropic", events)
+    assert key[1:].encode() not in b"".join(e.raw for e in out)
+    assert b"sk-ant-...WXYZ" in b"".join(e.raw for e in out)
