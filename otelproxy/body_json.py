@@ -15,8 +15,8 @@ anew, when the difference lies inside the top-level ``messages`` array:
   whole body is parsed as before.
 
 So ``parse_body(body, previous).value == orjson.loads(body)`` always, and it raises exactly when
-``orjson.loads(body)`` raises. A body whose top-level object has no ``messages`` array, or has
-that key twice, is parsed whole.
+``orjson.loads(body)`` raises. A body whose top-level object has no (or an empty) ``messages``
+array, or one written with escapes in its key, is parsed whole.
 """
 
 from __future__ import annotations
@@ -116,41 +116,35 @@ def _scan_ends(data: bytes, at: int, count: int) -> tuple[list[int], int] | None
 
 def _locate(body: bytes, value: Any) -> tuple[int, list[int], int] | None:
     """Where the top-level ``messages`` array of a valid JSON ``body`` lies (None: no such
-    single array)."""
-    if not isinstance(value, dict) or not isinstance(value.get(_MESSAGES), list):
+    array, or an empty one).
+
+    A ``"messages": [`` found in the bytes is that array when the body with it replaced by
+    ``[]`` parses to the same value but for ``messages: []``: an array elsewhere (nested, in a
+    string, the first of two ``messages`` keys) would leave the top-level non-empty array as it
+    is."""
+    messages = value.get(_MESSAGES) if isinstance(value, dict) else None
+    if not isinstance(messages, list) or not messages:
         return None
-    found: tuple[int, list[int], int] | None = None
-    depth = 0
-    key_next = False
-    at = 0
-    while True:
-        match = _TOKEN.search(body, at)
-        if match is None:
-            return found
-        at = match.end()
-        byte = body[match.start()]
-        if byte in b"{[":
-            depth += 1
-            key_next = depth == 1 and byte == ord("{")
-        elif byte in b"}]":
-            depth -= 1
-        elif byte == ord(","):
-            key_next = depth == 1
-        elif byte == ord('"') and key_next:
-            key_next = False
-            if orjson.loads(match.group()) != _MESSAGES:
-                continue
-            if found is not None:
-                return None  # the key twice: which one counts is orjson's business
-            colon = _skip_space(body, at)
-            opening = _skip_space(body, colon + 1)
-            if body[colon:colon + 1] != b":" or body[opening:opening + 1] != b"[":
-                return None
-            located = _element_ends(body, opening + 1, value[_MESSAGES])
-            if located is None:
-                return None
-            found = (opening, located[0], located[1])
-            at = located[1] + 1
+    at = body.find(b'"messages"')
+    while at >= 0:
+        colon = _skip_space(body, at + len(b'"messages"'))
+        opening = _skip_space(body, colon + 1)
+        if body[colon:colon + 1] == b":" and body[opening:opening + 1] == b"[":
+            located = _element_ends(body, opening + 1, messages)
+            if located is not None and _only_difference(body, value, opening, located[1]):
+                return opening, located[0], located[1]
+        at = body.find(b'"messages"', at + 1)
+    return None
+
+
+def _only_difference(body: bytes, value: dict[str, Any], opening: int, closing: int) -> bool:
+    """``body`` with ``body[opening:closing + 1]`` replaced by ``[]`` parses to ``value`` with
+    ``messages: []``."""
+    try:
+        rest = orjson.loads(body[:opening] + b"[]" + body[closing + 1:])
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(rest, dict) and rest == {**value, _MESSAGES: []}
 
 
 def _extend(previous: ParsedBody, body: bytes, shared: int | None) -> ParsedBody | None:

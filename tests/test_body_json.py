@@ -106,14 +106,24 @@ def _assert_like_whole_parse(body: bytes, first: ParsedBody,
     assert compare(parse_body(body, first).value) == compare(expected)
 
 
-def test_a_body_with_messages_twice_is_parsed_whole_every_time() -> None:
-    """Which of two ``messages`` keys counts is orjson's business: such a body is not tracked,
-    and the next body is parsed whole."""
-    body = b'{"messages":[{"a":1}],"x":{"messages":[]},"messages":[{"b":2}]}'
+@pytest.mark.parametrize("body", [
+    b'{"messages":[{"a":1}],"x":{"messages":[{"b":2}]},"messages":[{"b":2}]}',
+    b'{"x":{"messages":[{"b":2}]},"messages":[{"b":2}]}',
+    b'{"x":"\\"messages\\":[{\\"b\\":2}]","messages":[{"b":2}]}',
+    b'{"messages":[{"b":2}],"messages":[{"b":2}]}',
+    b'{"messages":[],"x":{"messages":[]}}',
+    b'{"x":{"messages":[]},"messages":[]}',
+])
+def test_arrays_that_only_look_like_the_messages_change_nothing(body: bytes) -> None:
+    """A ``messages`` key twice (orjson keeps the last), a nested or quoted ``"messages":[``,
+    an empty array: whichever of them the next body changes, the value is orjson's."""
     parsed = parse_body(body)
-    assert parsed.array is None and parsed.value == orjson.loads(body)
-    body2 = body[:-2] + b',{"c":3}]}'
-    assert parse_body(body2, parsed).value == orjson.loads(body2)
+    assert parsed.value == orjson.loads(body)
+    for at in range(len(body)):
+        if body[at:at + 1] == b"]":  # an element added to whichever array closes here
+            changed = body[:at] + (b"" if body[at - 1:at] == b"[" else b",") + b'{"c":3}' \
+                + body[at:]
+            _assert_like_whole_parse(changed, parsed)
 
 
 def test_deeply_nested_messages_fail_where_a_whole_parse_fails() -> None:
