@@ -234,14 +234,20 @@ def response_entry(record: Record) -> dict[str, Any]:
 
 def _chunk_entries(exchange: Exchange, events: list[Event]) -> list[dict[str, Any]]:
     """The ``chunks`` of a stream's response entry (a hundred or more a turn: written out
-    here rather than through ``Exchange.wall_time`` and ``body_fields``, same values)."""
+    here rather than through ``Exchange.wall_time``, ``iso`` and ``body_fields``, same
+    values)."""
     started_ns, started_wall = exchange.started_ns, exchange.started_wall
     previous = started_ns
     chunks = []
+    second_of_prefix, prefix = -1, ""
     for event in events:
         ns = event.ns
+        ts = started_wall + (ns - started_ns) / 1e9
+        second = int(ts)
+        if second != second_of_prefix:  # iso(ts) is prefix + ".123456Z"
+            second_of_prefix, prefix = second, iso(ts)[:-8]
         chunk: dict[str, Any] = {
-            "ts": iso(started_wall + (ns - started_ns) / 1e9),
+            "ts": f"{prefix}.{min(999_999, round((ts - second) * 1e6)):06d}Z",
             "delta_ms": round((ns - previous) / 1e6, 3),
             "offset_ms": round((ns - started_ns) / 1e6, 3),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import shutil
 import sqlite3
 import stat
@@ -20,7 +21,8 @@ import openai
 import orjson
 import pytest
 
-from otelproxy.store import make_private
+from otelproxy.record import Event, Exchange, iso
+from otelproxy.store import _chunk_entries, body_fields, make_private
 from tests.conftest import RunningProxy, fill
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.raw_upstream import closed_port
@@ -573,3 +575,25 @@ def test_bodies_past_record_max_body_are_recorded_cut_with_size_and_sha256(
     kept = "".join(chunk["raw"] for chunk in response["chunks"]).encode()
     assert wire.startswith(kept) and 0 < len(kept) <= 4096
     assert response["outcome"] == "complete"
+
+
+def test_chunk_entries_hold_each_events_time_offsets_and_bytes() -> None:
+    """A stream's chunk entries are ``iso(wall_time)``, the gaps and offsets in ms and the raw
+    bytes (base64 when not UTF-8) of each event, across second boundaries and odd fractions."""
+    rng = random.Random(2)
+    started_ns = 5_000_000_000
+    exchange = Exchange(id="e", provider="anthropic", upstream_url="u", method="POST",
+                        path="/v1/messages", query="", request_headers=[], request_body=b"",
+                        started_wall=1_765_000_000.9999993, started_ns=started_ns)
+    events, ns = [], started_ns
+    for _ in range(3000):
+        ns += rng.choice([1, 7, 999, 1_000_000, 3_333_333, 999_999_999])
+        events.append(Event(ns, rng.choice([b"data: x\n\n", b"\xff\xfe\n\n", "é".encode()])))
+    previous, expected = started_ns, []
+    for event in events:
+        expected.append({"ts": iso(exchange.wall_time(event.ns)),
+                         "delta_ms": round((event.ns - previous) / 1e6, 3),
+                         "offset_ms": round((event.ns - started_ns) / 1e6, 3),
+                         **body_fields(event.raw, "raw")})
+        previous = event.ns
+    assert _chunk_entries(exchange, events) == expected
