@@ -292,7 +292,7 @@ class Recent(Generic[T]):
     ``find`` gives the remembered body sharing the longest prefix with a new one. Nothing is
     trusted from the key: whoever uses an item compares the bytes of the two bodies."""
 
-    def __init__(self, max_bytes: int = 32 * 1024 * 1024, per_key: int = 4) -> None:
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024, per_key: int = 2) -> None:
         self.max_bytes = max_bytes
         self.per_key = per_key
         self._items: OrderedDict[Hashable, list[tuple[bytes, T]]] = OrderedDict()
