@@ -143,16 +143,14 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _label(member: int) -> str:
-    """What a process of a tree is, for the CPU split: otelproxy's recorder is a spawned
-    multiprocessing child, started beside multiprocessing's resource tracker."""
+    """What a process of a tree is, for the CPU split: otelproxy's recorder process
+    (``python -m otelproxy.recorder_process``), else the program's name."""
     try:
         command = Path(f"/proc/{member}/cmdline").read_bytes()
     except OSError:
         return "gone"
-    if b"resource_tracker" in command:
-        return "resource tracker"
-    if b"spawn_main" in command:
-        return "spawned child"
+    if b"otelproxy.recorder_process" in command:
+        return "recorder"
     return Path(command.split(b"\0")[0].decode(errors="replace")).name or "?"
 
 

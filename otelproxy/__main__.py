@@ -1,4 +1,6 @@
+"""``python -m otelproxy``: the command line (``otelproxy.cli``)."""
+
 from otelproxy.cli import main
 
-if __name__ == "__main__":  # guarded: the recorder process is spawned and re-imports __main__
+if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,13 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sqlite3
 import sys
 from collections.abc import Sequence
 from contextlib import closing
 from typing import Any
-
-import orjson
 
 from otelproxy import __version__, config, open_files
 from otelproxy.errors import ConfigError
@@ -168,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _browse(args: argparse.Namespace, cfg: config.Config) -> int:
+    import sqlite3  # here: the proxy process has no use for them
+
+    import orjson
+
     from otelproxy import browse, compact, db
 
     if not cfg.db_path.exists():

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-from aiohttp import http_writer
-from multidict import CIMultiDict
+if TYPE_CHECKING:  # the recorder process uses ``escape`` alone and does not import aiohttp
+    from multidict import CIMultiDict
 
-_Serializer = Callable[[str, CIMultiDict[str]], bytes]
+_Serializer = Callable[[str, "CIMultiDict[str]"], bytes]
 # RFC 9110 §5.5 / RFC 9112 §4: the characters aiohttp refuses in a head (all but HTAB below 0x20).
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -48,6 +49,8 @@ def _exact(original: _Serializer) -> _Serializer:
 
 def install() -> None:
     """Make aiohttp write header values byte for byte as received (idempotent)."""
+    from aiohttp import http_writer
+
     current = http_writer._serialize_headers
     if not getattr(current, "exact", False):
         http_writer._serialize_headers = _exact(current)  # type: ignore[assignment]

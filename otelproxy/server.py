@@ -52,11 +52,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: open the long-lived resources, and close them after the last handler."""
     state = app[STATE]
+    recorder = state.pipeline
+    if isinstance(recorder, Recorder):  # first: it may refuse the configuration (ConfigError)
+        await recorder.start()
+    else:
+        await asyncio.to_thread(recorder.start)
     await state.upstream.start()
-    await asyncio.to_thread(state.pipeline.start)
     yield
     await state.upstream.close()
-    flushed = await asyncio.to_thread(state.pipeline.shutdown, max(5.0, state.config.grace_period))
+    timeout = max(5.0, state.config.grace_period)
+    if isinstance(recorder, Recorder):
+        flushed = await recorder.stop(timeout)
+    else:
+        flushed = await asyncio.to_thread(recorder.shutdown, timeout)
     if not flushed:
         log.error("shutdown: the record could not be flushed completely")
 

@@ -60,7 +60,7 @@ def test_quick_run_reports_every_figure(quick: dict[str, Any]) -> None:
         assert quick["wrk"][name]["rps"] > 0 and _number(quick["wrk"][name]["ratio_to_bare"])
     assert cc["bare"]["ratio_to_bare"] == 1.0
     split = cc["otelproxy"]["cpu_ms_per_exchange_by_process"]
-    assert {"main", "spawned child"} <= set(split)  # the proxy and its recorder
+    assert {"main", "recorder"} <= set(split)  # the proxy and its recorder
     assert math.isclose(sum(split.values()), cc["otelproxy"]["cpu_ms_per_exchange"], abs_tol=0.01)
     assert quick["latency"]["body_bytes"] > 90_000
     assert set(quick["sse"]) == {"1", "50", "500"}

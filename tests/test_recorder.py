@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import anthropic
 import httpx2
 import orjson
+import pytest
 
 from otelproxy import config as config_module
+from otelproxy.channel import Exchanges, Flush, Progress, frame, unframe
+from otelproxy.errors import ConfigError
 from otelproxy.record import Exchange
-from otelproxy.recorder import RECORDER_NICE, Channel, Recorder, frame, unframe
-from tests.conftest import remount
-from tests.proxy_process import ProxyProcess
+from otelproxy.recorder import PipeWriter, Recorder, RecorderProcess
+from otelproxy.recorder_process import RECORDER_NICE
+from tests.conftest import RunningProxy, remount
+from tests.proxy_process import REPO, ProxyProcess, child_env, run_cli
 from tests.test_store import assert_record_agrees
 
+T = TypeVar("T")
 
 def make_config(log_dir: Path, **values: object):
     return config_module.build({"log_dir": str(log_dir), **values},
@@ -49,90 +58,159 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+async def until(condition: Callable[[], bool], within: float, what: str) -> None:
+    """On the event loop: wait for ``condition`` without blocking the loop."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {within} s"
+        await asyncio.sleep(0.01)
+
+
 def test_records_in_another_process_and_flushes(tmp_path):
-    """Submitted exchanges are written by the recorder process; flush waits for them."""
-    recorder = Recorder(make_config(tmp_path / "logs"), env={})
-    recorder.start()
-    try:
-        assert recorder._process.pid != os.getpid()
-        for n in range(20):
-            recorder.submit(exchange(n))
-        assert recorder.flush(10)
-        assert recorder.counters()["records_written"] == 20
-        assert recorder.pending == 0
-        files = list((tmp_path / "logs" / "anthropic").glob("*.jsonl"))
-        assert len(files) == 20
-    finally:
-        assert recorder.shutdown(10)
-    assert not recorder._process.is_alive()
+    """Submitted exchanges are written by the recorder process; drain waits for them; stop
+    flushes and ends the process."""
+    async def scenario() -> RecorderProcess:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        try:
+            assert recorder.process.pid not in (None, os.getpid())
+            for n in range(20):
+                recorder.submit(exchange(n))
+            assert await recorder.drain(10)
+            assert recorder.counters()["records_written"] == 20
+            assert recorder.pending == 0
+            files = list((tmp_path / "logs" / "anthropic").glob("*.jsonl"))
+            assert len(files) == 20
+        finally:
+            assert await recorder.stop(10)
+        return recorder.process
+
+    process = asyncio.run(scenario())
+    assert process.popen is not None and process.popen.returncode == 0
+    assert process.results == -1 and process.inbox.broken  # every pipe end closed
+
+
+def test_the_proxy_side_runs_on_the_event_loop_without_a_thread(tmp_path):
+    """Starting the recorder, submitting, draining and reading its counters start no thread
+    in the proxy: everything the channel does runs on the event loop."""
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        try:
+            for n in range(5):
+                recorder.submit(exchange(n))
+            assert await recorder.drain(10)
+            assert recorder.counters()["records_written"] == 5
+            assert [t.name for t in threading.enumerate()] == [threading.current_thread().name]
+        finally:
+            assert await recorder.stop(10)
+
+    asyncio.run(scenario())
 
 
 def test_recorder_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path):
     """Under CPU contention the proxy's event loop runs first; the record catches up."""
-    recorder = Recorder(make_config(tmp_path / "logs"), env={})
-    recorder.start()
-    try:
-        mine = os.getpriority(os.PRIO_PROCESS, 0)
-        theirs = os.getpriority(os.PRIO_PROCESS, recorder._process.pid)
-        assert theirs == min(19, mine + RECORDER_NICE)
-        assert theirs > mine or mine == 19
-    finally:
-        assert recorder.shutdown(10)
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        try:
+            mine = os.getpriority(os.PRIO_PROCESS, 0)
+            theirs = os.getpriority(os.PRIO_PROCESS, recorder.process.pid or 0)
+            assert theirs == min(19, mine + RECORDER_NICE)
+            assert theirs > mine or mine == 19
+        finally:
+            assert await recorder.stop(10)
+
+    asyncio.run(scenario())
 
 
 def test_full_queue_drops_and_counts_without_blocking(tmp_path):
     """With the queue full, submit returns at once and the drop is counted."""
-    recorder = Recorder(make_config(tmp_path / "logs", record_queue_size=1), env={})
-    started = time.monotonic()
-    for n in range(5):  # not started: nothing drains the queue
-        recorder.submit(exchange(n))
-    assert time.monotonic() - started < 1.0
-    assert recorder.dropped == 4
-    assert recorder.counters()["records_dropped"] == 4
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs", record_queue_size=1), env={})
+        started = time.monotonic()
+        for n in range(5):  # not started: nothing drains the queue
+            recorder.submit(exchange(n))
+        assert time.monotonic() - started < 1.0
+        assert recorder.dropped == 4
+        assert recorder.counters()["records_dropped"] == 4
+        assert recorder.record_error() == "the recorder process is not running"
+        assert not await recorder.stop(1)  # nothing was recorded
+
+    asyncio.run(scenario())
 
 
 def test_dead_recorder_is_replaced_and_reported(tmp_path):
     """A killed recorder is replaced: later exchanges are recorded; /healthz counts the error
     and the exchanges that were lost with it."""
-    recorder = Recorder(make_config(tmp_path / "logs"), env={})
-    recorder.start()
-    try:
-        recorder.submit(exchange(0))
-        assert recorder.flush(10)
-        first = recorder._process
-        first.kill()
-        first.join(10)
-        deadline = time.monotonic() + 30
-        while recorder._process is first and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert recorder._process is not first
-        for n in range(1, 4):
-            recorder.submit(exchange(n))
-        assert recorder.flush(30)
-        counters = recorder.counters()
-        assert counters["recorder_restarts"] == 1 and counters["sink_errors"] >= 1
-        assert counters["records_written"] == 4 and counters["records_dropped"] == 0
-        assert recorder.pending == 0
-        assert len(list((tmp_path / "logs" / "anthropic").glob("*.jsonl"))) == 4
-    finally:
-        assert recorder.shutdown(10)
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        try:
+            recorder.submit(exchange(0))
+            assert await recorder.drain(10)
+            first = recorder.process
+            assert first.popen is not None
+            first.popen.kill()
+            await until(lambda: recorder.process is not first and recorder.process.running, 30,
+                        "no new recorder process")
+            assert first.results == -1 and first.inbox.broken
+            for n in range(1, 4):
+                recorder.submit(exchange(n))
+            assert await recorder.drain(30)
+            counters = recorder.counters()
+            assert counters["recorder_restarts"] == 1 and counters["sink_errors"] >= 1
+            assert counters["records_written"] == 4 and counters["records_dropped"] == 0
+            assert recorder.pending == 0
+            assert len(list((tmp_path / "logs" / "anthropic").glob("*.jsonl"))) == 4
+        finally:
+            assert await recorder.stop(10)
+
+    asyncio.run(scenario())
+
+
+def test_a_drain_waiting_on_a_recorder_that_dies_answers_false_at_once(tmp_path):
+    """A drain waiting for a recorder that dies is answered False when it dies, not after its
+    whole timeout."""
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        try:
+            dying = recorder.process
+            assert dying.popen is not None
+            os.kill(dying.popen.pid, signal.SIGSTOP)
+            recorder.submit(exchange(0))
+            async with asyncio.TaskGroup() as group:
+                waiting = group.create_task(recorder.drain(600))
+                await asyncio.sleep(0.2)
+                assert not waiting.done()
+                dying.popen.kill()
+                assert await asyncio.wait_for(waiting, 30) is False
+        finally:
+            await recorder.stop(10)
+
+    asyncio.run(scenario())
 
 
 def test_recorder_exits_when_the_proxy_process_dies(tmp_path):
     """A recorder whose proxy process vanished flushes and exits on its own."""
     script = textwrap.dedent(f"""
-        import os, sys
+        import asyncio, os
         from otelproxy import config
         from otelproxy.recorder import Recorder
-        cfg = config.build({{"log_dir": {str(tmp_path / "logs")!r}}},
-                           list(config.DEFAULT_UPSTREAMS))
-        recorder = Recorder(cfg, env={{}})
-        recorder.start()
-        print(recorder._process.pid, flush=True)
-        os._exit(0)
+
+        async def main():
+            cfg = config.build({{"log_dir": {str(tmp_path / "logs")!r}}},
+                               list(config.DEFAULT_UPSTREAMS))
+            recorder = Recorder(cfg, env={{}})
+            await recorder.start()
+            print(recorder.process.pid, flush=True)
+            os._exit(0)
+
+        asyncio.run(main())
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+                          timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr
     pid = int(done.stdout.strip())
     deadline = time.monotonic() + 15
@@ -141,44 +219,125 @@ def test_recorder_exits_when_the_proxy_process_dies(tmp_path):
     assert not pid_alive(pid)
 
 
+def test_an_invalid_otel_setting_is_a_config_error_from_the_recorder(tmp_path):
+    """The recorder checks the OTLP settings when it starts: an invalid one makes ``start``
+    raise ConfigError with its one-line reason, and the recorder is not restarted."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env=env)
+        with pytest.raises(ConfigError, match="grpc"):
+            await recorder.start()
+        await until(lambda: not recorder.process.running, 10, "the recorder did not exit")
+        assert recorder.restarts == 0 and "grpc" in (recorder.record_error() or "")
+        assert not await recorder.stop(1)
+
+    asyncio.run(scenario())
+
+
+def test_the_cli_exits_2_with_one_line_on_an_invalid_otel_setting(tmp_path):
+    """``otelproxy`` with OTEL_EXPORTER_OTLP_PROTOCOL=grpc: one line on stderr, exit 2, no
+    traceback, and no process left behind."""
+    result = run_cli(["--log-dir", str(tmp_path / "logs"), "--port", "0"], env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("otelproxy: error: "), result.stderr
+    assert "grpc" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_the_proxy_tree_is_the_proxy_and_one_recorder_process(tmp_path):
+    """The running proxy has exactly one child, the recorder (no multiprocessing resource
+    tracker beside it)."""
+    with ProxyProcess(["--log-dir", str(tmp_path / "logs")]) as running:
+        children = [int(pid) for pid in Path(f"/proc/{running.process.pid}/task").glob("*")
+                    for pid in (Path(f"/proc/{running.process.pid}/task/{pid.name}/children")
+                                .read_text().split())]
+        assert len(children) == 1
+        command = Path(f"/proc/{children[0]}/cmdline").read_bytes().split(b"\0")
+        assert command[1:3] == [b"-m", b"otelproxy.recorder_process"]
+
+
+def _imported(code: str, env: dict[str, str] | None = None) -> set[str]:
+    """Top-level packages and otelproxy modules a fresh interpreter has after ``code``."""
+    script = code + textwrap.dedent("""
+        import sys
+        print(" ".join(sorted(name for name in sys.modules
+                              if "." not in name or name.startswith("otelproxy."))))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env=child_env(env))
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+RECORD_ONLY = {"sqlite3", "otelproxy.store", "otelproxy.sessions", "otelproxy.processors",
+               "otelproxy.compact", "otelproxy.retention", "otelproxy.recorder_process"}
+EXPORT_ONLY = {"requests", "urllib3", "opentelemetry", "otelproxy.otlp"}
+PROXY_ONLY = {"asyncio", "aiohttp", "ssl", "multiprocessing"}
+
+
+def test_the_proxy_process_imports_none_of_the_records_modules():
+    """The proxy process (CLI, server, handler, recorder handle) loads neither SQLite, the
+    store, sessions and processors nor the OTLP exporter: they live in the recorder process."""
+    loaded = _imported("import otelproxy.cli, otelproxy.server, otelproxy.recorder")
+    assert "aiohttp" in loaded
+    assert not loaded & (RECORD_ONLY | EXPORT_ONLY | {"multiprocessing"})
+
+
+def test_the_recorder_imports_the_exporter_only_when_export_is_configured(tmp_path):
+    """The recorder process loads neither asyncio nor aiohttp, and requests and
+    OpenTelemetry only when OTLP export is configured."""
+    build = textwrap.dedent(f"""
+        from otelproxy import config, recorder_process
+        cfg = config.build({{"log_dir": {str(tmp_path / "logs")!r}, **SEQ}},
+                           list(config.DEFAULT_UPSTREAMS))
+        recorder_process.build_pipeline(cfg, {{}})
+    """)
+    local = _imported("SEQ = {}\n" + build)
+    assert {"sqlite3", "otelproxy.store", "otelproxy.processors"} <= local
+    assert not local & (EXPORT_ONLY | PROXY_ONLY)
+    exporting = _imported("SEQ = {'seq_url': 'http://127.0.0.1:9'}\n" + build)
+    assert {"requests", "opentelemetry", "otelproxy.otlp"} <= exporting
+    assert not exporting & {"aiohttp", "multiprocessing"}
+
+
 def test_frames_split_anywhere_are_reassembled_in_order():
     """The pipe delivers bytes, not messages: frames cut at any byte come out whole, in order."""
-    stream = b"".join(frame(["item", n, b"x" * n]) for n in range(50))
+    messages = [Progress(n, {"x" * n: n}, None, {"export_status": "off"}) for n in range(50)]
+    stream = b"".join(frame(message) for message in messages)
     buffer = bytearray()
     out = []
     for cut in range(0, len(stream), 7):
         buffer += stream[cut:cut + 7]
         out.extend(unframe(buffer))
-    assert out == [["item", n, b"x" * n] for n in range(50)]
+    assert out == messages
     assert buffer == bytearray()
 
 
-def test_channel_buffers_when_the_pipe_is_full_and_the_loop_drains_it():
+def test_pipe_writer_buffers_when_the_pipe_is_full_and_the_loop_drains_it():
     """With the recorder not reading, sends never block; once it reads, the event loop writes
     the buffered rest (add_writer) and every frame arrives, in order."""
-    import asyncio
-    import multiprocessing
-    import threading
-
-    receive, feed = multiprocessing.Pipe(duplex=False)
-    channel = Channel(feed)
+    receive, feed = os.pipe()
+    writer = PipeWriter(feed, limit=256 * 1024 * 1024)
     payload = b"y" * 100_000
     count = 60  # ~6 MB: far more than any pipe buffer
 
     async def produce() -> float:
         started = time.monotonic()
         for n in range(count):
-            assert channel.send((n, payload))
+            assert writer.send(Flush(n, True, 1.0)) and writer.send(Exchanges([payload]))  # type: ignore[list-item]
         elapsed = time.monotonic() - started
-        assert channel.buffered > 0  # the pipe is full: the rest waits in the buffer
+        assert writer.buffered > 0  # the pipe is full: the rest waits in the buffer
         received: list[object] = []
         loop = asyncio.get_running_loop()
         all_received = asyncio.Event()
 
-        def consume() -> None:
+        def consume() -> None:  # the recorder's side, on a thread of the test
             buffer = bytearray()
-            while len(received) < count:
-                buffer += os.read(receive.fileno(), 1 << 20)
+            while len(received) < 2 * count:
+                buffer += os.read(receive, 1 << 20)
                 received.extend(unframe(buffer))
             loop.call_soon_threadsafe(all_received.set)
 
@@ -186,62 +345,36 @@ def test_channel_buffers_when_the_pipe_is_full_and_the_loop_drains_it():
         reader.start()
         # Meanwhile only the loop's writer callback can move the buffered rest into the pipe.
         await asyncio.wait_for(all_received.wait(), 20)
-        assert [item[0] for item in received] == list(range(count))
-        assert all(item[1] == payload for item in received)
-        assert channel.buffered == 0
+        assert [m.token for m in received[::2]] == list(range(count))  # type: ignore[attr-defined]
+        assert all(m.items == [payload] for m in received[1::2])  # type: ignore[attr-defined]
+        assert writer.buffered == 0
+        writer.close()
         return elapsed
 
     elapsed = asyncio.run(produce())
-    assert elapsed < 2.0  # 60 sends into a full pipe returned without waiting for a reader
-    channel.close()
-    receive.close()
+    assert elapsed < 2.0  # 120 sends into a full pipe returned without waiting for a reader
+    os.close(receive)
 
 
-def test_channel_refuses_beyond_its_limit_and_after_the_reader_is_gone():
-    import multiprocessing
+def test_pipe_writer_refuses_beyond_its_limit_and_after_the_reader_is_gone():
+    """A full buffer refuses a frame (a reserve lets a small one through); once the reader is
+    gone the writer is broken, gives its buffer up and refuses everything."""
+    receive, feed = os.pipe()
+    writer = PipeWriter(feed, limit=300_000)
 
-    receive, feed = multiprocessing.Pipe(duplex=False)
-    channel = Channel(feed, limit=300_000)
-    sent = 0
-    while channel.send(b"z" * 100_000):
-        sent += 1
-        assert sent < 1000
-    assert channel.buffered <= 300_000
-    receive.close()
-    assert channel.wait_sent(5) is False  # EPIPE: broken, the buffer is given up
-    assert channel.broken and not channel.send(b"more")
-    channel.close()
+    async def scenario() -> None:
+        sent = 0
+        while writer.send(Exchanges([b"z" * 100_000])):  # type: ignore[list-item]
+            sent += 1
+            assert sent < 1000
+        assert writer.buffered <= 300_000
+        assert writer.send(Flush(1, True, 1.0), reserve=1000)
+        os.close(receive)
+        await until(lambda: writer.broken, 5, "EPIPE not seen")  # the loop's writer callback
+        assert writer.buffered == 0 and not writer.send(Flush(2, True, 1.0), reserve=1000)
+        writer.close()
 
-
-def test_channel_closed_from_a_thread_while_the_loop_watches_it():
-    """Shutdown closes the channel from a thread: the loop stops watching the pipe first, and
-    nothing is raised on the loop."""
-    import asyncio
-    import multiprocessing
-    import threading
-
-    receive, feed = multiprocessing.Pipe(duplex=False)
-    channel = Channel(feed)
-    errors: list[dict[str, object]] = []
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        loop.set_exception_handler(lambda _loop, context: errors.append(context))
-        while channel.buffered == 0:
-            assert channel.send(b"w" * 100_000)
-        assert channel._watching is loop
-        closer = threading.Thread(target=channel.close)
-        closer.start()
-        await asyncio.to_thread(closer.join, 5)
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert channel._watching is None and channel.broken
-        assert feed.closed
-        assert not channel.send(b"after close")
-
-    asyncio.run(run())
-    receive.close()
-    assert errors == []
+    asyncio.run(scenario())
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -251,9 +384,34 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def wait_replaced(recorder: Recorder, dying: object) -> None:
-    wait_for(lambda: recorder._process is not dying and recorder._process.is_alive(), 60,
-             "no new recorder process")
+def on_loop(proxy: RunningProxy, read: Callable[[], T]) -> T:
+    """``read()`` run on the proxy's event loop, where the recorder's state lives."""
+    async def call() -> T:
+        return read()
+
+    return proxy.loop.run(call())
+
+
+def kill_recorder(proxy: RunningProxy) -> tuple[RecorderProcess, float]:
+    """SIGKILL the proxy's recorder process; it and when it was killed."""
+    dying = on_loop(proxy, lambda: proxy.server.pipeline.process)  # type: ignore[union-attr]
+    assert dying.popen is not None
+    dying.popen.kill()
+    return dying, time.monotonic()
+
+
+def wait_replaced(proxy: RunningProxy, dying: RecorderProcess) -> RecorderProcess:
+    recorder = proxy.server.pipeline
+    assert isinstance(recorder, Recorder)
+
+    def replaced() -> RecorderProcess | None:
+        process = recorder.process
+        return process if process is not dying and process.running else None
+
+    wait_for(lambda: on_loop(proxy, replaced) is not None, 60, "no new recorder process")
+    new = on_loop(proxy, replaced)
+    assert new is not None
+    return new
 
 
 def test_a_recorder_that_keeps_dying_is_restarted_with_growing_waits_said_once(
@@ -264,22 +422,21 @@ def test_a_recorder_that_keeps_dying_is_restarted_with_growing_waits_said_once(
     the reason, exchanges wait in the pipe and are recorded by the next recorder."""
     caplog.set_level(logging.ERROR, logger="otelproxy.recorder")
     recorder = proxy.server.pipeline
+    assert isinstance(recorder, Recorder)
     client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
     waited = []
     for expected in (0.0, 0.5, 1.0, 2.0):
-        dying = recorder._process
-        dying.kill()
-        killed = time.monotonic()
+        dying, killed = kill_recorder(proxy)
         if expected:
-            wait_for(lambda: recorder.record_error() is not None, 10, "no record_error")
+            wait_for(lambda: on_loop(proxy, recorder.record_error) is not None, 10,
+                     "no record_error")
             answer = httpx2.get(proxy.url + "/healthz")
             assert answer.status_code == 503 and answer.json()["status"] == "failing"
             assert "killed by SIGKILL" in answer.json()["record_error"]
             assert f"restarting it in {expected:g} s" in answer.json()["record_error"]
             client.messages.create(model="m", max_tokens=5, messages=[
                 {"role": "user", "content": f"during wait {expected}"}])
-        wait_replaced(recorder, dying)
-        waited.append(recorder._started_at - killed)
+        waited.append(wait_replaced(proxy, dying).started_at - killed)
         assert recorder.flush(30)
     assert [w >= e for w, e in zip(waited, (0.0, 0.5, 1.0, 2.0), strict=True)] == [True] * 4
     answer = httpx2.get(proxy.url + "/healthz")
@@ -296,19 +453,22 @@ def test_a_recorder_killed_with_a_backlog_leaves_jsonl_and_db_agreeing(proxy, fa
     JSONL and the index holding the same exchanges; what it had not recorded is counted as
     dropped, the rest is there."""
     recorder = proxy.server.pipeline
-    dying = recorder._process
+    assert isinstance(recorder, Recorder)
+    dying = on_loop(proxy, lambda: recorder.process)
+    assert dying.pid is not None
     os.kill(dying.pid, signal.SIGSTOP)  # a backlog builds up in the pipe
     client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
     for n in range(60):
         client.messages.create(model="m", max_tokens=5, messages=[
             {"role": "user", "content": f"turn {n} " + "w" * 20_000}])
     os.kill(dying.pid, signal.SIGCONT)
-    wait_for(lambda: recorder.counters().get("records_written", 0) > 0, 30, "nothing recorded")
-    dying.kill()
-    wait_replaced(recorder, dying)
+    wait_for(lambda: on_loop(proxy, recorder.counters).get("records_written", 0) > 0, 30,
+             "nothing recorded")
+    kill_recorder(proxy)
+    wait_replaced(proxy, dying)
     proxy.flush()
     requests = assert_record_agrees(proxy.log_dir)
-    counters = recorder.counters()
+    counters = on_loop(proxy, recorder.counters)
     assert len(requests) == counters["records_written"]
     assert counters["records_written"] + counters["records_dropped"] == 60
 
@@ -326,13 +486,13 @@ def test_a_journal_left_by_a_crash_is_written_by_the_next_recorder(proxy, fake):
     client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "kept"}])
     proxy.flush()
     assert httpx2.get(proxy.url + "/healthz").status_code == 503  # committed, not written
-    recorder = proxy.server.pipeline
-    dying = recorder._process
+    dying = on_loop(proxy, lambda: proxy.server.pipeline.process)  # type: ignore[union-attr]
+    assert dying.pid is not None
     os.kill(dying.pid, signal.SIGSTOP)
     for obstacle in obstacles:
         obstacle.rmdir()
-    dying.kill()
-    wait_replaced(recorder, dying)
+    kill_recorder(proxy)
+    wait_replaced(proxy, dying)
     proxy.flush()
     [request] = assert_record_agrees(proxy.log_dir).values()
     assert request["path"] == "/v1/messages/count_tokens" and "kept" in request["body"]
@@ -374,27 +534,31 @@ def test_a_full_record_buffer_keeps_exchanges_without_their_bodies(tmp_path):
     """When the buffer to the recorder is full an exchange is sent without its bodies rather
     than dropped: its request and response entries are recorded with body_truncated and
     sizes, and counted in records_without_bodies."""
-    recorder = Recorder(make_config(tmp_path / "logs"), env={}, buffer_limit=1024 * 1024)
-    big = []
-    for n in range(6):  # ~3.6 MB for a 1 MiB pipe and a 1 MiB buffer, recorder not reading
-        ex = exchange(n)
-        ex.request_body = orjson.dumps({"model": "m", "messages": [
-            {"role": "user", "content": f"{n} " + "b" * 600_000}]})
-        big.append(ex)
-        recorder.submit(ex)
-    assert recorder.without_bodies >= 1 and recorder.dropped == 0
-    recorder.start()
-    try:
-        assert recorder.flush(30)
-        entries = [orjson.loads(line) for path in (tmp_path / "logs").glob("*/*.jsonl")
-                   for line in path.read_bytes().splitlines()]
-        requests = {e["exchange_id"]: e for e in entries if e["type"] == "request"}
-        responses = {e["exchange_id"]: e for e in entries if e["type"] == "response"}
-        assert set(requests) == set(responses) == {ex.id for ex in big}
-        cut = [e for e in requests.values() if e.get("body_truncated")]
-        assert len(cut) == recorder.without_bodies
-        assert all(e["body"] == "" and e["size"] > 600_000 for e in cut)
-        assert all(responses[e["exchange_id"]]["body_truncated"] for e in cut)
-        assert recorder.counters()["records_without_bodies"] == len(cut)
-    finally:
-        assert recorder.shutdown(10)
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={}, buffer_limit=1024 * 1024)
+        big = []
+        for n in range(6):  # ~3.6 MB for a 1 MiB pipe and a 1 MiB buffer, recorder not reading
+            ex = exchange(n)
+            ex.request_body = orjson.dumps({"model": "m", "messages": [
+                {"role": "user", "content": f"{n} " + "b" * 600_000}]})
+            big.append(ex)
+            recorder.submit(ex)
+            await asyncio.sleep(0)  # one loop iteration each: one message each
+        assert recorder.without_bodies >= 1 and recorder.dropped == 0
+        await recorder.start()
+        try:
+            assert await recorder.drain(30)
+            entries = [orjson.loads(line) for path in (tmp_path / "logs").glob("*/*.jsonl")
+                       for line in path.read_bytes().splitlines()]
+            requests = {e["exchange_id"]: e for e in entries if e["type"] == "request"}
+            responses = {e["exchange_id"]: e for e in entries if e["type"] == "response"}
+            assert set(requests) == set(responses) == {ex.id for ex in big}
+            cut = [e for e in requests.values() if e.get("body_truncated")]
+            assert len(cut) == recorder.without_bodies
+            assert all(e["body"] == "" and e["size"] > 600_000 for e in cut)
+            assert all(responses[e["exchange_id"]]["body_truncated"] for e in cut)
+            assert recorder.counters()["records_without_bodies"] == len(cut)
+        finally:
+            assert await recorder.stop(10)
+
+    asyncio.run(scenario())

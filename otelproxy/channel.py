@@ -1,0 +1,203 @@
+"""The channel between the proxy and its recorder process: one set of messages, one framing.
+
+    proxy process (event loop)                            recorder process
+    Recorder ── PipeWriter ═══ inbox pipe ════► RecorderEnd.receive ──► pipeline
+    Recorder ◄─ loop.add_reader ◄═ results pipe ═ RecorderEnd.send ◄── progress, answers
+
+Every message is one of the frozen dataclasses below; their docstrings are the reference. On the
+wire, in both directions, a message is one frame: its pickle, preceded by the pickle's length as
+a 4-byte big-endian integer. Both pipes belong to the two processes alone (the proxy creates
+them and passes the recorder its ends), so nothing else writes to them.
+
+The proxy's ends (``otelproxy.recorder``) never block: it writes what the pipe takes at once and
+buffers the rest for its event loop, and reads the results pipe on that loop. The recorder's
+ends (``RecorderEnd``) block: that process has nothing else to do. This module imports neither
+asyncio nor the record's modules, so the recorder process starts small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pickle
+import select
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # unpickling imports them where they are needed
+    from otelproxy.config import Config
+    from otelproxy.record import Exchange
+
+# -- proxy → recorder ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """The first message on a new recorder's inbox: what to record, and how. ``env`` is where
+    the OTLP export reads its ``OTEL_*`` settings (the proxy's environment, or a test's)."""
+
+    config: Config
+    env: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Exchanges:
+    """Finished exchanges, in the order they finished (those of one event-loop iteration)."""
+
+    items: list[Exchange]
+
+
+@dataclass(frozen=True)
+class Flush:
+    """Answer ``Flushed(token, ok)`` once every exchange sent before is recorded (and, with
+    ``sinks``, every sink has flushed within ``timeout`` seconds)."""
+
+    token: int
+    sinks: bool
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Record everything sent before, shut the sinks down (``timeout`` seconds), answer
+    ``Stopped`` and exit."""
+
+    timeout: float
+
+
+# -- recorder → proxy ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the recorder has done so far: sent after each recorded batch (at most every
+    ``COUNTER_INTERVAL``), every ``IDLE_WAIT`` when idle, and before each answer."""
+
+    processed: int
+    """Exchanges received and run through the pipeline."""
+    counters: dict[str, int]
+    """The pipeline's counters (``records_written``, ``sink_errors`` …) for /healthz."""
+    record_error: str | None
+    """Why the local record cannot be written now (None while it can)."""
+    export: dict[str, str | None]
+    """The OTLP export's health: ``export_status`` (off, ok, failing), ``export_last_error``."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The recorder has opened the record (or knows why it cannot, in ``Progress``) and reads
+    exchanges."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The recorder cannot run with this configuration (an invalid ``OTEL_*`` setting); it
+    exits. ``error`` is the one-line reason."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """The answer to ``Flush(token)``: ``ok`` unless a sink could not flush in time."""
+
+    token: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The answer to ``Stop``: everything is recorded; ``ok`` unless a sink could not finish
+    in time. The recorder exits next."""
+
+    ok: bool
+
+
+Message = Start | Exchanges | Flush | Stop | Progress | Ready | Refused | Flushed | Stopped
+
+# -- framing -------------------------------------------------------------------------------------
+
+_HEADER = struct.Struct("!I")
+PIPE_SIZE = 1024 * 1024
+"""Asked of the kernel for each pipe (``F_SETPIPE_SZ``; Linux caps it at pipe-max-size)."""
+
+
+def frame(message: Message) -> bytes:
+    """One message as it goes on the wire."""
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+def unframe(buffer: bytearray) -> Iterator[Message]:
+    """Yield the complete frames at the start of ``buffer`` and remove them from it."""
+    start = 0
+    size = len(buffer)
+    view = memoryview(buffer)
+    try:
+        while size - start >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(buffer, start)
+            end = start + _HEADER.size + length
+            if end > size:
+                break
+            yield pickle.loads(view[start + _HEADER.size:end])
+            start = end
+    finally:
+        view.release()
+        del buffer[:start]
+
+
+def pipe() -> tuple[int, int]:
+    """A new pipe (read end, write end), both ends closed on exec unless passed on."""
+    read, write = os.pipe()
+    with contextlib.suppress(OSError, AttributeError):  # Linux only, best effort
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return read, write
+
+
+# -- the recorder's ends: blocking -----------------------------------------------------------------
+
+
+class RecorderEnd:
+    """The recorder process's ends of both pipes: ``receive`` exchanges and requests, ``send``
+    progress and answers (blocking: the proxy reads on its event loop)."""
+
+    def __init__(self, inbox: int, results: int) -> None:
+        self._inbox = inbox
+        self._results = results
+        os.set_blocking(inbox, True)
+        os.set_blocking(results, True)
+        self._buffer = bytearray()
+        self.closed = False
+        """The proxy closed the inbox (it stopped, or died): nothing more will come."""
+
+    def receive(self, timeout: float | None) -> list[Message]:
+        """The messages complete within ``timeout`` seconds (maybe none; None: wait for one)."""
+        if self.closed:
+            return []
+        ready, _, _ = select.select([self._inbox], [], [],
+                                    None if timeout is None else max(0.0, timeout))
+        if not ready:
+            return []
+        data = os.read(self._inbox, PIPE_SIZE)  # EINTR is retried by Python itself (PEP 475)
+        if not data:
+            self.closed = True
+            return []
+        self._buffer += data
+        return list(unframe(self._buffer))
+
+    def send(self, message: Message) -> None:
+        """Write ``message`` whole; nothing when the proxy is gone (it reads no more, and the
+        end of the inbox tells the recorder to finish up)."""
+        data = memoryview(frame(message))
+        try:
+            while data:
+                data = data[os.write(self._results, data):]
+        except BrokenPipeError:
+            pass
+
+    def close_results(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._results)

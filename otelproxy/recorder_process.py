@@ -1,0 +1,188 @@
+"""The recorder process: ``python -m otelproxy.recorder_process INBOX_FD RESULTS_FD``.
+
+Started by the proxy's ``otelproxy.recorder.Recorder`` with two pipe ends (``otelproxy.channel``
+says what travels on them). It reads the configuration (``Start``) first, builds the pipeline
+(processors, the local store and, when configured, the OTLP sink), then records what arrives in
+batches: it waits up to ``LINGER`` seconds for a batch to fill and commits up to ``_MAX_BATCH``
+exchanges in one transaction. It reports its progress (``Progress``) after each batch and while
+idle, answers ``Flush`` and ``Stop``, and when its inbox ends (the proxy stopped or died) it
+records what it has, shuts the sinks down and exits.
+
+It runs at a lower CPU priority (``RECORDER_NICE``): serving requests comes first, the record
+catches up in the gaps. It ignores SIGINT/SIGTERM: the proxy stops it after the streams in
+flight have finished, so their exchanges are recorded too.
+
+It imports only what recording needs: not asyncio, not aiohttp (the proxy's modules), and the
+OTLP exporter's modules (``requests``, OpenTelemetry) only when export is configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from otelproxy.channel import (
+    Exchanges,
+    Flush,
+    Flushed,
+    Message,
+    Progress,
+    Ready,
+    RecorderEnd,
+    Refused,
+    Start,
+    Stop,
+    Stopped,
+)
+from otelproxy.config import Config
+from otelproxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from otelproxy.pipeline import Pipeline, Sink
+    from otelproxy.record import Exchange
+
+_MAX_BATCH = 256
+"""At most this many exchanges are recorded in one transaction."""
+LINGER = 0.02
+"""Seconds the recorder waits for more exchanges before it records a partial batch."""
+RECORDER_NICE = 5
+"""Added to the recorder's nice value: under CPU contention the proxy's loop runs first."""
+COUNTER_INTERVAL = 0.1
+"""A busy recorder reports its progress at most this often."""
+IDLE_WAIT = 0.25
+"""An idle recorder reports its counters and the export's health this often."""
+
+
+_OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                   "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
+
+
+def export_may_be_configured(config: Config, env: Mapping[str, str]) -> bool:
+    """False when OTLP export is certainly off (no Seq URL, API key or endpoint variable): then
+    the exporter's modules (``requests``, OpenTelemetry: ~12 MiB) are not imported at all."""
+    return bool(config.seq_url or config.seq_api_key
+                or any(env.get(name, "").strip() for name in _OTLP_ENDPOINTS))
+
+
+def build_pipeline(
+    config: Config, env: Mapping[str, str], extra_sinks: Sequence[Sink] = ()
+) -> Pipeline:
+    """The processors and sinks of the record: redact → decode → provider → session; then the
+    local store (sharing the session tracker's SQLite connection) and, when configured, OTLP.
+    An invalid OTLP setting raises ``ConfigError`` before the record is opened."""
+    from otelproxy.pipeline import Pipeline
+    from otelproxy.processors import default_processors
+    from otelproxy.retention import Retention
+    from otelproxy.sessions import SessionTracker
+    from otelproxy.store import LocalStore
+
+    exporter = None
+    if export_may_be_configured(config, env):
+        from otelproxy import otlp
+
+        exporter = otlp.build_sink(config, env)
+    sessions = SessionTracker(config.db_path)
+    sinks: list[Sink] = [LocalStore(config.log_dir, sessions, Retention.of(
+        config.retention_days, config.retention_max_bytes))]
+    if exporter is not None:
+        sinks.append(exporter)
+    return Pipeline([*default_processors(), sessions], [*sinks, *extra_sinks],
+                    config.record_queue_size)
+
+
+def recorder_main(inbox: int, results: int) -> int:
+    """The recorder process: read exchanges in groups and run them through the pipeline."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.umask(0o077)  # everything this process creates is the record: owner-only
+    with contextlib.suppress(OSError):
+        os.nice(RECORDER_NICE)
+    end = RecorderEnd(inbox, results)
+    received: list[Message] = []
+    while not received and not end.closed:
+        received = end.receive(None)
+    if not received:
+        return 0  # the proxy went away before it sent anything
+    start, *received = received
+    assert isinstance(start, Start), start
+    config = start.config
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from otelproxy.redact import redact_logging
+
+    redact_logging()
+    try:
+        pipeline = build_pipeline(config, start.env)
+    except ConfigError as exc:
+        end.send(Refused(str(exc)))
+        return 2
+    return _record(pipeline, end, received)
+
+
+def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> int:
+    """Record what arrives until ``Stop`` or the end of the inbox."""
+    processed = 0
+    last_report = 0.0
+
+    def report(force: bool = False) -> None:
+        nonlocal last_report
+        now = time.monotonic()
+        if force or now - last_report >= COUNTER_INTERVAL:
+            last_report = now
+            end.send(Progress(processed, pipeline.counters(), pipeline.record_error(),
+                              pipeline.export_status()))
+
+    def record(batch: list[Exchange]) -> None:
+        nonlocal processed
+        for start in range(0, len(batch), _MAX_BATCH):
+            pipeline.handle_segment(list(batch[start:start + _MAX_BATCH]))
+        processed += len(batch)
+
+    report(force=True)  # before Ready: the proxy knows the export's state once started
+    end.send(Ready())
+    batch: list[Exchange] = []
+    first_at = 0.0
+    while True:
+        if not received:
+            received = end.receive(first_at + LINGER - time.monotonic() if batch else IDLE_WAIT)
+        if not received and not batch:
+            if not end.closed:
+                pipeline.tick()
+                report()
+                continue
+            received = [Stop(10.0)]  # the proxy is gone: finish up and leave
+        if not batch and received:
+            first_at = time.monotonic()
+        messages, received = received, []
+        for message in messages:
+            if isinstance(message, Exchanges):
+                batch.extend(message.items)
+                continue
+            record(batch)
+            batch = []
+            if isinstance(message, Flush):
+                ok = not message.sinks or all(sink.flush(message.timeout)
+                                              for sink in pipeline.sinks)
+                report(force=True)
+                end.send(Flushed(message.token, ok))
+            elif isinstance(message, Stop):
+                ok = pipeline.close(message.timeout)
+                report(force=True)
+                end.send(Stopped(ok))
+                end.close_results()
+                return 0
+        if batch and (len(batch) >= _MAX_BATCH or end.closed
+                      or time.monotonic() - first_at >= LINGER):
+            record(batch)
+            batch = []
+            report()
+
+
+if __name__ == "__main__":
+    raise SystemExit(recorder_main(int(sys.argv[1]), int(sys.argv[2])))
