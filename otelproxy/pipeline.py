@@ -3,8 +3,9 @@
     [exchanges] ──► handle_batch() ──► processors ──► sink.submit()   (local store: inline;
                                                                        OTLP: own queue + thread)
 
-In the proxy the pipeline runs inside the recorder process (``otelproxy.recorder``), which feeds
-it batches; as a ``Worker`` it can also run in-process on its own thread (tests, embedding).
+In the proxy the pipeline runs inside the recorder process (``otelproxy.recorder_process``),
+which feeds it batches; as a ``Worker`` it can also run in-process on its own thread (tests,
+embedding).
 
 ``Pipeline.submit`` never blocks: when the queue is full the exchange is dropped and counted
 (loudly). A processor or sink that raises is logged once per kind of failure and counted; it

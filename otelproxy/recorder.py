@@ -41,8 +41,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from otelproxy.channel import (
     Exchanges,
@@ -149,7 +149,6 @@ class PipeWriter:
         self._buffer.clear()
         with contextlib.suppress(OSError):
             os.close(self.fd)
-
 
 
 @dataclasses.dataclass(eq=False)
@@ -462,19 +461,23 @@ class Recorder:
             del self._answers[token]
 
     def flush(self, timeout: float, sinks: bool = True) -> bool:
-        """``drain`` from another thread than the event loop's (tests, embedding)."""
-        return self._from_thread(self.drain(timeout, sinks), timeout)
-
-    def _from_thread(self, work: Coroutine[Any, Any, bool], timeout: float) -> bool:
+        """``drain`` from another thread than the event loop's (tests, embedding): False when
+        the loop does not run."""
         loop = self._loop
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            raise RuntimeError("Recorder.flush on the recorder's own event loop: await drain()")
         if loop is None or loop.is_closed():
-            work.close()
             return False
-        with contextlib.suppress(RuntimeError):
-            if asyncio.get_running_loop() is loop:
-                work.close()
-                raise RuntimeError("on the recorder's event loop: await drain() instead")
-        return asyncio.run_coroutine_threadsafe(work, loop).result(timeout + _EXIT_WAIT)
+        waiting = asyncio.run_coroutine_threadsafe(self.drain(timeout, sinks), loop)
+        try:
+            return waiting.result(timeout + _EXIT_WAIT)
+        except TimeoutError:
+            waiting.cancel()
+            return False
 
     async def stop(self, within: float) -> bool:
         """Record everything submitted, flush the sinks and stop the process, in ``within``

@@ -108,6 +108,24 @@ def test_the_proxy_side_runs_on_the_event_loop_without_a_thread(tmp_path):
     asyncio.run(scenario())
 
 
+def test_flush_waits_from_another_thread_and_refuses_on_the_loop_itself(tmp_path):
+    """``flush`` (for threads) runs ``drain`` on the recorder's loop and waits for it; called on
+    that loop it raises at once instead of waiting for itself."""
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        try:
+            recorder.submit(exchange(0))
+            assert await asyncio.to_thread(recorder.flush, 10)
+            assert recorder.counters()["records_written"] == 1
+            with pytest.raises(RuntimeError, match="await drain"):
+                recorder.flush(10)
+        finally:
+            assert await recorder.stop(10)
+
+    asyncio.run(scenario())
+
+
 def test_recorder_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path):
     """Under CPU contention the proxy's event loop runs first; the record catches up."""
     async def scenario() -> None:
