@@ -14,14 +14,16 @@ passed on (not ``multiprocessing``: no resource-tracker process beside it, nothi
 to start it), whose first message is the configuration. ``otelproxy.channel`` holds the
 messages and their framing, the same both ways.
 
-The proxy's side lives on its event loop alone, with no thread: ``submit`` gathers the
-exchanges finished in one loop iteration into one message and writes it into the non-blocking
-pipe; what the pipe cannot take at once waits in a bounded buffer (``PipeWriter``) that the
-loop drains when the pipe is writable, and the loop reads the recorder's progress and answers
-(``loop.add_reader``). ``submit`` never blocks: with ``record_queue_size`` exchanges unrecorded,
-or the buffer full, an exchange is sent without its bodies while there is room for that, else
-dropped, and counted either way. Another thread (a test, an embedding program) uses ``flush``,
-which runs ``drain`` on the loop.
+The proxy's side lives on its event loop alone, with no thread and nothing shared between
+threads: ``submit`` gathers the exchanges finished in one loop iteration into one message and
+writes it into the non-blocking pipe; what the pipe cannot take at once waits in a bounded
+buffer (``PipeWriter``) that the loop drains when the pipe is writable, and the loop reads the
+recorder's progress and answers (``loop.add_reader``). ``submit`` never blocks: with
+``record_queue_size`` exchanges unrecorded an exchange is dropped; with the buffer full it is
+sent without its bodies (a small reserve past the limit), else dropped; counted either way.
+Another thread (a test, an embedding program) uses ``flush``, which runs ``drain`` on the loop;
+waiting for the exit status of a recorder that ended (``waitpid``) is the one call made on a
+worker thread.
 
 A recorder that dies (killed, out of memory, SIGBUS on a full disk) is restarted: at once after
 a good run, then after a doubling wait (``RESTART_FIRST`` … ``RESTART_MAX``); meanwhile
