@@ -116,10 +116,19 @@ class PipeWriter:
         written = 0 if self._buffer else self._write(data)  # keep frames in order
         if written < len(data):
             self._buffer += memoryview(data)[written:]
-            if self._watching is None:
-                self._watching = asyncio.get_running_loop()
-                self._watching.add_writer(self.fd, self._writable)
+            self.watch()
         return True
+
+    def watch(self) -> None:
+        """Have the running event loop write the buffer once the pipe is writable (outside a
+        loop, e.g. a ``Start`` larger than the pipe written at construction: on the next call
+        on the loop)."""
+        if self._buffer and self._watching is None and not self.broken:
+            try:
+                self._watching = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._watching.add_writer(self.fd, self._writable)
 
     def _write(self, data: bytes | bytearray) -> int:
         try:
@@ -252,6 +261,7 @@ class Recorder:
             os.close(end)
         process.child_ends = ()
         loop.add_reader(process.results, self._readable, process)
+        process.inbox.watch()
 
     def _bound_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()

@@ -126,6 +126,25 @@ def test_flush_waits_from_another_thread_and_refuses_on_the_loop_itself(tmp_path
     asyncio.run(scenario())
 
 
+def test_a_start_message_larger_than_the_pipe_reaches_the_recorder(tmp_path):
+    """A Recorder made outside any event loop, whose configuration message (the environment
+    passed on) is larger than the pipe holds, starts and records: the loop writes the rest of
+    the message once the recorder reads."""
+    recorder = Recorder(make_config(tmp_path / "logs"), env={"BIG": "e" * 3 * 1024 * 1024})
+    assert recorder.process.inbox.buffered > 0
+
+    async def scenario() -> None:
+        await recorder.start()
+        try:
+            recorder.submit(exchange(0))
+            assert await recorder.drain(30)
+            assert recorder.counters()["records_written"] == 1
+        finally:
+            assert await recorder.stop(10)
+
+    asyncio.run(scenario())
+
+
 def test_recorder_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path):
     """Under CPU contention the proxy's event loop runs first; the record catches up."""
     async def scenario() -> None:
