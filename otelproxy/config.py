@@ -158,7 +158,7 @@ def _split_list(value: Any) -> list[str]:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    import tomllib  # here: neither process needs it once configured (~0.7 MiB each)
+    import tomllib  # here: a running proxy or recorder has no use for it
 
     try:
         with path.open("rb") as handle:
