@@ -93,14 +93,6 @@ class Ready:
 
 
 @dataclass(frozen=True)
-class Refused:
-    """The recorder cannot run with this configuration (an invalid ``OTEL_*`` setting); it
-    exits. ``error`` is the one-line reason."""
-
-    error: str
-
-
-@dataclass(frozen=True)
 class Flushed:
     """The answer to ``Flush(token)``: ``ok`` unless a sink could not flush in time."""
 
@@ -116,7 +108,7 @@ class Stopped:
     ok: bool
 
 
-Message = Start | Exchanges | Flush | Stop | Progress | Ready | Refused | Flushed | Stopped
+Message = Start | Exchanges | Flush | Stop | Progress | Ready | Flushed | Stopped
 
 # -- framing -------------------------------------------------------------------------------------
 

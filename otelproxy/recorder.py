@@ -53,7 +53,6 @@ from otelproxy.channel import (
     Message,
     Progress,
     Ready,
-    Refused,
     Start,
     Stop,
     Stopped,
@@ -62,7 +61,6 @@ from otelproxy.channel import (
     unframe,
 )
 from otelproxy.config import Config
-from otelproxy.errors import ConfigError
 from otelproxy.pipeline import EXPORT_OFF
 from otelproxy.record import BodyCut, Exchange
 
@@ -211,6 +209,9 @@ class Recorder:
         the pipe."""
         self.config = config
         self._env = dict(os.environ if env is None else env)
+        from otelproxy import otlp  # its settings only: light
+
+        otlp.resolve(config, self._env)  # a bad OTLP setting fails here, as a ConfigError
         self._buffer_limit = buffer_limit
         self.process = self._new_process()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -218,7 +219,6 @@ class Recorder:
         self._replacing: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._stopped: asyncio.Future[bool] | None = None
-        self._refused: str | None = None
         self._tokens = itertools.count(1)
         self._answers: dict[int, asyncio.Future[bool]] = {}
         self.restarts = 0
@@ -273,8 +273,7 @@ class Recorder:
 
     async def start(self, within: float = 60.0) -> None:
         """Start the recorder process and wait until it has opened the record (or died: it is
-        restarted in the background and the proxy serves meanwhile). An invalid ``OTEL_*``
-        setting raises ``ConfigError``."""
+        restarted in the background and the proxy serves meanwhile)."""
         self._bound_loop()
         self._ready = asyncio.get_running_loop().create_future()
         self._spawn()
@@ -282,8 +281,6 @@ class Recorder:
             await asyncio.wait_for(asyncio.shield(self._ready), within)
         except TimeoutError:
             log.error("the recorder process did not start in %g s", within)
-        if self._refused is not None:
-            raise ConfigError(self._refused)
 
     def _readable(self, process: RecorderProcess) -> None:
         """The event loop's callback for the results pipe: progress, answers, or its end."""
@@ -316,10 +313,6 @@ class Recorder:
                 process.stopped = True
                 if self._stopped is not None and not self._stopped.done():
                     self._stopped.set_result(ok)
-            case Refused(error):
-                self._refused = error
-                if self._ready is not None and not self._ready.done():
-                    self._ready.set_result(None)
 
     def _ended(self, process: RecorderProcess) -> None:
         """Its results pipe closed: the process exited (or is about to)."""
@@ -334,9 +327,6 @@ class Recorder:
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
         if self._stopping or process is not self.process:
-            return
-        if self._refused is not None:
-            self._down_error = f"the recorder refused the configuration: {self._refused}"
             return
         self._replacing = loop.create_task(self._replace(process))
 

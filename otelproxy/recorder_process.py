@@ -35,13 +35,11 @@ from otelproxy.channel import (
     Progress,
     Ready,
     RecorderEnd,
-    Refused,
     Start,
     Stop,
     Stopped,
 )
 from otelproxy.config import Config
-from otelproxy.errors import ConfigError
 
 if TYPE_CHECKING:
     from otelproxy.pipeline import Pipeline, Sink
@@ -59,37 +57,22 @@ IDLE_WAIT = 0.25
 """An idle recorder reports its counters and the export's health this often."""
 
 
-_OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                   "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
-
-
-def export_may_be_configured(config: Config, env: Mapping[str, str]) -> bool:
-    """False when OTLP export is certainly off (no Seq URL, API key or endpoint variable): then
-    the exporter's modules (``requests``, OpenTelemetry: ~12 MiB) are not imported at all."""
-    return bool(config.seq_url or config.seq_api_key
-                or any(env.get(name, "").strip() for name in _OTLP_ENDPOINTS))
-
-
 def build_pipeline(
     config: Config, env: Mapping[str, str], extra_sinks: Sequence[Sink] = ()
 ) -> Pipeline:
     """The processors and sinks of the record: redact → decode → provider → session; then the
-    local store (sharing the session tracker's SQLite connection) and, when configured, OTLP.
-    An invalid OTLP setting raises ``ConfigError`` before the record is opened."""
+    local store (sharing the session tracker's SQLite connection) and, when configured, OTLP."""
+    from otelproxy import otlp  # build_sink loads requests and the SDK only to export
     from otelproxy.pipeline import Pipeline
     from otelproxy.processors import default_processors
     from otelproxy.retention import Retention
     from otelproxy.sessions import SessionTracker
     from otelproxy.store import LocalStore
 
-    exporter = None
-    if export_may_be_configured(config, env):
-        from otelproxy import otlp
-
-        exporter = otlp.build_sink(config, env)
     sessions = SessionTracker(config.db_path)
     sinks: list[Sink] = [LocalStore(config.log_dir, sessions, Retention.of(
         config.retention_days, config.retention_max_bytes))]
+    exporter = otlp.build_sink(config, env)
     if exporter is not None:
         sinks.append(exporter)
     return Pipeline([*default_processors(), sessions], [*sinks, *extra_sinks],
@@ -117,12 +100,7 @@ def recorder_main(inbox: int, results: int) -> int:
     from otelproxy.redact import redact_logging
 
     redact_logging()
-    try:
-        pipeline = build_pipeline(config, start.env)
-    except ConfigError as exc:
-        end.send(Refused(str(exc)))
-        return 2
-    return _record(pipeline, end, received)
+    return _record(build_pipeline(config, start.env), end, received)
 
 
 def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> int:

@@ -52,12 +52,12 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: open the long-lived resources, and close them after the last handler."""
     state = app[STATE]
+    await state.upstream.start()
     recorder = state.pipeline
-    if isinstance(recorder, Recorder):  # first: it may refuse the configuration (ConfigError)
+    if isinstance(recorder, Recorder):  # on this loop: it reads the recorder's pipe
         await recorder.start()
     else:
         await asyncio.to_thread(recorder.start)
-    await state.upstream.start()
     yield
     await state.upstream.close()
     timeout = max(5.0, state.config.grace_period)

@@ -256,21 +256,14 @@ def test_recorder_exits_when_the_proxy_process_dies(tmp_path):
     assert not pid_alive(pid)
 
 
-def test_an_invalid_otel_setting_is_a_config_error_from_the_recorder(tmp_path):
-    """The recorder checks the OTLP settings when it starts: an invalid one makes ``start``
-    raise ConfigError with its one-line reason, and the recorder is not restarted."""
+def test_an_invalid_otel_setting_is_a_config_error_before_anything_starts(tmp_path):
+    """The proxy checks the OTLP settings when it makes its Recorder (``otlp.settings``, light
+    to import): an invalid one raises ConfigError with its one-line reason."""
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
-
-    async def scenario() -> None:
-        recorder = Recorder(make_config(tmp_path / "logs"), env=env)
-        with pytest.raises(ConfigError, match="grpc"):
-            await recorder.start()
-        await until(lambda: not recorder.process.running, 10, "the recorder did not exit")
-        assert recorder.restarts == 0 and "grpc" in (recorder.record_error() or "")
-        assert not await recorder.stop(1)
-
-    asyncio.run(scenario())
+    with pytest.raises(ConfigError, match="grpc") as raised:
+        Recorder(make_config(tmp_path / "logs"), env=env)
+    assert "\n" not in str(raised.value)
 
 
 def test_the_cli_exits_2_with_one_line_on_an_invalid_otel_setting(tmp_path):
@@ -297,11 +290,12 @@ def test_the_proxy_tree_is_the_proxy_and_one_recorder_process(tmp_path):
 
 
 def _imported(code: str, env: dict[str, str] | None = None) -> set[str]:
-    """Top-level packages and otelproxy modules a fresh interpreter has after ``code``."""
+    """Top-level packages, otelproxy's and OpenTelemetry's modules a fresh interpreter has
+    after ``code``."""
     script = code + textwrap.dedent("""
         import sys
-        print(" ".join(sorted(name for name in sys.modules
-                              if "." not in name or name.startswith("otelproxy."))))
+        print(" ".join(sorted(name for name in sys.modules if "." not in name
+                              or name.startswith(("otelproxy.", "opentelemetry.")))))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, cwd=REPO, env=child_env(env))
@@ -311,15 +305,22 @@ def _imported(code: str, env: dict[str, str] | None = None) -> set[str]:
 
 RECORD_ONLY = {"sqlite3", "otelproxy.store", "otelproxy.sessions", "otelproxy.processors",
                "otelproxy.compact", "otelproxy.retention", "otelproxy.recorder_process"}
-EXPORT_ONLY = {"requests", "urllib3", "opentelemetry", "otelproxy.otlp"}
+EXPORT_ONLY = {"requests", "urllib3", "opentelemetry.sdk", "otelproxy.otlp.export"}
 PROXY_ONLY = {"asyncio", "aiohttp", "ssl", "multiprocessing"}
 
 
-def test_the_proxy_process_imports_none_of_the_records_modules():
-    """The proxy process (CLI, server, handler, recorder handle) loads neither SQLite, the
-    store, sessions and processors nor the OTLP exporter: they live in the recorder process."""
-    loaded = _imported("import otelproxy.cli, otelproxy.server, otelproxy.recorder")
-    assert "aiohttp" in loaded
+def test_the_proxy_process_imports_none_of_the_records_modules(tmp_path):
+    """The proxy process (CLI, server, handler, its Recorder, export configured) loads neither
+    SQLite, the store, sessions and processors nor the OTLP exporter: they live in the recorder
+    process."""
+    loaded = _imported(textwrap.dedent(f"""
+        import otelproxy.cli, otelproxy.server
+        from otelproxy import config, recorder
+        cfg = config.build({{"log_dir": {str(tmp_path / "logs")!r},
+                             "seq_url": "http://127.0.0.1:9"}}, list(config.DEFAULT_UPSTREAMS))
+        recorder.Recorder(cfg, env={{}})
+    """))
+    assert {"aiohttp", "otelproxy.otlp.settings"} <= loaded
     assert not loaded & (RECORD_ONLY | EXPORT_ONLY | {"multiprocessing"})
 
 
@@ -336,7 +337,7 @@ def test_the_recorder_imports_the_exporter_only_when_export_is_configured(tmp_pa
     assert {"sqlite3", "otelproxy.store", "otelproxy.processors"} <= local
     assert not local & (EXPORT_ONLY | PROXY_ONLY)
     exporting = _imported("SEQ = {'seq_url': 'http://127.0.0.1:9'}\n" + build)
-    assert {"requests", "opentelemetry", "otelproxy.otlp"} <= exporting
+    assert exporting >= EXPORT_ONLY
     assert not exporting & {"aiohttp", "multiprocessing"}
 
 
