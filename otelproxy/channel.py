@@ -36,11 +36,15 @@ if TYPE_CHECKING:  # unpickling imports them where they are needed
 
 @dataclass(frozen=True)
 class Start:
-    """The first message on a new recorder's inbox: what to record, and how. ``env`` is where
-    the OTLP export reads its ``OTEL_*`` settings (the proxy's environment, or a test's)."""
+    """The first message on a new recorder's inbox: what to record, and how."""
 
     config: Config
     env: Mapping[str, str]
+    """Where the OTLP export reads its ``OTEL_*`` settings (the proxy's environment, or a
+    test's)."""
+    export: bool
+    """Whether they turn OTLP export on (the proxy has resolved them): when not, the recorder
+    does not even import the export's modules."""
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,8 @@ class Recorder:
         self._env = dict(os.environ if env is None else env)
         from otelproxy import otlp  # its settings only: light
 
-        otlp.resolve(config, self._env)  # a bad OTLP setting fails here, as a ConfigError
+        # a bad OTLP setting fails here, as a ConfigError
+        self._exporting = otlp.resolve(config, self._env) is not None
         self._buffer_limit = buffer_limit
         self.process = self._new_process()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -244,7 +245,7 @@ class Recorder:
         results_read, results_write = pipe()
         os.set_blocking(results_read, False)
         inbox = PipeWriter(inbox_write, self._buffer_limit)
-        inbox.send(Start(self.config, self._env))  # the first message, whatever follows
+        inbox.send(Start(self.config, self._env, self._exporting))  # first, whatever follows
         return RecorderProcess(inbox, results_read, (inbox_read, results_write))
 
     def _spawn(self) -> None:

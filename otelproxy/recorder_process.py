@@ -58,11 +58,13 @@ IDLE_WAIT = 0.25
 
 
 def build_pipeline(
-    config: Config, env: Mapping[str, str], extra_sinks: Sequence[Sink] = ()
+    config: Config, env: Mapping[str, str], extra_sinks: Sequence[Sink] = (),
+    export: bool = True,
 ) -> Pipeline:
     """The processors and sinks of the record: redact → decode → provider → session; then the
-    local store (sharing the session tracker's SQLite connection) and, when configured, OTLP."""
-    from otelproxy import otlp  # build_sink loads requests and the SDK only to export
+    local store (sharing the session tracker's SQLite connection) and, when configured, OTLP.
+    ``export=False``: the caller knows that export is off, so ``otelproxy.otlp`` is not even
+    imported."""
     from otelproxy.pipeline import Pipeline
     from otelproxy.processors import default_processors
     from otelproxy.retention import Retention
@@ -72,9 +74,12 @@ def build_pipeline(
     sessions = SessionTracker(config.db_path)
     sinks: list[Sink] = [LocalStore(config.log_dir, sessions, Retention.of(
         config.retention_days, config.retention_max_bytes))]
-    exporter = otlp.build_sink(config, env)
-    if exporter is not None:
-        sinks.append(exporter)
+    if export:
+        from otelproxy import otlp  # build_sink loads requests and the SDK only to export
+
+        exporter = otlp.build_sink(config, env)
+        if exporter is not None:
+            sinks.append(exporter)
     return Pipeline([*default_processors(), sessions], [*sinks, *extra_sinks],
                     config.record_queue_size)
 
@@ -100,7 +105,7 @@ def recorder_main(inbox: int, results: int) -> int:
     from otelproxy.redact import redact_logging
 
     redact_logging()
-    return _record(build_pipeline(config, start.env), end, received)
+    return _record(build_pipeline(config, start.env, export=start.export), end, received)
 
 
 def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> int:

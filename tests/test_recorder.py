@@ -277,16 +277,31 @@ def test_the_cli_exits_2_with_one_line_on_an_invalid_otel_setting(tmp_path):
     assert "grpc" in lines[0] and "Traceback" not in result.stderr
 
 
-def test_the_proxy_tree_is_the_proxy_and_one_recorder_process(tmp_path):
+def _recorder_of(running: ProxyProcess) -> int:
+    """The pid of a running otelproxy's one child process."""
+    task = Path(f"/proc/{running.process.pid}/task")
+    children = [int(pid) for thread in task.iterdir()
+                for pid in (thread / "children").read_text().split()]
+    assert len(children) == 1, children
+    return children[0]
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["local", "export"])
+def test_the_proxy_tree_is_the_proxy_and_one_recorder_process(tmp_path, export):
     """The running proxy has exactly one child, the recorder (no multiprocessing resource
-    tracker beside it)."""
-    with ProxyProcess(["--log-dir", str(tmp_path / "logs")]) as running:
-        children = [int(pid) for pid in Path(f"/proc/{running.process.pid}/task").glob("*")
-                    for pid in (Path(f"/proc/{running.process.pid}/task/{pid.name}/children")
-                                .read_text().split())]
-        assert len(children) == 1
-        command = Path(f"/proc/{children[0]}/cmdline").read_bytes().split(b"\0")
+    tracker beside it); the recorder maps OpenSSL's TLS library (which the exporter's HTTP
+    client loads) only when OTLP export is configured."""
+    args = ["--log-dir", str(tmp_path / "logs")]
+    if export:
+        args += ["--seq-url", "http://127.0.0.1:9"]
+    with ProxyProcess(args) as running:
+        recorder = _recorder_of(running)
+        command = Path(f"/proc/{recorder}/cmdline").read_bytes().split(b"\0")
         assert command[1:3] == [b"-m", b"otelproxy.recorder_process"]
+        # listening means the recorder has built its pipeline (the proxy waits for Ready)
+        maps = Path(f"/proc/{recorder}/maps").read_text()
+        assert ("libssl" in maps) is export
+        assert "libssl" in Path(f"/proc/{running.process.pid}/maps").read_text()
 
 
 def _imported(code: str, env: dict[str, str] | None = None) -> set[str]:
@@ -325,17 +340,18 @@ def test_the_proxy_process_imports_none_of_the_records_modules(tmp_path):
 
 
 def test_the_recorder_imports_the_exporter_only_when_export_is_configured(tmp_path):
-    """The recorder process loads neither asyncio nor aiohttp, and requests and
-    OpenTelemetry only when OTLP export is configured."""
+    """The recorder process loads neither asyncio nor aiohttp; told that export is off it does
+    not import the OTLP package at all, and requests and OpenTelemetry's SDK load only when
+    export is configured."""
     build = textwrap.dedent(f"""
         from otelproxy import config, recorder_process
         cfg = config.build({{"log_dir": {str(tmp_path / "logs")!r}, **SEQ}},
                            list(config.DEFAULT_UPSTREAMS))
-        recorder_process.build_pipeline(cfg, {{}})
+        recorder_process.build_pipeline(cfg, {{}}, export=bool(SEQ))
     """)
     local = _imported("SEQ = {}\n" + build)
     assert {"sqlite3", "otelproxy.store", "otelproxy.processors"} <= local
-    assert not local & (EXPORT_ONLY | PROXY_ONLY)
+    assert not local & (EXPORT_ONLY | PROXY_ONLY | {"otelproxy.otlp", "opentelemetry"})
     exporting = _imported("SEQ = {'seq_url': 'http://127.0.0.1:9'}\n" + build)
     assert exporting >= EXPORT_ONLY
     assert not exporting & {"aiohttp", "multiprocessing"}
