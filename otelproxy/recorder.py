@@ -12,7 +12,10 @@ GIL nor takes its event loop's time. ``Recorder`` starts it as ``python -m
 otelproxy.recorder_process INBOX_FD RESULTS_FD``: a plain subprocess with its two pipe ends
 passed on (not ``multiprocessing``: no resource-tracker process beside it, nothing re-imported
 to start it), whose first message is the configuration. ``otelproxy.channel`` holds the
-messages and their framing, the same both ways.
+messages and their framing, the same both ways. The proxy resolves the OTLP settings when it
+makes its ``Recorder`` (a bad one is a ``ConfigError`` then) and tells the recorder whether
+export is on, so that a recorder without export never imports the OTLP package (the idle
+memory this layout takes is measured in the README, "How it works").
 
 The proxy's side lives on its event loop alone, with no thread and nothing shared between
 threads: ``submit`` gathers the exchanges finished in one loop iteration into one message and

@@ -13,7 +13,8 @@ catches up in the gaps. It ignores SIGINT/SIGTERM: the proxy stops it after the 
 flight have finished, so their exchanges are recorded too.
 
 It imports only what recording needs: not asyncio, not aiohttp (the proxy's modules), and the
-OTLP exporter's modules (``requests``, OpenTelemetry) only when export is configured.
+OTLP package only when the proxy says export is on (``Start.export``; ``requests`` and the
+OpenTelemetry SDK load when its sink is built).
 """
 
 from __future__ import annotations
