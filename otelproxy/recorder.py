@@ -364,10 +364,11 @@ class Recorder:
             log.debug("the recorder process exited again (%s); restart %d in %g s",
                       status, self.restarts, wait)
         dying.close(self._loop)
-        self.process = self._new_process()
         while True:
-            await asyncio.sleep(wait)
             try:
+                if self.process is dying:  # its pipes at once: exchanges wait in them meanwhile
+                    self.process = self._new_process()
+                await asyncio.sleep(wait)
                 self._spawn()
                 break
             except OSError as exc:  # e.g. out of file descriptors: try again, later
