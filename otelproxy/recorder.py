@@ -155,12 +155,15 @@ class PipeWriter:
             self._watching = None
 
     def close(self) -> None:
-        """Give up what is buffered and close the pipe."""
+        """Give up what is buffered and close the pipe (idempotent: a descriptor number is
+        never closed twice, it may belong to something else by then)."""
         self._unwatch()
         self.broken = True
         self._buffer.clear()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
 
 @dataclasses.dataclass(eq=False)
