@@ -319,7 +319,7 @@ def _imported(code: str, env: dict[str, str] | None = None) -> set[str]:
 
 
 RECORD_ONLY = {"sqlite3", "otelproxy.store", "otelproxy.sessions", "otelproxy.processors",
-               "otelproxy.compact", "otelproxy.retention", "otelproxy.recorder_process"}
+               "otelproxy.retention", "otelproxy.recorder_process"}
 EXPORT_ONLY = {"requests", "urllib3", "opentelemetry.sdk", "otelproxy.otlp.export"}
 PROXY_ONLY = {"asyncio", "aiohttp", "ssl", "multiprocessing"}
 
