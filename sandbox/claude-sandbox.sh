@@ -291,26 +291,60 @@ start_seq() {
   ensure_service "$name-seq" "${args[@]}" "$SEQ_IMAGE"
 }
 
-# Seq takes a while to accept connections after it starts (and under rootless podman a new
-# container's name can take a moment to resolve): wait, up to 60 s, until a container on the
-# network reaches seq:5341, so the proxy's first exports are not given up on.
-wait_for_seq() {
-  run "$runtime" run --rm --network "$network" --entrypoint python "$PROXY_IMAGE" -c '
+# The proxy must reach seq:5341 before any traffic, or its first exports are given up on. Asked
+# in the proxy container itself (exec), once it runs: up to $2 seconds, as Seq takes a while to
+# accept connections after it starts. `seq` resolves as soon as Seq's container runs, so a name
+# that still fails to resolve after 10 s, or takes more than 2 s to (longer than an export can
+# wait), means this container's DNS is broken: exit status 3.
+proxy_reaches_seq() { # container seconds
+  run "$runtime" exec "$1" python -c '
 import socket, sys, time
-deadline = time.monotonic() + 60
+start = time.monotonic()
 while True:
+    began = time.monotonic()
     try:
-        socket.create_connection(("seq", 5341), timeout=2).close()
-        break
+        address = socket.getaddrinfo("seq", 5341, type=socket.SOCK_STREAM)[0][4][:2]
+        took = time.monotonic() - began
+        dns = took > 2
+        problem = f"resolving seq took {took:.0f} s"
+        if not dns:
+            socket.create_connection(address, timeout=2).close()
+            break
+    except socket.gaierror as error:
+        dns, problem = True, f"seq does not resolve ({error})"
     except OSError as error:
-        if time.monotonic() > deadline:
-            sys.exit(f"seq:5341 not reachable after 60 s: {error}")
-        time.sleep(0.5)
-' || note "Seq is not reachable yet; starting the proxy anyway (its export retries)"
+        dns, problem = False, f"seq:5341 does not answer ({error})"
+    waited = time.monotonic() - start
+    if (dns and waited > 10) or waited > float(sys.argv[1]):
+        print(f"the proxy container cannot reach Seq: {problem}", file=sys.stderr)
+        sys.exit(3 if dns else 1)
+    time.sleep(0.5)
+' "$2"
+}
+
+# Rootless podman 4.3 (aardvark-dns 1.4) at times leaves one new container's DNS queries
+# unanswered while it answers the other containers': `seq` then takes 10-20 s to resolve in the
+# proxy, or fails to, and every export times out (sandbox/README.md). Restarting the proxy
+# container sets its network up again.
+wait_for_seq() { # proxy container
+  local status=0
+  proxy_reaches_seq "$1" 60 || status=$?
+  case $status in
+    0) return 0 ;;
+    3) ;;
+    *)
+      note "Seq is not reachable from the proxy yet; its export retries"
+      return 0
+      ;;
+  esac
+  note "the proxy container cannot resolve seq; restarting it"
+  run "$runtime" restart "$1" >/dev/null
+  proxy_reaches_seq "$1" 30 || note "Seq is still not reachable from the proxy; its export retries"
 }
 
 start_proxy() {
-  if ((otel)) && [[ $(container_state "$name-api-logger") != running ]]; then wait_for_seq; fi
+  local was
+  was=$(container_state "$name-api-logger")
   local args=(--network "$network" --network-alias api-logger
     -p "127.0.0.1:$((port_base + 1)):8000" -v "$name-logs:/var/log/otelproxy"
     -e "OTELPROXY_SEQ_URL=$SEQ_INGEST_URL")
@@ -321,6 +355,7 @@ start_proxy() {
   # Another Anthropic-compatible upstream (a gateway, or a fake one in tests).
   if [[ -n ${OTELPROXY_DEFAULT_UPSTREAM:-} ]]; then args+=(-e OTELPROXY_DEFAULT_UPSTREAM); fi
   ensure_service "$name-api-logger" "${args[@]}" "$PROXY_IMAGE"
+  if ((otel)) && [[ $was != running ]]; then wait_for_seq "$name-api-logger"; fi
 }
 
 start_companions() {

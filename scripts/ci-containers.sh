@@ -338,6 +338,8 @@ run_sandbox() {
     status=$?
   printf 'answer (%ss, status %s): %s\n' $((SECONDS - sandbox_started)) "$status" \
     "$(cat "$work/answer.txt")"
+  # What the script said (e.g. that it restarted a proxy that could not resolve seq).
+  grep -E '^(claude-sandbox: |seq:5341 )' "$work/sandbox.err" || true
   if ((status)); then
     cat "$work/sandbox.err"
     rt logs "$NAME-api-logger" 2>&1 | tail -20

@@ -41,7 +41,8 @@ PROXY_IMAGE = "otelproxy:local"
 # networks, containers, images and volumes in $FAKE_RUNTIME_DIR/state.json, answering the
 # existence checks the script makes: `network exists|inspect`, `container inspect --format`,
 # `image exists|inspect`, `volume exists|inspect`, and `info --format` (whether podman is
-# rootless: `rootless` in the state, true unless set).
+# rootless: `rootless` in the state, true unless set). `exec` exits with the next status of
+# `exec_exits` in the state (0 when none is left).
 FAKE_RUNTIME = r"""
 import json, os, sys
 from pathlib import Path
@@ -88,6 +89,11 @@ elif kind == "start":
     state["containers"][args[-1]]["running"] = "--attach" not in args; save()
 elif kind == "rm":
     state["containers"].pop(args[-1], None); save()
+elif kind == "exec":
+    exits = state.get("exec_exits", [])
+    status = exits.pop(0) if exits else 0
+    save()
+    sys.exit(status)
 """
 
 
@@ -127,12 +133,13 @@ class Sandbox:
         images: Sequence[str] = (),
         volumes: Sequence[str] = (),
         rootless: bool = True,
+        exec_exits: Sequence[int] = (),
         **containers: bool,
     ) -> None:
         """What the fake runtime knows; `containers` maps a name (`_` for `-`) to running."""
         state = {
             "networks": list(networks), "images": list(images), "volumes": list(volumes),
-            "rootless": rootless,
+            "rootless": rootless, "exec_exits": list(exec_exits),
             "containers": {k.replace("_", "-"): {"running": v} for k, v in containers.items()},
         }
         (self.root / "state.json").write_text(json.dumps(state))
@@ -262,12 +269,12 @@ def test_dry_run_starts_exactly_what_the_flags_ask_for(
     assert {c[0] for c in result.commands} == {runtime}
     assert network_creates(result) == [[runtime, "network", "create", "claude-sandbox-net"]]
     assert len(runs_of(result, SEQ_IMAGE)) == (1 if "--otel" in flags else 0)
-    proxies = [run for run in runs_of(result, PROXY_IMAGE) if "--rm" not in run]
+    proxies = runs_of(result, PROXY_IMAGE)
     assert len(proxies) == (1 if "--log-api" in flags else 0)
-    # With Seq beside it, a throwaway container of the proxy image first waits for seq:5341.
-    probes = [run for run in runs_of(result, PROXY_IMAGE) if "--rm" in run]
+    # With Seq beside it, the proxy container itself is asked whether it reaches seq:5341.
+    probes = [c for c in result.commands if c[1:3] == ["exec", "claude-sandbox-api-logger"]]
     assert len(probes) == (1 if {"--otel", "--log-api"} <= set(flags) else 0)
-    assert all(option(run, "--network") == "claude-sandbox-net" for run in probes)
+    assert all('getaddrinfo("seq", 5341' in " ".join(probe) for probe in probes)
     for secret in SECRETS:
         assert secret not in result.stdout and secret not in result.stderr
 
@@ -598,8 +605,8 @@ def created(calls: list[list[str]]) -> list[str]:
     for call in calls:
         if call[1:3] == ["network", "create"]:
             out.append(f"network {call[3]}")
-        elif call[1] == "run" and "--rm" in call:
-            out.append(f"probe {call[-3]}")  # the wait for Seq: a throwaway container
+        elif call[1] == "exec":
+            out.append(f"probe in {call[2]}")  # does the proxy reach seq:5341?
         elif call[1] == "run":
             out.append(f"container {option(call, '--name')}")
         elif call[1] == "build":
@@ -618,8 +625,8 @@ def test_second_run_reuses_the_network_seq_and_proxy(sandbox: Sandbox, runtime: 
         "image otelproxy:local",
         "network claude-sandbox-net",
         "container claude-sandbox-seq",
-        "probe otelproxy:local",
         "container claude-sandbox-api-logger",
+        "probe in claude-sandbox-api-logger",
         "container claude-sandbox",
     ]
 
@@ -631,6 +638,48 @@ def test_second_run_reuses_the_network_seq_and_proxy(sandbox: Sandbox, runtime: 
     assert "reusing running container claude-sandbox-api-logger" in second.stderr
     for secret in SECRETS:
         assert not [call for call in first.calls + second.calls if secret in " ".join(call)]
+
+
+PROXY_PROBE = ["podman", "exec", "claude-sandbox-api-logger"]
+
+
+def probes_and_restarts(calls: list[list[str]]) -> list[str]:
+    return [c[1] for c in calls if c[:3] == PROXY_PROBE or c[1] == "restart"]
+
+
+def test_proxy_that_cannot_resolve_seq_is_restarted_once_and_asked_again(
+    sandbox: Sandbox,
+) -> None:
+    """`seq` unresolvable in the new proxy (status 3): restart the proxy, then ask it again."""
+    sandbox.set_state(images=["claude-sandbox:local", PROXY_IMAGE], exec_exits=[3, 0])
+    result = sandbox.run("--runtime", "podman", "--otel", "--log-api", "mount")
+    assert result.status == 0, result.stderr
+    assert probes_and_restarts(result.calls) == ["exec", "restart", "exec"]
+    assert ["podman", "restart", "claude-sandbox-api-logger"] in result.calls
+    assert "the proxy container cannot resolve seq; restarting it" in result.stderr
+    assert result.calls[-1][1] == "run"  # and Claude Code starts after it
+
+
+def test_proxy_that_resolves_seq_but_cannot_reach_it_yet_is_not_restarted(
+    sandbox: Sandbox,
+) -> None:
+    """Seq not accepting yet (status 1) is said and left to the export's retries: no restart."""
+    sandbox.set_state(images=["claude-sandbox:local", PROXY_IMAGE], exec_exits=[1])
+    result = sandbox.run("--runtime", "podman", "--otel", "--log-api", "mount")
+    assert result.status == 0, result.stderr
+    assert probes_and_restarts(result.calls) == ["exec"]
+    assert "Seq is not reachable from the proxy yet" in result.stderr
+
+
+def test_running_proxy_is_not_asked_again(sandbox: Sandbox) -> None:
+    """A proxy that was already running is reused as it is: no probe, no restart."""
+    sandbox.set_state(
+        ["claude-sandbox-net"], ["claude-sandbox:local", PROXY_IMAGE],
+        claude_sandbox_seq=True, claude_sandbox_api_logger=True,
+    )
+    result = sandbox.run("--runtime", "podman", "--otel", "--log-api", "mount")
+    assert result.status == 0, result.stderr
+    assert probes_and_restarts(result.calls) == []
 
 
 def test_stdout_is_left_to_claude_code(sandbox: Sandbox) -> None:
