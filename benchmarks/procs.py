@@ -188,6 +188,15 @@ def tree_rss_mib(pid: int) -> float:
     return round(sum(_status_kib(member, "VmRSS") for member in tree(pid)) / 1024, 1)
 
 
+def tree_rss_by_process(pid: int) -> dict[str, float]:
+    """Resident MiB per process of ``pid``'s tree, labelled as in ``tree_cpu_by_process``."""
+    out: dict[str, float] = {}
+    for index, member in enumerate(tree(pid)):
+        label = "main" if index == 0 else _label(member)
+        out[label] = round(out.get(label, 0.0) + _status_kib(member, "VmRSS") / 1024, 1)
+    return out
+
+
 def tree_members(pid: int) -> list[dict[str, object]]:
     """Each process of the tree: its command line (cut short), allowed CPUs and resident MiB."""
     members: list[dict[str, object]] = []
@@ -198,3 +207,44 @@ def tree_members(pid: int) -> list[dict[str, object]]:
                             "cpus": sorted(os.sched_getaffinity(member)),
                             "rss_mib": round(_status_kib(member, "VmRSS") / 1024, 1)})
     return members
+
+
+def cpu_ticks() -> dict[int, tuple[int, int]]:
+    """Per CPU of the machine: (busy, total) clock ticks since boot (``/proc/stat``); busy is
+    everything but idle and iowait, whoever ran (other users of a shared machine included)."""
+    out: dict[int, tuple[int, int]] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks = [int(value) for value in values[:8]]
+                out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return out
+
+
+def cpu_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
+             ) -> dict[int, float]:
+    """Fraction of the time each CPU was busy between two ``cpu_ticks`` readings."""
+    out: dict[int, float] = {}
+    for cpu, (busy, total) in after.items():
+        was_busy, was_total = before.get(cpu, (0, 0))
+        if total > was_total:
+            out[cpu] = round((busy - was_busy) / (total - was_total), 3)
+    return out
+
+
+def tree_sched_by_process(pid: int) -> dict[str, tuple[int, int]]:
+    """Per process of ``pid``'s tree (labelled as in ``tree_cpu_by_process``), summed over its
+    threads: (ns run on a CPU, ns spent runnable waiting for a CPU) from
+    ``/proc/PID/task/TID/schedstat``. The wait is what CPU contention costs the process: time
+    it had work and the scheduler ran something else."""
+    out: dict[str, tuple[int, int]] = {}
+    for index, member in enumerate(tree(pid)):
+        label = "main" if index == 0 else _label(member)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{member}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    ran, waited = (int(x) for x in (task / "schedstat").read_text().split()[:2])
+                    was_ran, was_waited = out.get(label, (0, 0))
+                    out[label] = (was_ran + ran, was_waited + waited)
+    return out

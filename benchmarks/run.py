@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -60,6 +61,11 @@ GAP_P99_SLACK_MS = 1.0
 FIRST_EVENT_SLACK_MS = 3.0
 IDLE_RSS_MAX_MIB = 60.0
 RSS_PER_100_STREAMS_MAX_MIB = 8.0
+
+PHASES = ("latency", "claude_code", "sse", "wrk")
+"""The phases after the idle one (which always runs: it warms every target up and gives the
+resident set the SSE phase's per-stream figure starts from). ``sse1``, ``sse50``, ``sse500``
+name one SSE level."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,13 @@ class Settings:
     wrk_seconds: float = 4.0
     wrk_connections: int = 16
     peers_venv: str = str(PEERS_VENV)
+    phases: tuple[str, ...] = PHASES
+
+    def runs(self, phase: str) -> bool:
+        return phase in self.phases
+
+    def runs_level(self, level: StreamLevel) -> bool:
+        return "sse" in self.phases or f"sse{level.streams}" in self.phases
 
     @classmethod
     def quick_run(cls, names: tuple[str, ...], peers_venv: str) -> Settings:
@@ -147,9 +160,16 @@ def rotations(names: Sequence[str], count: int) -> Iterator[list[str]]:
 
 @dataclass
 class StreamResult:
+    """What the client saw of one stream. With stamped deltas (``traffic.stamped_delta``) also
+    each delta's delay, upstream write to client read, and how much each gap between two deltas
+    exceeds the gap between their writes upstream (the gap with the upstream's pacing taken
+    out: what the path in between added or took away)."""
+
     status: int = 0
     first_event_ns: int | None = None
     gaps_ns: list[int] = field(default_factory=list)
+    delays_ns: list[int] = field(default_factory=list)
+    added_gaps_ns: list[int] = field(default_factory=list)
     deltas: int = 0
     complete: bool = False
 
@@ -171,15 +191,21 @@ async def post(session: aiohttp.ClientSession, target: Target, body: bytes) -> i
 
 
 async def stream(session: aiohttp.ClientSession, target: Target, body: bytes, deltas: int,
-                 interval_ms: float, headers: dict[str, str] | None = None) -> StreamResult:
-    """One SSE stream; each event is stamped with the arrival of the chunk that completed it."""
+                 interval_ms: float, headers: dict[str, str] | None = None,
+                 stamped: bool = False) -> StreamResult:
+    """One SSE stream; each event is timed by the arrival of the chunk that completed it
+    (``time.monotonic_ns``: CLOCK_MONOTONIC, the clock the upstream stamps deltas with when
+    ``stamped``)."""
     result = StreamResult()
     target.sent += 1
     sent_headers = {**traffic.HEADERS, **(headers or {}), "x-bench-deltas": str(deltas),
                     "x-bench-interval-ms": str(interval_ms)}
+    if stamped:
+        sent_headers[traffic.STAMP_HEADER] = "1"
     last: int | None = None
+    last_delay: int | None = None
     pending = b""
-    began = time.perf_counter_ns()
+    began = time.monotonic_ns()
     try:
         async with session.post(target.url + "?beta=true", data=body,
                                 headers=sent_headers) as response:
@@ -189,7 +215,7 @@ async def stream(session: aiohttp.ClientSession, target: Target, body: bytes, de
                 data = await reader.readany()
                 if not data:
                     break
-                now = time.perf_counter_ns()
+                now = time.monotonic_ns()
                 pending += data
                 *complete, pending = pending.split(b"\n\n")
                 for event in complete:
@@ -200,6 +226,13 @@ async def stream(session: aiohttp.ClientSession, target: Target, body: bytes, de
                         if last is not None:
                             result.gaps_ns.append(now - last)
                         last = now
+                        sent = traffic.sent_stamp(event) if stamped else None
+                        if sent is not None:
+                            delay = now - sent
+                            result.delays_ns.append(delay)
+                            if last_delay is not None:
+                                result.added_gaps_ns.append(delay - last_delay)
+                            last_delay = delay
                     elif event.startswith(b"event: message_stop"):
                         result.complete = True
     except (aiohttp.ClientError, TimeoutError):
@@ -291,6 +324,7 @@ class LoadGenerator:
         self.control = control
         self.progress = progress
         self.conversations = 0
+        self.peak_split: dict[str, dict[str, float]] = {}
 
     async def run(self) -> Json:
         results: Json = {"phase_s": {}}
@@ -304,14 +338,19 @@ class LoadGenerator:
         self.progress("idle memory and warm-up")
         results["memory"] = memory = await self.idle()
         phase("idle")
-        self.progress("latency: ~100 KB requests, 1 connection, sequential")
-        results["latency"] = await self.latency()
-        phase("latency")
-        self.progress(f"Claude Code traffic: {self.settings.conversations} conversations")
-        results["claude_code"] = await self.claude_code()
-        phase("claude_code")
+        results["latency"] = results["claude_code"] = results["sse"] = {}
+        if self.settings.runs("latency"):
+            self.progress("latency: ~100 KB requests, 1 connection, sequential")
+            results["latency"] = await self.latency()
+            phase("latency")
+        if self.settings.runs("claude_code"):
+            self.progress(f"Claude Code traffic: {self.settings.conversations} conversations")
+            results["claude_code"] = await self.claude_code()
+            phase("claude_code")
         results["sse"] = {}
         for level in self.settings.levels:
+            if not self.settings.runs_level(level):
+                continue
             self.progress(f"SSE: {level.streams} concurrent stream(s)")
             results["sse"][str(level.streams)] = await self.sse(level, memory)
             phase(f"sse_{level.streams}")
@@ -439,7 +478,10 @@ class LoadGenerator:
     async def sse(self, level: StreamLevel, memory: Json) -> Json:
         body = traffic.conversation_request("sse", 0)
         pooled: dict[str, list[StreamResult]] = {name: [] for name in self.everyone}
+        busy: dict[str, list[dict[int, float]]] = {name: [] for name in self.everyone}
+        waits: dict[str, dict[str, list[int]]] = {}
         peaks: dict[str, float] = {}
+        before: dict[str, float | None] = {}
         bound = 120 + level.deltas * level.interval_ms / 1000 * 4
         ramp = min(1.0, level.deltas * level.interval_ms / 1000 / 3)
         small = traffic.small_request()
@@ -447,22 +489,32 @@ class LoadGenerator:
         async def ramped(target: Target, index: int, session: aiohttp.ClientSession
                          ) -> StreamResult:
             await asyncio.sleep(ramp * index / level.streams)
-            return await stream(session, target, body, level.deltas, level.interval_ms)
+            return await stream(session, target, body, level.deltas, level.interval_ms,
+                                stamped=True)
 
         async with client(level.streams) as session:
             for order in rotations(self.everyone, level.repeats * len(self.everyone)):
                 name = order[0]
                 target = self.targets[name]
+                before[name] = rss_mib(target)  # with no connection of this round open yet
                 # open every connection first (client to proxy, proxy to upstream): the round
                 # then measures streams, not connection set-up
                 await asyncio.wait_for(asyncio.gather(*(
                     post(session, target, small) for _ in range(level.streams))), bound)
                 sampler = asyncio.create_task(self._sample_rss(target, peaks))
+                ticks = procs.cpu_ticks()
+                sched = self._sched(target)
                 try:
                     pooled[name] += await asyncio.wait_for(asyncio.gather(*(
                         ramped(target, index, session) for index in range(level.streams))),
                         bound)
                 finally:
+                    busy[name].append(procs.cpu_busy(ticks, procs.cpu_ticks()))
+                    for label, (ran, waited) in self._sched(target).items():
+                        was_ran, was_waited = sched.get(label, (0, 0))
+                        total = waits.setdefault(name, {}).setdefault(label, [0, 0])
+                        total[0] += ran - was_ran
+                        total[1] += waited - was_waited
                     sampler.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await sampler
@@ -484,36 +536,68 @@ class LoadGenerator:
                       if r.first_event_ns is not None]
             expected = len(results) * level.deltas
             received = sum(r.deltas for r in results)
+            delays = [delay for r in results for delay in r.delays_ns]
+            added = [gap for r in results for gap in r.added_gaps_ns]
             out[name] = {
                 "first_event_p50_ms": _ms(percentile(firsts, 0.5)),
                 "first_event_p99_ms": _ms(percentile(firsts, 0.99)),
                 "gap_p50_ms": _ms(percentile(gaps, 0.5)),
                 "gap_p99_ms": _ms(percentile(gaps, 0.99)),
+                "delay_p50_ms": _ms(percentile(delays, 0.5)),
+                "delay_p99_ms": _ms(percentile(delays, 0.99)),
+                "added_gap_p99_ms": _ms(percentile(added, 0.99)),
                 "events_sent": expected, "events_lost": expected - received,
                 "incomplete_streams": sum(not r.complete for r in results),
+                "cpu_busy": {f"cpu{cpu}": round(sum(b.get(cpu, 0.0) for b in busy[name])
+                                                / max(1, len(busy[name])), 3)
+                             for cpu in sorted({c for b in busy[name] for c in b})},
             }
+            if name in waits:  # CPU run and run-queue wait of the tree's processes, per event
+                out[name]["sched_us_per_event"] = {
+                    label: {"ran": round(ran / 1000 / max(1, received), 1),
+                            "waited": round(waited / 1000 / max(1, received), 1)}
+                    for label, (ran, waited) in waits[name].items()}
         for name in self.proxies:
             row, direct = out[name], out["direct"]
             row["gap_p99_over_direct_ms"] = _minus(row["gap_p99_ms"], direct["gap_p99_ms"])
+            for key in ("delay_p50", "delay_p99", "added_gap_p99"):
+                row[f"{key}_over_direct_ms"] = _minus(row[f"{key}_ms"], direct[f"{key}_ms"])
             row["first_event_p50_over_direct_ms"] = _minus(row["first_event_p50_ms"],
                                                            direct["first_event_p50_ms"])
             row["first_event_p99_over_direct_ms"] = _minus(row["first_event_p99_ms"],
                                                            direct["first_event_p99_ms"])
             if peaks.get(name):  # 0: the process was gone
-                idle = memory[name]["idle_mib"]
+                idle, ahead = memory[name]["idle_mib"], before.get(name)
                 row["peak_rss_mib"] = peaks[name]
                 memory[name][f"peak_{level.streams}_streams_mib"] = peaks[name]
-                if level.streams >= 100 and idle is not None:
+                if level.streams >= 100 and ahead is not None:
+                    # from the tree's resident set just before the round's connections opened:
+                    # what earlier phases left behind (heap, the recorder's caches) is not
+                    # counted as the streams' memory
+                    memory[name][f"before_{level.streams}_streams_mib"] = ahead
+                    memory[name][f"peak_{level.streams}_streams_by_process_mib"] = \
+                        self.peak_split.get(name)
                     memory[name]["per_100_streams_mib"] = round(
-                        (peaks[name] - idle) * 100 / level.streams, 2)
+                        (peaks[name] - ahead) * 100 / level.streams, 2)
+                    if idle is not None:
+                        memory[name]["per_100_streams_from_idle_mib"] = round(
+                            (peaks[name] - idle) * 100 / level.streams, 2)
         return out
 
+    @staticmethod
+    def _sched(target: Target) -> dict[str, tuple[int, int]]:
+        return {} if target.process is None else procs.tree_sched_by_process(target.process.pid)
+
     async def _sample_rss(self, target: Target, peaks: dict[str, float]) -> None:
+        """The tree's peak resident set, and each process's resident set at that peak."""
         if target.process is None:
             return
         while True:
-            value = rss_mib(target) or 0.0
-            peaks[target.name] = max(peaks.get(target.name, 0.0), value)
+            members = procs.tree_rss_by_process(target.process.pid)
+            value = round(sum(members.values()), 1)
+            if value > peaks.get(target.name, 0.0):
+                peaks[target.name] = value
+                self.peak_split[target.name] = members
             await asyncio.sleep(0.1)
 
 
@@ -612,19 +696,24 @@ def check_targets(r: Json) -> list[Json]:
                 ADDED_P50_MAX_MS)
         at_most("otelproxy: added latency p99 over bare (~100 KB)", row.get("over_bare_p99_ms"),
                 ADDED_P99_MAX_MS)
-        for streams, level in r["sse"].items():
-            sse = level["otelproxy"]
-            at_most(f"otelproxy: SSE gap p99 over direct, {streams} stream(s)",
-                    sse["gap_p99_over_direct_ms"], GAP_P99_SLACK_MS)
-            at_most(f"otelproxy: SSE first event p50 over direct, {streams} stream(s)",
-                    sse["first_event_p50_over_direct_ms"], FIRST_EVENT_SLACK_MS)
+    for streams, level in r["sse"].items():
+        if "otelproxy" not in level:
+            continue
+        sse = level["otelproxy"]
+        at_most(f"otelproxy: SSE gap p99 over direct, {streams} stream(s)",
+                sse["gap_p99_over_direct_ms"], GAP_P99_SLACK_MS)
+        at_most(f"otelproxy: SSE first event p50 over direct, {streams} stream(s)",
+                sse["first_event_p50_over_direct_ms"], FIRST_EVENT_SLACK_MS)
+    if "otelproxy" in r["memory"]:
         memory = r["memory"]["otelproxy"]
         at_most("otelproxy: idle RSS of its tree (MiB)", memory.get("idle_mib"), IDLE_RSS_MAX_MIB)
-        at_most("otelproxy: RSS per 100 open streams (MiB)", memory.get("per_100_streams_mib"),
-                RSS_PER_100_STREAMS_MAX_MIB)
+        if "per_100_streams_mib" in memory:
+            at_most("otelproxy: RSS per 100 open streams (MiB)", memory["per_100_streams_mib"],
+                    RSS_PER_100_STREAMS_MAX_MIB)
     for name in OURS:
-        if name in r["latency"]:
-            lost = sum(level[name]["events_lost"] for level in r["sse"].values())
+        levels = [level[name] for level in r["sse"].values() if name in level]
+        if levels:
+            lost = sum(level["events_lost"] for level in levels)
             check(f"{name}: SSE events lost", lost, 0, lost == 0)
     for name, record in r.get("record", {}).items():
         check(f"{name}: every exchange it served is in the record (SQLite rows)",
@@ -694,12 +783,14 @@ async def _phases(settings: Settings, running: list[Target], upstream_port: int,
     async with client(8) as http:
         control = Control(upstream_port, otlp_port, http)
         results = await LoadGenerator(settings, running, control, progress).run()
-        progress("small POSTs with wrk")
-        began = time.monotonic()
-        results["wrk"] = await wrk_phase([t.name for t in running],
-                                         {t.name: t for t in running}, control, settings,
-                                         pinning, work)
-        results["phase_s"]["wrk"] = round(time.monotonic() - began, 1)
+        results["wrk"] = {}
+        if settings.runs("wrk"):
+            progress("small POSTs with wrk")
+            began = time.monotonic()
+            results["wrk"] = await wrk_phase([t.name for t in running],
+                                             {t.name: t for t in running}, control, settings,
+                                             pinning, work)
+            results["phase_s"]["wrk"] = round(time.monotonic() - began, 1)
         results["health"] = {}
         for target in running:
             if target.health_url is not None:
@@ -772,10 +863,11 @@ def format_report(r: Json) -> str:
                      f"requests, {t['failures']} failed" + (f"; {'; '.join(t['notes'])}"
                                                             if t["notes"] else ""))
     cc, lat, mem, wrk = r["claude_code"], r["latency"], r["memory"], r["wrk"]
-    lines += ["", f"Claude Code traffic: {cc['conversations']} conversations, up to "
-              f"{cc['max_turns']} turns (last request {cc['last_turn_bytes']} bytes), "
-              f"150-event answers; latency on {lat['body_bytes']}-byte requests; "
-              f"wrk {wrk.get('connections', '-')} connections", ""]
+    lines += ["", f"Claude Code traffic: {cc.get('conversations', '-')} conversations, up to "
+              f"{cc.get('max_turns', '-')} turns (last request {cc.get('last_turn_bytes', '-')} "
+              f"bytes), 150-event answers; latency on {lat.get('body_bytes', '-')}-byte "
+              f"requests; wrk {wrk.get('connections', '-')} connections; phases run: "
+              f"{', '.join(s.get('phases', PHASES))}", ""]
     header = (f"  {'target':<15} {'CPU ms/exch':>11} {'x bare':>7} {'p50 ms':>7} {'+bare':>6} "
               f"{'p99 ms':>7} {'+bare':>6} {'idle MiB':>8} {'MiB/100str':>10} {'wrk r/s':>8} "
               f"{'x bare':>7}")
@@ -791,18 +883,27 @@ def format_report(r: Json) -> str:
     if "direct" in lat:
         lines.append(f"  {'direct':<15} {'':>11} {'':>7} {_fmt(lat['direct']['p50_ms'], 3):>7} "
                      f"{'':>6} {_fmt(lat['direct']['p99_ms'], 3):>7}")
-    lines += ["", "SSE, over direct (ms): gap p99 / first event p50 / first event p99; "
-              "events lost"]
+    lines += ["", "SSE, over direct (ms): gap p99 / first event p50 / first event p99 / "
+              "delay p50 / delay p99 / added gap p99; events lost; CPUs busy during the rounds"]
     for streams, level in r["sse"].items():
+        direct = level["direct"]
         lines.append(f"  {streams} stream(s), {level['deltas']} deltas {level['interval_ms']:g} "
-                     f"ms apart (direct: gap p99 {_fmt(level['direct']['gap_p99_ms'], 3)}, first "
-                     f"event p50 {_fmt(level['direct']['first_event_p50_ms'], 3)})")
+                     f"ms apart (direct: gap p99 {_fmt(direct['gap_p99_ms'], 3)}, first "
+                     f"event p50 {_fmt(direct['first_event_p50_ms'], 3)}, delay p50 / p99 "
+                     f"{_fmt(direct.get('delay_p50_ms'), 3)} / "
+                     f"{_fmt(direct.get('delay_p99_ms'), 3)}, added gap p99 "
+                     f"{_fmt(direct.get('added_gap_p99_ms'), 3)}; busy {direct.get('cpu_busy')})")
         for name in names:
             row = level[name]
             lines.append(f"    {name:<15} {_fmt(row['gap_p99_over_direct_ms'], 3):>8} "
                          f"{_fmt(row['first_event_p50_over_direct_ms'], 3):>8} "
-                         f"{_fmt(row['first_event_p99_over_direct_ms'], 3):>8}   lost "
-                         f"{row['events_lost']}, incomplete {row['incomplete_streams']}")
+                         f"{_fmt(row['first_event_p99_over_direct_ms'], 3):>8} "
+                         f"{_fmt(row.get('delay_p50_over_direct_ms'), 3):>8} "
+                         f"{_fmt(row.get('delay_p99_over_direct_ms'), 3):>8} "
+                         f"{_fmt(row.get('added_gap_p99_over_direct_ms'), 3):>8}   lost "
+                         f"{row['events_lost']}, incomplete {row['incomplete_streams']}; "
+                         f"busy {row.get('cpu_busy')}; sched us/event "
+                         f"{row.get('sched_us_per_event')}")
     lines += ["", "CPU ms per Claude Code exchange by process of the tree:"]
     for name, c, *_ in _per_proxy(r):
         split = c.get("cpu_ms_per_exchange_by_process", {})
@@ -869,6 +970,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers-venv", metavar="DIR", default=str(PEERS_VENV),
                         help="the virtualenv holding mitmproxy and claude-tap (default "
                         "benchmarks/.peers-venv, made by benchmarks/install-peers.sh)")
+    parser.add_argument("--phases", metavar="LIST", default=",".join(PHASES),
+                        help=f"comma-separated, from {', '.join(PHASES)}, sse1, sse50, sse500 "
+                        "(default: all; the idle phase always runs)")
+    parser.add_argument("--sse-repeats", metavar="N", type=int, default=None,
+                        help="rounds per target at each SSE level (default: 3 at 1 stream, "
+                        "1 at 50 and 500)")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 when a target figure is missed")
     return parser
@@ -881,8 +988,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         sys.stderr.write(f"benchmarks.run: error: unknown target(s) {unknown}\n")
         return 2
+    phases = tuple(name.strip() for name in args.phases.split(",") if name.strip())
+    unknown = [name for name in phases if name not in (*PHASES, "sse1", "sse50", "sse500")]
+    if unknown:
+        sys.stderr.write(f"benchmarks.run: error: unknown phase(s) {unknown}\n")
+        return 2
     settings = (Settings.quick_run(names, args.peers_venv) if args.quick
                 else Settings(targets=names, peers_venv=args.peers_venv))
+    settings = dataclasses.replace(settings, phases=phases)
+    if args.sse_repeats is not None:
+        settings = dataclasses.replace(settings, levels=tuple(
+            dataclasses.replace(level, repeats=max(1, args.sse_repeats))
+            for level in settings.levels))
     began = time.monotonic()
 
     def progress(message: str) -> None:

@@ -4,11 +4,15 @@
 upstream   a fake Anthropic API: ``POST /v1/messages`` answers a short JSON message, or with
            ``"stream": true`` the 150-event answer of ``benchmarks.traffic`` (the number of
            deltas and their spacing can be set per request: ``x-bench-deltas``,
-           ``x-bench-interval-ms``); ``GET /stats`` counts what it sent.
+           ``x-bench-interval-ms``; with ``x-bench-stamp`` each delta's text is the time it
+           was written, ``traffic.stamped_delta``); ``GET /stats`` counts what it sent.
 bare       the reference: otelproxy's forwarding without the record. Same upstream seam
            (``otelproxy.upstream``: one shared ``ClientSession``, same connector, timeouts and
            header filtering), same ``iter_any`` body read and ``readany()`` -> ``write()``
            response loop; no ``Exchange``, no timings, no recorder.
+relay      the floor of any proxy: a TCP relay (bytes in, bytes out, nothing parsed) to the
+           upstream, on the same event loop; what a hop through a process on another CPU costs
+           by itself (a wake-up on each side, the scheduler of that CPU).
 otlp       a loopback OTLP/HTTP receiver on Seq's paths; answers 200 and counts spans (SERVER
            spans apart) and log records (``GET /stats``) by decoding the protobuf with
            ``opentelemetry-proto`` when it is installed.
@@ -22,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -99,6 +104,7 @@ class FakeAnthropic:
         deltas = min(int(request.headers.get("x-bench-deltas", traffic.DELTA_COUNT)),
                      traffic.DELTA_COUNT)
         interval = float(request.headers.get("x-bench-interval-ms", "0")) / 1000
+        stamped = traffic.STAMP_HEADER in request.headers
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
             "request-id": "req_bench"})
@@ -112,7 +118,8 @@ class FakeAnthropic:
                 delay = begin + (index + 1) * interval - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await response.write(self.deltas[index])
+            await response.write(traffic.stamped_delta(time.monotonic_ns()) if stamped
+                                 else self.deltas[index])
             self.deltas_sent += 1
         await response.write(traffic.stream_tail(deltas))
         await response.write_eof()
@@ -170,6 +177,78 @@ class BarePassThrough:
                 await response.write(data)
             await response.write_eof()
         return response
+
+
+# -- the TCP relay -------------------------------------------------------------------------------
+
+
+class _Pipe(asyncio.Protocol):
+    """One direction of a relayed connection: what arrives is written to ``peer`` at once;
+    reading pauses while the peer's write buffer is full."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Pipe | None = None
+        self.early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None or self.peer.transport is None:
+            self.early.append(data)
+        else:
+            self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+async def relay(port: int, upstream_port: int) -> None:
+    """Relay every connection on 127.0.0.1:``port`` to 127.0.0.1:``upstream_port``."""
+    loop = asyncio.get_running_loop()
+
+    def accepted() -> _Pipe:
+        client = _Pipe()
+
+        async def connect() -> None:
+            try:
+                _, upstream = await loop.create_connection(_Pipe, HOST, upstream_port)
+            except OSError:
+                if client.transport is not None:
+                    client.transport.close()
+                return
+            client.peer, upstream.peer = upstream, client
+            assert upstream.transport is not None
+            for data in client.early:
+                upstream.transport.write(data)
+            client.early.clear()
+
+        connecting.add(task := loop.create_task(connect()))
+        task.add_done_callback(connecting.discard)
+        return client
+
+    connecting: set[asyncio.Task[None]] = set()
+    server = await loop.create_server(accepted, HOST, port, backlog=2048)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    server.close()
 
 
 # -- the OTLP receiver ---------------------------------------------------------------------------
@@ -231,9 +310,13 @@ class OtlpReceiver:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.servers")
-    parser.add_argument("role", choices=("upstream", "bare", "otlp"))
+    parser.add_argument("role", choices=("upstream", "bare", "relay", "otlp"))
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream-port", type=int, help="relay: where to relay to")
     args = parser.parse_args()
+    if args.role == "relay":
+        run(relay(args.port, args.upstream_port))
+        return
     if args.role == "upstream":
         app = FakeAnthropic().app()
     elif args.role == "bare":

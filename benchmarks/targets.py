@@ -1,6 +1,7 @@
 """The proxies a run measures, how each is started, and how the run knows it is done recording.
 
 direct           no proxy: the load generator talks to the fake upstream (the floor)
+relay            ``benchmarks.servers relay``: a TCP relay, the floor any proxy on CPU 1 pays
 bare             ``benchmarks.servers bare``: otelproxy's forwarding without the record
 otelproxy        ``python -m otelproxy`` recording into a temporary log dir (JSONL + SQLite)
 otelproxy+otlp   the same, exporting OTLP/HTTP to the loopback receiver as well (``--seq-url``;
@@ -26,7 +27,7 @@ from benchmarks.procs import HOST, Pinning, Process, free_port, wait_listening
 
 HERE = Path(__file__).resolve().parent
 PEERS_VENV = HERE / ".peers-venv"
-PROXIES = ("bare", "otelproxy", "otelproxy+otlp", "mitmproxy", "claude-tap")
+PROXIES = ("relay", "bare", "otelproxy", "otelproxy+otlp", "mitmproxy", "claude-tap")
 OURS = ("otelproxy", "otelproxy+otlp")
 PEERS = ("mitmproxy", "claude-tap")
 
@@ -85,7 +86,12 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
     upstream = f"http://{HOST}:{upstream_port}"
     route = f"http://{HOST}:{port}/anthropic/{HOST}:{upstream_port}/v1/messages"
     log_path = work / f"{name}.log"
-    if name == "bare":
+    if name == "relay":
+        argv = [sys.executable, "-m", "benchmarks.servers", "relay", "--port", str(port),
+                "--upstream-port", str(upstream_port)]
+        target.url = f"http://{HOST}:{port}/v1/messages"
+        env = clean_env()
+    elif name == "bare":
         argv = [sys.executable, "-m", "benchmarks.servers", "bare", "--port", str(port)]
         target.url = route
         env = clean_env()

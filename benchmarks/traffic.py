@@ -109,6 +109,41 @@ def delta_event(index: int) -> bytes:
     return event[:-2] + b" " * pad + b"\n\n"  # trailing blanks after the JSON are legal
 
 
+STAMP_HEADER = "x-bench-stamp"
+"""A request carrying this header gets deltas whose text is the upstream's send time."""
+_STAMP_DIGITS = 19
+_STAMP_MARK = b'"text":"t'
+
+
+def stamped_delta(sent_ns: int) -> bytes:
+    """A text delta of exactly ``DELTA_SIZE`` bytes whose text, ``t`` + 19 digits + a blank,
+    is ``sent_ns``: the upstream's ``CLOCK_MONOTONIC`` (``time.monotonic_ns``) when it wrote the
+    event. The clock is the same in every process of the machine, so the client can tell each
+    event's delay from upstream write to client read, apart from the upstream's own pacing."""
+    return _STAMPED[0] + b"%019d" % sent_ns + _STAMPED[1]
+
+
+def _stamped_template() -> tuple[bytes, bytes]:
+    event = sse_event("content_block_delta", {
+        "type": "content_block_delta", "index": 0,
+        "delta": {"type": "text_delta", "text": "t" + "0" * _STAMP_DIGITS + " "}})
+    event = event[:-2] + b" " * (DELTA_SIZE - len(event)) + b"\n\n"
+    cut = event.index(_STAMP_MARK) + len(_STAMP_MARK)
+    return event[:cut], event[cut + _STAMP_DIGITS:]
+
+
+_STAMPED = _stamped_template()
+
+
+def sent_stamp(event: bytes) -> int | None:
+    """The send time in an event from ``stamped_delta`` (None when it carries none)."""
+    at = event.find(_STAMP_MARK)
+    if at < 0:
+        return None
+    digits = event[at + len(_STAMP_MARK):at + len(_STAMP_MARK) + _STAMP_DIGITS]
+    return int(digits) if digits.isdigit() and len(digits) == _STAMP_DIGITS else None
+
+
 def _message(output_tokens: int, text: str | None) -> Json:
     return {
         "id": "msg_01BenchBenchBenchBenchBench", "type": "message", "role": "assistant",

@@ -21,7 +21,7 @@ import pytest
 from benchmarks import procs, run, targets, traffic
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASURED = ("bare", "otelproxy", "otelproxy+otlp")
+MEASURED = ("relay", "bare", "otelproxy", "otelproxy+otlp")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,10 @@ def test_quick_run_reports_every_figure(quick: dict[str, Any]) -> None:
         for name in MEASURED:
             assert _number(level[name]["gap_p99_over_direct_ms"])
             assert _number(level[name]["first_event_p50_over_direct_ms"])
+            for key in ("delay_p50", "delay_p99", "added_gap_p99"):
+                assert _number(level[name][f"{key}_over_direct_ms"]), (name, key)
+            assert set(level[name]["cpu_busy"]) >= {"cpu0"}
+        assert level["otelproxy"]["sched_us_per_event"]["main"]["ran"] > 0
     names = [check["name"] for check in quick["checks"]]
     assert any("CPU per Claude Code exchange" in name for name in names)
     assert any("idle RSS" in name for name in names)
@@ -144,7 +148,8 @@ def test_quick_run_records_and_exports_every_exchange(quick: dict[str, Any]) -> 
         assert record["complete"] is True and record["dropped"] == 0
         assert record["longest_session"] >= 2  # the growing messages continue a session
         assert quick["record_bytes"][name] > 0
-    assert quick["record_bytes"]["bare"] is None  # the reference records nothing
+    assert quick["record_bytes"]["bare"] is None  # the references record nothing
+    assert quick["record_bytes"]["relay"] is None
     receiver = quick["otlp_receiver"]
     assert receiver["decoded"] is True
     assert receiver["server_spans"] == quick["record"]["otelproxy+otlp"]["served"]
@@ -243,3 +248,34 @@ def test_percentile_is_nearest_rank() -> None:
     assert run.percentile(values, 0.99) == 99
     assert run.percentile([3.0], 0.99) == 3.0
     assert math.isnan(run.percentile([], 0.5))
+
+
+def test_stamped_delta_carries_its_send_time() -> None:
+    """A stamped delta is as long as any other, valid SSE and JSON, and gives back the
+    CLOCK_MONOTONIC time it was stamped with; an unstamped one gives none."""
+    now = time.monotonic_ns()
+    event = traffic.stamped_delta(now)
+    assert len(event) == traffic.DELTA_SIZE
+    data = orjson.loads(event.split(b"\n")[1].removeprefix(b"data: "))
+    assert data["delta"]["type"] == "text_delta" and data["delta"]["text"].startswith("t")
+    assert traffic.sent_stamp(event) == now
+    assert traffic.sent_stamp(traffic.delta_event(3)) is None
+
+
+def test_phases_option_runs_only_the_named_phases() -> None:
+    """`--phases sse1` runs the idle phase and the one-stream SSE level only, against the
+    targets named, and the report still prints."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--json", "--targets",
+         "relay,otelproxy", "--phases", "sse1"],
+        cwd=ROOT, capture_output=True, timeout=200, check=False)
+    assert completed.returncode == 0, completed.stderr.decode(errors="replace")[-4000:]
+    result = orjson.loads(completed.stdout)
+    assert list(result["sse"]) == ["1"]
+    assert result["latency"] == {} and result["claude_code"] == {} and result["wrk"] == {}
+    assert set(result["memory"]) == {"relay", "otelproxy"}
+    assert result["sse"]["1"]["otelproxy"]["events_lost"] == 0
+    assert "phases run: sse1" in run.format_report(result)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.run", "--phases", "nope"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "unknown phase" in bad.stderr
