@@ -8,7 +8,7 @@ exchanges in one transaction. It reports its progress (``Progress``) after each 
 idle, answers ``Flush`` and ``Stop``, and when its inbox ends (the proxy stopped or died) it
 records what it has, shuts the sinks down and exits.
 
-It runs at a lower CPU priority (``RECORDER_NICE``): serving requests comes first, the record
+It runs under ``SCHED_IDLE`` (else ``RECORDER_NICE``): serving requests comes first, the record
 catches up in the gaps. It ignores SIGINT/SIGTERM: the proxy stops it after the streams in
 flight have finished, so their exchanges are recorded too.
 
@@ -51,7 +51,8 @@ _MAX_BATCH = 256
 LINGER = 0.02
 """Seconds the recorder waits for more exchanges before it records a partial batch."""
 RECORDER_NICE = 5
-"""Added to the recorder's nice value: under CPU contention the proxy's loop runs first."""
+"""Added to the recorder's nice value where ``SCHED_IDLE`` is refused: under CPU contention
+the proxy's loop runs first."""
 COUNTER_INTERVAL = 0.1
 """A busy recorder reports its progress at most this often."""
 IDLE_WAIT = 0.25
@@ -90,8 +91,11 @@ def recorder_main(inbox: int, results: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.umask(0o077)  # everything this process creates is the record: owner-only
-    with contextlib.suppress(OSError):
-        os.nice(RECORDER_NICE)
+    try:  # SCHED_IDLE: the recorder runs only when its CPU has nothing else to run
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or refused (seccomp): a nice value instead
+        with contextlib.suppress(OSError):
+            os.nice(RECORDER_NICE)
     end = RecorderEnd(inbox, results)
     received: list[Message] = []
     while not received and not end.closed:
