@@ -8,8 +8,9 @@ upstream   a fake Anthropic API: ``POST /v1/messages`` answers a short JSON mess
            was written, ``traffic.stamped_delta``); ``GET /stats`` counts what it sent.
 bare       the reference: otelproxy's forwarding without the record. Same upstream seam
            (``otelproxy.upstream``: one shared ``ClientSession``, same connector, timeouts and
-           header filtering), same ``iter_any`` body read and ``readany()`` -> ``write()``
-           response loop; no ``Exchange``, no timings, no recorder.
+           header filtering), same body read (the pieces as received, joined only when
+           there are several) and ``readany()`` -> ``write()`` response loop; no
+           ``Exchange``, no timings, no recorder.
 relay      the floor of any proxy: a TCP relay (bytes in, bytes out, nothing parsed) to the
            upstream, on the same event loop; what a hop through a process on another CPU costs
            by itself (a wake-up on each side, the scheduler of that CPU).
@@ -155,13 +156,12 @@ class BarePassThrough:
         if len(segments) < 4:
             return web.Response(status=404)
         url = f"http://{segments[2]}/{segments[3]}" + ("?" + query if query else "")
-        body = bytearray()
-        async for chunk in request.content.iter_any():
-            body += chunk
+        parts = [chunk async for chunk in request.content.iter_any()]
+        body = parts[0] if len(parts) == 1 else b"".join(parts)  # as otelproxy reads it
         headers = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
                    for k, v in request.raw_headers]
         upstream = await self.upstream.send(request.method, url, request_headers(headers),
-                                            bytes(body))
+                                            body)
         async with upstream:
             response = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason,
