@@ -482,6 +482,7 @@ class LoadGenerator:
         waits: dict[str, dict[str, list[int]]] = {}
         peaks: dict[str, float] = {}
         before: dict[str, float | None] = {}
+        before_split: dict[str, dict[str, float]] = {}
         bound = 120 + level.deltas * level.interval_ms / 1000 * 4
         ramp = min(1.0, level.deltas * level.interval_ms / 1000 / 3)
         small = traffic.small_request()
@@ -496,7 +497,10 @@ class LoadGenerator:
             for order in rotations(self.everyone, level.repeats * len(self.everyone)):
                 name = order[0]
                 target = self.targets[name]
-                before[name] = rss_mib(target)  # with no connection of this round open yet
+                if name not in before:  # the first round's: no connection of it open yet
+                    before[name] = rss_mib(target)
+                    before_split[name] = ({} if target.process is None
+                                          else procs.tree_rss_by_process(target.process.pid))
                 # open every connection first (client to proxy, proxy to upstream): the round
                 # then measures streams, not connection set-up
                 await asyncio.wait_for(asyncio.gather(*(
@@ -575,8 +579,11 @@ class LoadGenerator:
                     # what earlier phases left behind (heap, the recorder's caches) is not
                     # counted as the streams' memory
                     memory[name][f"before_{level.streams}_streams_mib"] = ahead
-                    memory[name][f"peak_{level.streams}_streams_by_process_mib"] = \
-                        self.peak_split.get(name)
+                    peak_split = self.peak_split.get(name, {})
+                    memory[name]["per_100_streams_by_process_mib"] = {
+                        label: round((mib - before_split[name].get(label, 0.0)) * 100
+                                     / level.streams, 2)
+                        for label, mib in peak_split.items()}
                     memory[name]["per_100_streams_mib"] = round(
                         (peaks[name] - ahead) * 100 / level.streams, 2)
                     if idle is not None:
