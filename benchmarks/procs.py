@@ -77,13 +77,15 @@ class Process:
     env: Mapping[str, str]
     log_path: Path
     preexec: Callable[[], None] | None = None
+    cwd: str | None = None
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
         with self.log_path.open("wb") as log:
             self.popen = subprocess.Popen(
                 list(self.argv), env=dict(self.env), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=self.preexec, start_new_session=True)
+                stdin=subprocess.DEVNULL, preexec_fn=self.preexec, start_new_session=True,
+                cwd=self.cwd)
 
     @property
     def pid(self) -> int:

@@ -49,7 +49,7 @@ import orjson
 
 from benchmarks import procs, servers, targets, traffic
 from benchmarks.procs import HOST, Pinning, Process
-from benchmarks.targets import OURS, PEERS_VENV, PROXIES, Target
+from benchmarks.targets import OTHER, OURS, PEERS_VENV, PROXIES, Target
 
 Json = dict[str, Any]
 
@@ -102,6 +102,8 @@ class Settings:
     wrk_seconds: float = 4.0
     wrk_connections: int = 16
     peers_venv: str = str(PEERS_VENV)
+    other_src: str = ""
+    """``--other-src``: the code the ``otelproxy-other`` target runs."""
     phases: tuple[str, ...] = PHASES
 
     def runs(self, phase: str) -> bool:
@@ -745,7 +747,7 @@ def bench(settings: Settings, progress: Callable[[str], None]) -> Json:
         progress(f"starting {', '.join(settings.targets)} (pinning: "
                  f"{'CPU 0 load, CPU 1 proxy' if pinning.active else pinning.reason})")
         everyone = [targets.build(name, upstream_port, otlp_port, work, pinning,
-                                  Path(settings.peers_venv))
+                                  Path(settings.peers_venv), settings.other_src)
                     for name in ("direct", *settings.targets)]
         for target in everyone:
             targets.wait_ready(target)
@@ -983,6 +985,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sse-repeats", metavar="N", type=int, default=None,
                         help="rounds per target at each SSE level (default: 3 at 1 stream, "
                         "1 at 50 and 500)")
+    parser.add_argument("--other-src", metavar="DIR", default="",
+                        help=f"also run target {OTHER}: otelproxy from DIR (a directory holding "
+                        "an otelproxy package, e.g. `git archive REV otelproxy | tar -x -C DIR`), "
+                        "for an A/B of two versions in one run")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 when a target figure is missed")
     return parser
@@ -991,7 +997,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = tuple(name.strip() for name in args.targets.split(",") if name.strip())
-    unknown = [name for name in names if name not in PROXIES]
+    if args.other_src:
+        if not (Path(args.other_src) / "otelproxy" / "__init__.py").is_file():
+            sys.stderr.write(f"benchmarks.run: error: no otelproxy package in {args.other_src}\n")
+            return 2
+        names = (*names, OTHER) if OTHER not in names else names
+    unknown = [name for name in names if name not in (*PROXIES, OTHER)]
     if unknown:
         sys.stderr.write(f"benchmarks.run: error: unknown target(s) {unknown}\n")
         return 2
@@ -1002,7 +1013,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = (Settings.quick_run(names, args.peers_venv) if args.quick
                 else Settings(targets=names, peers_venv=args.peers_venv))
-    settings = dataclasses.replace(settings, phases=phases)
+    settings = dataclasses.replace(settings, phases=phases,
+                                   other_src=str(Path(args.other_src).resolve()) if args.other_src
+                                   else "")
     if args.sse_repeats is not None:
         settings = dataclasses.replace(settings, levels=tuple(
             dataclasses.replace(level, repeats=max(1, args.sse_repeats))

@@ -6,6 +6,9 @@ bare             ``benchmarks.servers bare``: otelproxy's forwarding without the
 otelproxy        ``python -m otelproxy`` recording into a temporary log dir (JSONL + SQLite)
 otelproxy+otlp   the same, exporting OTLP/HTTP to the loopback receiver as well (``--seq-url``;
                  batches sent after at most 1 s, ``OTEL_BSP/BLRP_SCHEDULE_DELAY=1000``)
+otelproxy-other  ``python -m otelproxy`` from another copy of the code (``--other-src DIR``: DIR
+                 holds an ``otelproxy`` package; started in DIR, which ``-m`` puts first on
+                 ``sys.path``), for an A/B of two versions in one run; only when asked for
 mitmproxy        ``mitmdump --mode reverse:UPSTREAM -w FILE -s benchmarks/mitm_sse.py``: records
                  every flow to a file; SSE streamed through (see mitm_sse.py)
 claude-tap       ``claude-tap --tap-no-launch --tap-proxy-mode reverse --tap-target UPSTREAM``:
@@ -29,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 PEERS_VENV = HERE / ".peers-venv"
 PROXIES = ("relay", "bare", "otelproxy", "otelproxy+otlp", "mitmproxy", "claude-tap")
 OURS = ("otelproxy", "otelproxy+otlp")
+OTHER = "otelproxy-other"
 PEERS = ("mitmproxy", "claude-tap")
 
 
@@ -76,7 +80,7 @@ def _peer_version(executable: Path, distribution: str) -> str:
 
 
 def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
-          pinning: Pinning, peers_venv: Path = PEERS_VENV) -> Target:
+          pinning: Pinning, peers_venv: Path = PEERS_VENV, other_src: str = "") -> Target:
     """Describe and start ``name`` (not yet waited for): see the module docstring."""
     target = Target(name)
     if name == "direct":
@@ -95,7 +99,7 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
         argv = [sys.executable, "-m", "benchmarks.servers", "bare", "--port", str(port)]
         target.url = route
         env = clean_env()
-    elif name in OURS:
+    elif name in OURS or name == OTHER:
         log_dir = target.record_path = work / f"{name}-record"
         argv = [sys.executable, "-m", "otelproxy", "--port", str(port), "--log-dir",
                 str(log_dir), "--upstream", upstream, "--log-level", "warning",
@@ -142,7 +146,8 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
         (work / "claude-tap-home").mkdir(exist_ok=True)
     else:
         raise ValueError(f"unknown target {name!r}")
-    target.process = Process(name, argv, env, log_path, pinning.for_proxy())
+    target.process = Process(name, argv, env, log_path, pinning.for_proxy(),
+                             other_src if name == OTHER else None)
     target.process.start()
     return target
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -262,20 +263,31 @@ def test_stamped_delta_carries_its_send_time() -> None:
     assert traffic.sent_stamp(traffic.delta_event(3)) is None
 
 
-def test_phases_option_runs_only_the_named_phases() -> None:
+def test_phases_option_runs_only_the_named_phases(tmp_path: Path) -> None:
     """`--phases sse1` runs the idle phase and the one-stream SSE level only, against the
-    targets named, and the report still prints."""
+    targets named plus, with `--other-src`, otelproxy from another copy of the code; the report
+    still prints; an unknown phase or a directory without the package is refused."""
+    shutil.copytree(ROOT / "otelproxy", tmp_path / "otelproxy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = tmp_path / "otelproxy" / "__init__.py"
+    init.write_text(init.read_text() + '\n__version__ = "0.0.0+other"\n')
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--json", "--targets",
-         "relay,otelproxy", "--phases", "sse1"],
+         "relay,otelproxy", "--phases", "sse1", "--other-src", str(tmp_path)],
         cwd=ROOT, capture_output=True, timeout=200, check=False)
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")[-4000:]
     result = orjson.loads(completed.stdout)
     assert list(result["sse"]) == ["1"]
     assert result["latency"] == {} and result["claude_code"] == {} and result["wrk"] == {}
-    assert set(result["memory"]) == {"relay", "otelproxy"}
-    assert result["sse"]["1"]["otelproxy"]["events_lost"] == 0
+    assert set(result["memory"]) == {"relay", "otelproxy", "otelproxy-other"}
+    for name in ("otelproxy", "otelproxy-other"):
+        assert result["sse"]["1"][name]["events_lost"] == 0
+        assert result["record"][name]["complete"] is True
+    assert result["health"]["otelproxy-other"]["version"] == "0.0.0+other"  # the copy ran
+    assert result["health"]["otelproxy"]["version"] != "0.0.0+other"
     assert "phases run: sse1" in run.format_report(result)
-    bad = subprocess.run([sys.executable, "-m", "benchmarks.run", "--phases", "nope"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
-    assert bad.returncode == 2 and "unknown phase" in bad.stderr
+    for argv, why in ((["--phases", "nope"], "unknown phase"),
+                      (["--other-src", str(tmp_path / "none")], "no otelproxy package")):
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert bad.returncode == 2 and why in bad.stderr
