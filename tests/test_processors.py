@@ -32,6 +32,7 @@ from otelproxy.record import Event, Exchange
 from otelproxy.recorder import build_pipeline
 from otelproxy.sessions import SessionTracker
 from otelproxy.store import LocalStore
+from tests import sse_golden
 from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply, anthropic_sse
 from tests.raw_upstream import RawUpstream, Slow
@@ -363,3 +364,18 @@ def test_a_key_split_as_s_and_k_across_deltas_is_redacted() -> None:
     out, _ = redact_stream("anthropic", events)
     assert key[1:].encode() not in b"".join(e.raw for e in out)
     assert b"sk-ant-...WXYZ" in b"".join(e.raw for e in out)
+
+
+# -- golden records ----------------------------------------------------------------------------
+
+
+def test_sse_records_match_the_golden_ones_byte_for_byte() -> None:
+    """Varied streams (``tests.sse_golden``: Anthropic and OpenAI, CRLF, split chunks, errors,
+    unknown events, keys in pieces, gzip) give the same events, payloads, reassembled message,
+    notes and response entry, serialized byte for byte, as main's code did before the SSE path
+    was rewritten."""
+    golden = orjson.loads(sse_golden.GOLDEN.read_bytes())
+    produced = {name: sse_golden.summary(exchange) for name, exchange in sse_golden.cases()}
+    assert produced.keys() == golden.keys()
+    differing = [name for name in golden if produced[name] != golden[name]]
+    assert differing == []
