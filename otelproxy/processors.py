@@ -30,7 +30,7 @@ import orjson
 from otelproxy.body_json import ParsedBody, parse_body
 from otelproxy.compact import Recent
 from otelproxy.header_bytes import escape
-from otelproxy.providers import anthropic, decode_event, openai
+from otelproxy.providers import anthropic, decode_event, decode_events, openai
 from otelproxy.record import Event, Exchange, Record
 from otelproxy.redact import (
     RedactedBody,
@@ -171,6 +171,10 @@ def split_sse(chunks: list[tuple[int, bytes]]) -> list[Event]:
     events: list[Event] = []
     pending = b""
     for ns, data in chunks:
+        if not pending and data[-2:] == b"\n\n" and data.find(b"\n\n") == len(data) - 2 \
+                and b"\r" not in data:
+            events.append(Event(ns, data))  # the usual chunk: one whole event
+            continue
         pending = pending + data if pending else data
         start = 0
         if b"\r" not in pending:  # the usual stream: only "\n\n" can end an event
@@ -228,14 +232,11 @@ def redact_stream(provider: str, events: list[Event]) -> tuple[list[Event], list
 
     Obfuscating each event alone is not enough: a model echoing a key sends it in pieces, one
     per delta event, and the reassembled text would hold it whole. So the pieces of each text
-    (``stream_pieces`` of the provider) are obfuscated together first (``redact_pieces``), the
+    (``stream_places`` of the provider) are obfuscated together first (``redact_pieces``), the
     events that held a share of a key are rewritten, and then every event is scanned alone."""
     module = anthropic if provider == "anthropic" else openai
-    payloads = [decode_event(event.raw) for event in events]
-    texts: dict[Hashable, list[tuple[int, tuple[str | int, ...], str]]] = {}
-    for number, (_, payload) in enumerate(payloads):
-        for channel, path, piece in module.stream_pieces(payload):
-            texts.setdefault(channel, []).append((number, path, piece))
+    payloads = decode_events([event.raw for event in events])
+    texts = module.stream_places(payloads)
     rewritten: set[int] = set()
     for places in texts.values():
         redacted = redact_pieces([piece for _, _, piece in places])

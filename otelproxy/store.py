@@ -235,7 +235,7 @@ def response_entry(record: Record) -> dict[str, Any]:
 def _chunk_entries(exchange: Exchange, events: list[Event]) -> list[dict[str, Any]]:
     """The ``chunks`` of a stream's response entry (a hundred or more a turn: written out
     here rather than through ``Exchange.wall_time``, ``iso`` and ``body_fields``, same
-    values)."""
+    values; the gaps and offsets in ms from whole nanoseconds, see ``_ms``)."""
     started_ns, started_wall = exchange.started_ns, exchange.started_wall
     previous = started_ns
     chunks = []
@@ -246,18 +246,34 @@ def _chunk_entries(exchange: Exchange, events: list[Event]) -> list[dict[str, An
         second = int(ts)
         if second != second_of_prefix:  # iso(ts) is prefix + ".123456Z"
             second_of_prefix, prefix = second, iso(ts)[:-8]
-        chunk: dict[str, Any] = {
-            "ts": f"{prefix}.{min(999_999, round((ts - second) * 1e6)):06d}Z",
-            "delta_ms": round((ns - previous) / 1e6, 3),
-            "offset_ms": round((ns - started_ns) / 1e6, 3),
-        }
+        micros = round((ts - second) * 1e6)
+        gap, offset = ns - previous, ns - started_ns
+        raw = event.raw
         try:
-            chunk["raw"] = event.raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            chunk.update(body_fields(event.raw, "raw"))
+            text = None
+        chunk: dict[str, Any] = {
+            "ts": f"{prefix}.{micros if micros < 999_999 else 999_999:06d}Z",
+            "delta_ms": (gap + 500) // 1000 / 1000 if 0 <= gap < _EXACT_NS
+            and gap % 1000 != 500 else round(gap / 1e6, 3),
+            "offset_ms": (offset + 500) // 1000 / 1000 if 0 <= offset < _EXACT_NS
+            and offset % 1000 != 500 else round(offset / 1e6, 3),
+        }
+        if text is None:
+            chunk.update(body_fields(raw, "raw"))
+        else:
+            chunk["raw"] = text
         chunks.append(chunk)
         previous = ns
     return chunks
+
+
+_EXACT_NS = 10 ** 15
+"""Below this many nanoseconds ``round(n / 1e6, 3)`` is the nearest whole microsecond over
+1000 (``(n + 500) // 1000 / 1000``, exact integer arithmetic and one correctly rounded
+division), except on a tie (…500 ns, where the float decides) and for negatives (-0.0):
+those take ``round``."""
 
 
 def _dumps(entry: dict[str, Any]) -> bytes:

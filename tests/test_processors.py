@@ -28,7 +28,7 @@ from otelproxy.processors import (
     redact_stream,
     split_sse,
 )
-from otelproxy.record import Event, Exchange
+from otelproxy.record import Event, Exchange, Record
 from otelproxy.recorder import build_pipeline
 from otelproxy.sessions import SessionTracker
 from otelproxy.store import LocalStore
@@ -379,3 +379,27 @@ def test_sse_records_match_the_golden_ones_byte_for_byte() -> None:
     assert produced.keys() == golden.keys()
     differing = [name for name in golden if produced[name] != golden[name]]
     assert differing == []
+
+
+def test_sse_lines_end_only_at_cr_and_lf_so_unicode_line_separators_stay_in_the_text() -> None:
+    """A delta whose text holds U+2028, U+2029 or U+0085 (legal unescaped in JSON, line breaks
+    to ``str.splitlines``) is decoded whole and reassembled into the message, as the SSE spec
+    ends lines only at CRLF, CR or LF."""
+    text = "a\u2028b\u2029c\x85d"
+    events = [sse_golden._start(), sse_golden._block(0, {"type": "text", "text": ""}),
+              sse_golden._delta(0, "text_delta", "text", text),
+              sse_golden._delta(0, "text_delta", "text", "!"), sse_golden._stop(0),
+              *sse_golden._tail()]
+    exchange = Exchange(
+        id="u2028", provider="anthropic", upstream_url="https://a.example", method="POST",
+        path="/v1/messages", query="", request_headers=[("content-type", "application/json")],
+        request_body=orjson.dumps({"model": "m", "stream": True, "messages": []}), status=200,
+        response_headers=[("content-type", "text/event-stream")],
+        chunks=[(n, event) for n, event in enumerate(events)])
+    record = Record(exchange=exchange)
+    for processor in default_processors():
+        processor(record)
+    assert record.payloads[2][1]["delta"]["text"] == text
+    assert record.parsed.output_message == {
+        "role": "assistant", "content": [{"type": "text", "text": text + "!"}]}
+    assert record.notes == []

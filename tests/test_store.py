@@ -601,3 +601,27 @@ def test_chunk_entries_hold_each_events_time_offsets_and_bytes() -> None:
                          **body_fields(event.raw, "raw")})
         previous = event.ns
     assert _chunk_entries(exchange, events) == expected
+
+
+def test_chunk_entries_round_ties_negatives_and_huge_gaps_as_round_does() -> None:
+    """Gaps and offsets computed from whole nanoseconds equal ``round(ns / 1e6, 3)`` for
+    every case: ties at …500 ns, events stamped before the previous one (-0.0 included),
+    gaps past 10^15 ns, and random ones."""
+    rng = random.Random(5)
+    started_ns = 10 ** 18
+    exchange = Exchange(id="e", provider="anthropic", upstream_url="u", method="POST",
+                        path="/v1/messages", query="", request_headers=[], request_body=b"",
+                        started_wall=1_765_000_000.5, started_ns=started_ns)
+    steps = [500, 1500, 2500, 999_500, 499, 501, -1, -499, -500, -1500, 10 ** 15, 10 ** 15 + 500,
+             3 * 10 ** 15 + 1, 1, 0, 999, 1000, 1_000_000_499, 1_000_000_500]
+    steps += [rng.randrange(-10 ** 6, 10 ** rng.randint(1, 17)) for _ in range(3000)]
+    events, ns = [], started_ns
+    for step in steps:
+        ns += step
+        events.append(Event(ns, b"data: x\n\n"))
+    entries = _chunk_entries(exchange, events)
+    previous = started_ns
+    for event, entry in zip(events, entries, strict=True):
+        expected = (round((event.ns - previous) / 1e6, 3), round((event.ns - started_ns) / 1e6, 3))
+        assert orjson.dumps([entry["delta_ms"], entry["offset_ms"]]) == orjson.dumps(expected)
+        previous = event.ns

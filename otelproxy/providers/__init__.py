@@ -1,13 +1,14 @@
 """Provider-specific knowledge: error shapes, which calls are conversation turns, parsing.
 
 Each provider module offers ``is_tracked(method, path)``, ``parse_request(parsed, body_json)``,
-``parse_response(record)`` and ``stream_pieces(payload)`` (where a stream delivers text in pieces,
-for redaction across events); ``otelproxy.processors`` picks the module by name.
+``parse_response(record)``, ``stream_pieces(payload)`` (where a stream delivers text in pieces,
+for redaction across events) and ``stream_places(payloads)`` (those of a whole stream);
+``otelproxy.processors`` picks the module by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import orjson
@@ -20,6 +21,19 @@ Pieces = list[tuple[Hashable, tuple[str | int, ...], str]]
 text: the pieces of one channel (a content block's text, a tool call's arguments), in stream
 order, concatenate to the text; ``path`` leads from the payload to the piece."""
 
+Places = dict[Hashable, list[tuple[int, tuple[str | int, ...], str]]]
+"""A stream's pieces by channel: ``(event number, path, piece)`` in stream order."""
+
+
+def gather_pieces(payloads: list[tuple[str, Any]],
+                  stream_pieces: Callable[[Any], Pieces]) -> Places:
+    """The pieces ``stream_pieces`` finds in each payload, by channel."""
+    texts: Places = {}
+    for number, (_, payload) in enumerate(payloads):
+        for channel, path, piece in stream_pieces(payload):
+            texts.setdefault(channel, []).append((number, path, piece))
+    return texts
+
 
 def error_body(provider: str | None, error_type: str, message: str) -> bytes:
     """A JSON error in the provider's own shape, so SDKs surface ``message`` to the user."""
@@ -30,29 +44,74 @@ def error_body(provider: str | None, error_type: str, message: str) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
 
-def sse_fields(raw: bytes) -> tuple[str, str]:
-    """``(event name, data)`` of one SSE event; data lines are joined with newlines."""
-    name = "message"
-    data: list[str] = []
-    for line in raw.decode("utf-8", "replace").splitlines():
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(" ") else value)
-    return name, "\n".join(data)
-
-
 def decode_event(raw: bytes) -> tuple[str, Any]:
-    """``(event name, data decoded from JSON)``; None without data, ``UNDECODABLE`` when the
-    data is not JSON (OpenAI's ``[DONE]``)."""
-    name, data = sse_fields(raw)
-    if not data:
-        return name, None
+    """``(event name, data decoded from JSON)`` of one SSE event (see ``decode_events``)."""
+    return decode_events((raw,))[0]
+
+
+def decode_events(raws: Iterable[bytes]) -> list[tuple[str, Any]]:
+    """``(event name, data decoded from JSON)`` of each SSE event (data lines joined with
+    newlines); None without data, ``UNDECODABLE`` when the data is not JSON (OpenAI's
+    ``[DONE]``). Lines end at CRLF, CR or LF, as the SSE spec has it; bytes that are not UTF-8
+    read as U+FFFD.
+
+    Runs over every event of every stream, so it works on the bytes: the usual event
+    (``event: …\ndata: …\n\n``) is cut with a few searches, orjson reads the data as it came,
+    and only data that is not UTF-8 is decoded with replacement first."""
+    out: list[tuple[str, Any]] = []
+    names = _NAMES
+    loads = orjson.loads
+    for raw in raws:
+        first_end = raw.find(b"\n")
+        if raw[:6] == b"event:" and raw[first_end:first_end + 7] == b"\ndata: " \
+                and raw.find(b"\n", first_end + 7) == len(raw) - 2 and raw[-1:] == b"\n" \
+                and b"\r" not in raw:
+            name = raw[6:first_end]
+            data = raw[first_end + 7:-2]
+        else:
+            name, data = _sse_fields(raw)
+        event = names.get(name)
+        if event is None:
+            event = name.decode("utf-8", "replace").strip()
+            if len(names) < _NAMES_KEPT:
+                names[name] = event
+        if not data:
+            out.append((event, None))
+            continue
+        try:
+            out.append((event, loads(data)))
+        except orjson.JSONDecodeError:
+            out.append((event, _decode_text(data)))
+    return out
+
+
+def _decode_text(data: bytes) -> Any:
+    """Data orjson refused: not UTF-8 (decoded with replacement, then read) or not JSON."""
     try:
-        return name, orjson.loads(data)
+        return orjson.loads(data.decode("utf-8", "replace"))
     except orjson.JSONDecodeError:
-        return name, UNDECODABLE
+        return UNDECODABLE
+
+
+def _sse_fields(raw: bytes) -> tuple[bytes, bytes]:
+    """The bytes after ``event:`` (of the last such line) and the data lines' values joined
+    with newlines."""
+    if b"\r" in raw:  # CR and LF are ASCII: never part of a multi-byte character
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    name = _MESSAGE
+    parts: list[bytes] = []
+    for line in raw.split(b"\n"):
+        if line[:5] == b"data:":
+            parts.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line[:6] == b"event:":
+            name = line[6:]
+    return name, b"\n".join(parts)
+
+
+_MESSAGE = b" message"
+_NAMES: dict[bytes, str] = {_MESSAGE: "message"}
+"""Event names as they came (after ``event:``) → as ``decode_event`` gives them."""
+_NAMES_KEPT = 256
 
 
 def as_int(value: object) -> int | None:

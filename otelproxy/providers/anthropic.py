@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from otelproxy.providers import UNDECODABLE, Pieces, as_int
+from otelproxy.providers import UNDECODABLE, Pieces, Places, as_int
 from otelproxy.record import Parsed, Record
 
 TRACKED_PATHS = ("/v1/messages",)
@@ -87,35 +87,96 @@ def parse_response(record: Record) -> None:
 
 _DELTA_TEXT_KEYS = {"text_delta": "text", "thinking_delta": "thinking",
                     "input_json_delta": "partial_json"}
+_DELTA_PATHS = {key: ("delta", key) for key in _DELTA_TEXT_KEYS.values()}
 
 
 def stream_pieces(payload: Any) -> Pieces:
     """The text, thinking and tool input JSON a ``content_block_delta`` carries, per block."""
-    if not isinstance(payload, dict) or payload.get("type") != "content_block_delta":
+    if type(payload) is not dict or payload.get("type") != "content_block_delta":
         return []
     delta = payload.get("delta")
-    if not isinstance(delta, dict):
+    if type(delta) is not dict:
         return []
-    key = _DELTA_TEXT_KEYS.get(str(delta.get("type")))
-    if key is None or not isinstance(piece := delta.get(key), str):
+    kind = delta.get("type")
+    key = _DELTA_TEXT_KEYS.get(kind) if type(kind) is str else None
+    if key is None or type(piece := delta.get(key)) is not str:
         return []
-    return [((payload.get("index"), key), ("delta", key), piece)]
+    return [((payload.get("index"), key), _DELTA_PATHS[key], piece)]
+
+
+def stream_places(payloads: list[tuple[str, Any]]) -> Places:
+    """``stream_pieces`` of every payload of a stream, by channel (the same loop written out:
+    it runs over every event)."""
+    texts: Places = {}
+    for number, (_, payload) in enumerate(payloads):
+        if type(payload) is not dict or payload.get("type") != "content_block_delta":
+            continue
+        delta = payload.get("delta")
+        if type(delta) is not dict:
+            continue
+        kind = delta.get("type")
+        key = _DELTA_TEXT_KEYS.get(kind) if type(kind) is str else None
+        if key is None or type(piece := delta.get(key)) is not str:
+            continue
+        channel = (payload.get("index"), key)
+        places = texts.get(channel)
+        if places is None:
+            texts[channel] = [(number, _DELTA_PATHS[key], piece)]
+        else:
+            places.append((number, _DELTA_PATHS[key], piece))
+    return texts
+
+
+_TEXT_DELTAS = {"text_delta": "text", "thinking_delta": "thinking"}
 
 
 def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any] | None:
     """The final message object a non-streaming call would have returned, from SSE events
-    (each as ``decode_event`` gives it)."""
+    (each as ``decode_event`` gives it).
+
+    A block's text and thinking arrive in a hundred or more pieces: they are gathered in lists
+    (``texts``: block index → field → pieces, the first piece being the field's value once the
+    first delta was added to it) and joined once at the end, into the same dict key."""
     message: dict[str, Any] | None = None
     blocks: dict[int, dict[str, Any]] = {}
+    texts: dict[int, dict[str, list[str]]] = {}
     partial_json: dict[int, list[str]] = {}
     for name, payload in events:
-        if payload is UNDECODABLE:
-            notes.append(f"anthropic: undecodable data in {name!r} event")
-            continue
-        if not isinstance(payload, dict):
+        if type(payload) is not dict:
+            if payload is UNDECODABLE:
+                notes.append(f"anthropic: undecodable data in {name!r} event")
             continue
         kind = payload.get("type", name)
-        if kind == "message_start":
+        if kind == "content_block_delta":
+            index = payload.get("index")
+            delta = payload.get("delta")
+            if type(index) is not int or type(delta) is not dict:
+                continue
+            delta_kind = delta.get("type")
+            field = _TEXT_DELTAS.get(delta_kind) if type(delta_kind) is str else None
+            if field is not None:
+                value = delta.get(field, "")
+                piece = value if type(value) is str else str(value)
+                fields = texts.get(index)
+                if fields is not None and (pieces := fields.get(field)) is not None:
+                    pieces.append(piece)
+                    continue
+                block = blocks.get(index)
+                if block is None:
+                    block = blocks[index] = {}
+                if index not in partial_json:
+                    partial_json[index] = []
+                block[field] = block.get(field, "") + piece  # the first: raises as it did
+                texts.setdefault(index, {})[field] = [block[field]]
+                continue
+            block = blocks.get(index)
+            if block is None:
+                block = blocks[index] = {}
+            fragments = partial_json.get(index)
+            if fragments is None:
+                fragments = partial_json[index] = []
+            _apply_delta(block, delta, fragments)
+        elif kind == "message_start":
             start = payload.get("message")
             message = dict(start) if isinstance(start, dict) else {}
             message["content"] = []
@@ -124,12 +185,7 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
             block = payload.get("content_block")
             if index is not None and isinstance(block, dict):
                 blocks[index] = dict(block)
-        elif kind == "content_block_delta":
-            index = as_int(payload.get("index"))
-            delta = payload.get("delta")
-            if index is not None and isinstance(delta, dict):
-                fragments = partial_json.setdefault(index, [])
-                _apply_delta(blocks.setdefault(index, {}), delta, fragments)
+                texts.pop(index, None)  # the pieces of the block it replaces go with it
         elif kind == "content_block_stop":
             index = as_int(payload.get("index"))
             if index is not None and index in blocks:
@@ -153,6 +209,9 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
             notes.append(f"anthropic: kept unknown event {kind!r}")
             if message is not None:
                 message.setdefault("x_unknown_events", []).append(payload)
+    for index, fields in texts.items():
+        for field, pieces in fields.items():
+            blocks[index][field] = "".join(pieces)
     if message is None:
         return None
     for index in sorted(blocks):
@@ -164,12 +223,9 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
 
 
 def _apply_delta(block: dict[str, Any], delta: dict[str, Any], fragments: list[str]) -> None:
+    """A delta other than text and thinking (those are gathered by ``reassemble``)."""
     kind = delta.get("type")
-    if kind == "text_delta":
-        block["text"] = block.get("text", "") + str(delta.get("text", ""))
-    elif kind == "thinking_delta":
-        block["thinking"] = block.get("thinking", "") + str(delta.get("thinking", ""))
-    elif kind == "signature_delta":
+    if kind == "signature_delta":
         block["signature"] = delta.get("signature", "")
     elif kind == "input_json_delta":
         fragments.append(str(delta.get("partial_json", "")))

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from otelproxy.providers import Pieces, as_int
+from otelproxy.providers import Pieces, Places, as_int, gather_pieces
 from otelproxy.record import Parsed, Record, Usage
 
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
@@ -163,6 +163,11 @@ def stream_pieces(payload: Any) -> Pieces:
                                ("choices", at, "delta", "tool_calls", call_at, "function",
                                 "arguments"), arguments))
     return pieces
+
+
+def stream_places(payloads: list[tuple[str, Any]]) -> Places:
+    """``stream_pieces`` of every payload of a stream, by channel."""
+    return gather_pieces(payloads, stream_pieces)
 
 
 def reassemble_chat(events: list[tuple[str, Any]]) -> dict[str, Any]:
