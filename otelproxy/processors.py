@@ -30,7 +30,7 @@ import orjson
 from otelproxy.body_json import ParsedBody, parse_body
 from otelproxy.compact import Recent
 from otelproxy.header_bytes import escape
-from otelproxy.providers import anthropic, decode_event, decode_events, openai
+from otelproxy.providers import CR_BYTE, anthropic, decode_event, decode_events, openai
 from otelproxy.record import Event, Exchange, Record
 from otelproxy.redact import (
     RedactedBody,
@@ -172,12 +172,12 @@ def split_sse(chunks: list[tuple[int, bytes]]) -> list[Event]:
     pending = b""
     for ns, data in chunks:
         if not pending and data[-2:] == b"\n\n" and data.find(b"\n\n") == len(data) - 2 \
-                and b"\r" not in data:
+                and CR_BYTE not in data:
             events.append(Event(ns, data))  # the usual chunk: one whole event
             continue
         pending = pending + data if pending else data
         start = 0
-        if b"\r" not in pending:  # the usual stream: only "\n\n" can end an event
+        if CR_BYTE not in pending:  # the usual stream: only "\n\n" can end an event
             while (cut := pending.find(b"\n\n", start)) >= 0:
                 events.append(Event(ns, pending[start:cut + 2]))
                 start = cut + 2

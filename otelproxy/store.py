@@ -235,22 +235,24 @@ def response_entry(record: Record) -> dict[str, Any]:
 def _chunk_entries(exchange: Exchange, events: list[Event]) -> list[dict[str, Any]]:
     """The ``chunks`` of a stream's response entry (a hundred or more a turn: written out
     here rather than through ``Exchange.wall_time``, ``iso`` and ``body_fields``, same
-    values; the gaps and offsets in ms from whole nanoseconds, see ``_ms``)."""
+    values; the gaps and offsets in ms from whole nanoseconds, see ``_EXACT_NS``)."""
     started_ns, started_wall = exchange.started_ns, exchange.started_wall
     previous = started_ns
-    chunks = []
+    chunks: list[dict[str, Any]] = []
+    append = chunks.append
     second_of_prefix, prefix = -1, ""
     for event in events:
         ns = event.ns
-        ts = started_wall + (ns - started_ns) / 1e9
+        offset = ns - started_ns
+        ts = started_wall + offset / 1e9
         second = int(ts)
         if second != second_of_prefix:  # iso(ts) is prefix + ".123456Z"
             second_of_prefix, prefix = second, iso(ts)[:-8]
         micros = round((ts - second) * 1e6)
-        gap, offset = ns - previous, ns - started_ns
-        raw = event.raw
+        gap = ns - previous
+        previous = ns
         try:
-            text = raw.decode("utf-8")
+            text = event.raw.decode("utf-8")
         except UnicodeDecodeError:
             text = None
         chunk: dict[str, Any] = {
@@ -259,13 +261,11 @@ def _chunk_entries(exchange: Exchange, events: list[Event]) -> list[dict[str, An
             and gap % 1000 != 500 else round(gap / 1e6, 3),
             "offset_ms": (offset + 500) // 1000 / 1000 if 0 <= offset < _EXACT_NS
             and offset % 1000 != 500 else round(offset / 1e6, 3),
+            "raw": text,
         }
         if text is None:
-            chunk.update(body_fields(raw, "raw"))
-        else:
-            chunk["raw"] = text
-        chunks.append(chunk)
-        previous = ns
+            chunk.update(body_fields(event.raw, "raw"))
+        append(chunk)
     return chunks
 
 
