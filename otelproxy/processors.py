@@ -222,7 +222,7 @@ class DecodeBody:
         record.streaming = content_type.startswith("text/event-stream")
         if record.streaming:
             record.events, record.payloads = redact_stream(exchange.provider, split_sse(chunks))
-            record.response_body = b"".join(e.raw for e in record.events)
+            record.response_body = b"".join([e.raw for e in record.events])
         else:
             record.response_body = redact_bytes(b"".join(data for _, data in chunks))
 
@@ -235,7 +235,8 @@ def redact_stream(provider: str, events: list[Event]) -> tuple[list[Event], list
     (``stream_places`` of the provider) are obfuscated together first (``redact_pieces``), the
     events that held a share of a key are rewritten, and then every event is scanned alone."""
     module = anthropic if provider == "anthropic" else openai
-    payloads = decode_events([event.raw for event in events])
+    raws = [event.raw for event in events]
+    payloads = decode_events(raws)
     texts = module.stream_places(payloads)
     rewritten: set[int] = set()
     for places in texts.values():
@@ -246,7 +247,7 @@ def redact_stream(provider: str, events: list[Event]) -> tuple[list[Event], list
             if new != old:
                 _set(payloads[number][1], path, new)
                 rewritten.add(number)
-    joined = b"".join(event.raw for event in events)
+    joined = b"".join(raws)
     if not rewritten and b"sk" not in joined and b"u00" not in joined and b"%" not in joined:
         return events, payloads  # what redact_bytes looks for first is in no event
     out: list[Event] = []

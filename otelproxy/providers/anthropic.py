@@ -105,18 +105,20 @@ def stream_pieces(payload: Any) -> Pieces:
 
 
 def stream_places(payloads: list[tuple[str, Any]]) -> Places:
-    """``stream_pieces`` of every payload of a stream, by channel (the same loop written out:
-    it runs over every event)."""
+    """``stream_pieces`` of every payload of a stream, by channel (the same test written out,
+    with subscripts: it runs over every event, and a payload that is not a text, thinking or
+    tool input delta raises ``KeyError`` or ``TypeError`` on the way)."""
     texts: Places = {}
     for number, (_, payload) in enumerate(payloads):
-        if type(payload) is not dict or payload.get("type") != "content_block_delta":
+        try:
+            if payload["type"] != "content_block_delta":
+                continue
+            delta = payload["delta"]
+            key = _DELTA_TEXT_KEYS[delta["type"]]
+            piece = delta[key]
+        except (KeyError, TypeError):  # TypeError: not a dict, or an unhashable delta type
             continue
-        delta = payload.get("delta")
-        if type(delta) is not dict:
-            continue
-        kind = delta.get("type")
-        key = _DELTA_TEXT_KEYS.get(kind) if type(kind) is str else None
-        if key is None or type(piece := delta.get(key)) is not str:
+        if type(piece) is not str:
             continue
         channel = (payload.get("index"), key)
         places = texts.get(channel)
@@ -141,6 +143,9 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
     blocks: dict[int, dict[str, Any]] = {}
     texts: dict[int, dict[str, list[str]]] = {}
     partial_json: dict[int, list[str]] = {}
+    last_index: int | None = None  # the block and field the last piece went to, and its list
+    last_field = ""
+    last_pieces: list[str] = []
     for name, payload in events:
         if type(payload) is not dict:
             if payload is UNDECODABLE:
@@ -157,9 +162,13 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
             if field is not None:
                 value = delta.get(field, "")
                 piece = value if type(value) is str else str(value)
+                if index == last_index and field == last_field:  # the usual: same as before
+                    last_pieces.append(piece)
+                    continue
                 fields = texts.get(index)
                 if fields is not None and (pieces := fields.get(field)) is not None:
                     pieces.append(piece)
+                    last_index, last_field, last_pieces = index, field, pieces
                     continue
                 block = blocks.get(index)
                 if block is None:
@@ -167,7 +176,8 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
                 if index not in partial_json:
                     partial_json[index] = []
                 block[field] = block.get(field, "") + piece  # the first: raises as it did
-                texts.setdefault(index, {})[field] = [block[field]]
+                last_pieces = texts.setdefault(index, {})[field] = [block[field]]
+                last_index, last_field = index, field
                 continue
             block = blocks.get(index)
             if block is None:
@@ -186,6 +196,7 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
             if index is not None and isinstance(block, dict):
                 blocks[index] = dict(block)
                 texts.pop(index, None)  # the pieces of the block it replaces go with it
+                last_index = None
         elif kind == "content_block_stop":
             index = as_int(payload.get("index"))
             if index is not None and index in blocks:
