@@ -1,14 +1,14 @@
 """Provider-specific knowledge: error shapes, which calls are conversation turns, parsing.
 
 Each provider module offers ``is_tracked(method, path)``, ``parse_request(parsed, body_json)``,
-``parse_response(record)``, ``stream_pieces(payload)`` (where a stream delivers text in pieces,
-for redaction across events) and ``stream_places(payloads)`` (those of a whole stream);
-``otelproxy.processors`` picks the module by name.
+``parse_response(record)`` and ``stream_places(payloads)`` (where a stream delivers text in
+pieces: each text's pieces, for redaction across events); ``otelproxy.processors`` picks the
+module by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import orjson
@@ -17,22 +17,12 @@ UNDECODABLE: Any = object()
 """``decode_event``'s data for an event whose data is not JSON."""
 
 Pieces = list[tuple[Hashable, tuple[str | int, ...], str]]
-"""``(channel, path, piece)`` for each string of an event's payload that is a piece of a longer
+"""``(channel, path, piece)`` for each string of one event's payload that is a piece of a longer
 text: the pieces of one channel (a content block's text, a tool call's arguments), in stream
 order, concatenate to the text; ``path`` leads from the payload to the piece."""
 
 Places = dict[Hashable, list[tuple[int, tuple[str | int, ...], str]]]
 """A stream's pieces by channel: ``(event number, path, piece)`` in stream order."""
-
-
-def gather_pieces(payloads: list[tuple[str, Any]],
-                  stream_pieces: Callable[[Any], Pieces]) -> Places:
-    """The pieces ``stream_pieces`` finds in each payload, by channel."""
-    texts: Places = {}
-    for number, (_, payload) in enumerate(payloads):
-        for channel, path, piece in stream_pieces(payload):
-            texts.setdefault(channel, []).append((number, path, piece))
-    return texts
 
 
 def error_body(provider: str | None, error_type: str, message: str) -> bytes:

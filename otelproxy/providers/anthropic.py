@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from otelproxy.providers import UNDECODABLE, Pieces, Places, as_int
+from otelproxy.providers import UNDECODABLE, Places, as_int
 from otelproxy.record import Parsed, Record
 
 TRACKED_PATHS = ("/v1/messages",)
@@ -90,24 +90,10 @@ _DELTA_TEXT_KEYS = {"text_delta": "text", "thinking_delta": "thinking",
 _DELTA_PATHS = {key: ("delta", key) for key in _DELTA_TEXT_KEYS.values()}
 
 
-def stream_pieces(payload: Any) -> Pieces:
-    """The text, thinking and tool input JSON a ``content_block_delta`` carries, per block."""
-    if type(payload) is not dict or payload.get("type") != "content_block_delta":
-        return []
-    delta = payload.get("delta")
-    if type(delta) is not dict:
-        return []
-    kind = delta.get("type")
-    key = _DELTA_TEXT_KEYS.get(kind) if type(kind) is str else None
-    if key is None or type(piece := delta.get(key)) is not str:
-        return []
-    return [((payload.get("index"), key), _DELTA_PATHS[key], piece)]
-
-
 def stream_places(payloads: list[tuple[str, Any]]) -> Places:
-    """``stream_pieces`` of every payload of a stream, by channel (the same test written out,
-    with subscripts: it runs over every event, and a payload that is not a text, thinking or
-    tool input delta raises ``KeyError`` or ``TypeError`` on the way)."""
+    """The text, thinking and tool input JSON the ``content_block_delta`` events of a stream
+    carry, by block (written with subscripts: it runs over every event, and a payload that is
+    not such a delta raises ``KeyError`` or ``TypeError`` on the way)."""
     texts: Places = {}
     for number, (_, payload) in enumerate(payloads):
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from otelproxy.providers import Pieces, Places, as_int, gather_pieces
+from otelproxy.providers import Pieces, Places, as_int
 from otelproxy.record import Parsed, Record, Usage
 
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
@@ -167,7 +167,11 @@ def stream_pieces(payload: Any) -> Pieces:
 
 def stream_places(payloads: list[tuple[str, Any]]) -> Places:
     """``stream_pieces`` of every payload of a stream, by channel."""
-    return gather_pieces(payloads, stream_pieces)
+    texts: Places = {}
+    for number, (_, payload) in enumerate(payloads):
+        for channel, path, piece in stream_pieces(payload):
+            texts.setdefault(channel, []).append((number, path, piece))
+    return texts
 
 
 def reassemble_chat(events: list[tuple[str, Any]]) -> dict[str, Any]:
