@@ -342,12 +342,49 @@ wait_for_seq() { # proxy container
   proxy_reaches_seq "$1" 30 || note "Seq is still not reachable from the proxy; its export retries"
 }
 
+# Seq's address on the sandbox network, as the runtime reports it (a dry run cannot ask: it
+# shows a placeholder). Empty when the runtime gives none.
+seq_address() {
+  if ((dry_run)); then
+    printf '<address-of-%s>\n' "$name-seq"
+  else
+    "$runtime" container inspect \
+      --format "{{(index .NetworkSettings.Networks \"$network\").IPAddress}}" "$name-seq" \
+      2>/dev/null || true
+  fi
+}
+
+# The `seq` entries a kept proxy container was created with (--add-host), one per line.
+proxy_seq_hosts() { # container
+  local line
+  while IFS= read -r line; do
+    if [[ $line == seq:* ]]; then printf '%s\n' "$line"; fi
+  done < <("$runtime" container inspect \
+    --format '{{range .HostConfig.ExtraHosts}}{{println .}}{{end}}' "$1" 2>/dev/null || true)
+}
+
+# The proxy finds Seq by the address the runtime gave it, written into its /etc/hosts, and not
+# by DNS: under rootless podman 4.3 (aardvark-dns 1.4) the proxy's queries for `seq` at times
+# went unanswered for 10-22 s, longer than an export may take (sandbox/README.md). A kept proxy
+# made for another address (Seq's container was recreated, or got another address when it
+# started again) is replaced, as an existing container's hosts cannot be changed.
 start_proxy() {
-  local was
+  local was seq_ip
   was=$(container_state "$name-api-logger")
+  seq_ip=$(seq_address)
+  if [[ $was != absent && -n $seq_ip && $(proxy_seq_hosts "$name-api-logger") != "seq:$seq_ip" ]]; then
+    note "Seq's address is now $seq_ip: replacing the proxy container made for another"
+    run "$runtime" rm -f "$name-api-logger" >/dev/null
+    was=absent
+  fi
   local args=(--network "$network" --network-alias api-logger
     -p "127.0.0.1:$((port_base + 1)):8000" -v "$name-logs:/var/log/otelproxy"
     -e "OTELPROXY_SEQ_URL=$SEQ_INGEST_URL")
+  if [[ -n $seq_ip ]]; then
+    args+=(--add-host "seq:$seq_ip")
+  else
+    note "the runtime gave no address for $name-seq: the proxy finds it by DNS"
+  fi
   if [[ -n ${SEQ_API_KEY:-} ]]; then
     export OTELPROXY_SEQ_API_KEY=$SEQ_API_KEY
     args+=(-e OTELPROXY_SEQ_API_KEY)

@@ -35,6 +35,7 @@ SECRET_REPO = "https://user:ghp_SECRETVALUE@example.com/org/repo.git"
 SECRETS = (SECRET_API_KEY, SECRET_SEQ_KEY, SECRET_OAUTH, SECRET_SEQ_PASSWORD, "SECRETVALUE")
 SEQ_IMAGE = "docker.io/datalust/seq:latest"
 PROXY_IMAGE = "otelproxy:local"
+KEPT_SEQ_ADDRESS = "10.89.0.2"
 
 # A stand-in for podman/docker. It appends its argv, and the values that its `-e NAME` options
 # (no `=`) would copy from its environment, to $FAKE_RUNTIME_DIR/calls.jsonl. It keeps
@@ -42,7 +43,9 @@ PROXY_IMAGE = "otelproxy:local"
 # existence checks the script makes: `network exists|inspect`, `container inspect --format`,
 # `image exists|inspect`, `volume exists|inspect`, and `info --format` (whether podman is
 # rootless: `rootless` in the state, true unless set). `exec` exits with the next status of
-# `exec_exits` in the state (0 when none is left).
+# `exec_exits` in the state (0 when none is left). As podman does, each container gets a new
+# network address when it is created or started again (`next_ip`), and `container inspect
+# --format` answers its address or the `--add-host` entries it was created with.
 FAKE_RUNTIME = r"""
 import json, os, sys
 from pathlib import Path
@@ -57,6 +60,10 @@ with (base / "calls.jsonl").open("a") as log:
 state_file = base / "state.json"
 state = json.loads(state_file.read_text()) if state_file.exists() else {
     "networks": [], "containers": {}, "images": [], "volumes": []}
+
+def new_address():
+    state["next_ip"] = state.get("next_ip", 2) + 1
+    return f"10.89.0.{state['next_ip'] - 1}"
 
 def save():
     state_file.write_text(json.dumps(state))
@@ -74,7 +81,13 @@ if kind == "container" and verb == "inspect":
     container = state["containers"].get(args[-1])
     if container is None:
         sys.exit(1)
-    print("true" if container["running"] else "false")
+    asked = option("--format") or ""
+    if "IPAddress" in asked:
+        print(container["ip"] if container["running"] else "")
+    elif "ExtraHosts" in asked:
+        print("".join(host + "\n" for host in container.get("hosts", [])))
+    else:
+        print("true" if container["running"] else "false")
 elif kind == "network" and verb == "create":
     state["networks"].append(args[2]); save()
 elif kind == "build":
@@ -83,10 +96,15 @@ elif kind == "run":
     if "-d" in args:
         print("0123456789abcdef")  # a detached run prints the container's id
     if "--rm" not in args:
-        state["containers"][option("--name")] = {"running": "-d" in args}
+        hosts = [v for f, v in zip(args, args[1:]) if f == "--add-host"]
+        state["containers"][option("--name")] = {
+            "running": "-d" in args, "ip": new_address(), "hosts": hosts}
     save()
 elif kind == "start":
-    state["containers"][args[-1]]["running"] = "--attach" not in args; save()
+    container = state["containers"][args[-1]]
+    container["running"] = "--attach" not in args
+    container["ip"] = new_address()
+    save()
 elif kind == "rm":
     state["containers"].pop(args[-1], None); save()
 elif kind == "exec":
@@ -134,13 +152,22 @@ class Sandbox:
         volumes: Sequence[str] = (),
         rootless: bool = True,
         exec_exits: Sequence[int] = (),
+        proxy_seq_host: str = f"seq:{KEPT_SEQ_ADDRESS}",
         **containers: bool,
     ) -> None:
-        """What the fake runtime knows; `containers` maps a name (`_` for `-`) to running."""
+        """What the fake runtime knows; `containers` maps a name (`_` for `-`) to running.
+
+        A kept Seq has the address KEPT_SEQ_ADDRESS; a kept proxy was made with
+        `--add-host proxy_seq_host`.
+        """
+        kept = {k.replace("_", "-"): {"running": v} for k, v in containers.items()}
+        for container_name, container in kept.items():
+            container["ip"] = KEPT_SEQ_ADDRESS if container_name.endswith("-seq") else "10.89.0.9"
+            container["hosts"] = [proxy_seq_host] if container_name.endswith("-api-logger") else []
         state = {
             "networks": list(networks), "images": list(images), "volumes": list(volumes),
-            "rootless": rootless, "exec_exits": list(exec_exits),
-            "containers": {k.replace("_", "-"): {"running": v} for k, v in containers.items()},
+            "rootless": rootless, "exec_exits": list(exec_exits), "next_ip": 20,
+            "containers": kept,
         }
         (self.root / "state.json").write_text(json.dumps(state))
 
@@ -680,6 +707,84 @@ def test_running_proxy_is_not_asked_again(sandbox: Sandbox) -> None:
     result = sandbox.run("--runtime", "podman", "--otel", "--log-api", "mount")
     assert result.status == 0, result.stderr
     assert probes_and_restarts(result.calls) == []
+
+
+def runs_named(calls: list[list[str]], name: str) -> list[list[str]]:
+    return [c for c in calls if c[1] == "run" and option(c, "--name") == name]
+
+
+def proxy_runs(calls: list[list[str]]) -> list[list[str]]:
+    return runs_named(calls, "claude-sandbox-api-logger")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_proxy_finds_seq_by_the_address_the_runtime_gave_it(
+    sandbox: Sandbox, runtime: str
+) -> None:
+    """The proxy is made with `--add-host seq:<Seq's address>`, read after Seq started: no DNS."""
+    sandbox.set_state(images=["claude-sandbox:local", PROXY_IMAGE])
+    result = sandbox.run("--runtime", runtime, "--otel", "--log-api", "mount")
+    assert result.status == 0, result.stderr
+    seq_address = "10.89.0.20"  # the fake's first new address: Seq's, created first
+    (proxy,) = proxy_runs(result.calls)
+    assert options(proxy, "--add-host") == [f"seq:{seq_address}"]
+    asked = [c for c in result.calls if c[1:3] == ["container", "inspect"] and "IPAddr" in c[4]]
+    assert asked and asked[0][-1] == "claude-sandbox-seq" and '"claude-sandbox-net"' in asked[0][4]
+    (claude,) = runs_named(result.calls, "claude-sandbox")
+    assert "--add-host" not in claude  # Claude Code's container resolves seq as before
+
+
+def test_dry_run_shows_where_seq_address_goes(sandbox: Sandbox) -> None:
+    """A dry run cannot ask for Seq's address: the proxy's --add-host shows a placeholder."""
+    result = sandbox.dry_run("--otel", "--log-api")
+    proxy = container_run(result, "claude-sandbox-api-logger")
+    assert options(proxy, "--add-host") == ["seq:<address-of-claude-sandbox-seq>"]
+
+
+def test_kept_proxy_made_for_another_seq_address_is_replaced(sandbox: Sandbox) -> None:
+    """A running proxy made for an address Seq no longer has is removed and made anew."""
+    sandbox.set_state(
+        ["claude-sandbox-net"], ["claude-sandbox:local", PROXY_IMAGE],
+        proxy_seq_host="seq:10.89.0.7", claude_sandbox_seq=True, claude_sandbox_api_logger=True,
+    )
+    result = sandbox.run("--runtime", "docker", "--otel", "--log-api", "mount")
+    assert result.status == 0, result.stderr
+    assert ["docker", "rm", "-f", "claude-sandbox-api-logger"] in result.calls
+    (proxy,) = proxy_runs(result.calls)
+    assert options(proxy, "--add-host") == [f"seq:{KEPT_SEQ_ADDRESS}"]
+    assert "replacing the proxy container" in result.stderr
+    assert probes_and_restarts(
+        [["podman", *c[1:]] for c in result.calls]) == ["exec"]  # asked again, as a new one
+
+
+def test_recover_replaces_the_proxy_when_seq_comes_back_at_another_address(
+    sandbox: Sandbox,
+) -> None:
+    """recover starts the stopped Seq; at its new address the kept proxy is recreated for it."""
+    sandbox.set_state(
+        ["claude-sandbox-net"], ["claude-sandbox:local", PROXY_IMAGE],
+        claude_sandbox=False, claude_sandbox_seq=False, claude_sandbox_api_logger=False,
+    )
+    result = sandbox.run("--runtime", "podman", "--otel", "--log-api", "recover")
+    assert result.status == 0, result.stderr
+    assert ["podman", "start", "claude-sandbox-seq"] in result.calls
+    assert ["podman", "rm", "-f", "claude-sandbox-api-logger"] in result.calls
+    assert ["podman", "start", "claude-sandbox-api-logger"] not in result.calls
+    (proxy,) = proxy_runs(result.calls)
+    assert options(proxy, "--add-host") == ["seq:10.89.0.20"]  # Seq's address once started
+    assert result.calls[-1] == ["podman", "start", "--attach", "--interactive", "claude-sandbox"]
+
+
+def test_kept_proxy_for_seq_unchanged_address_is_started_not_recreated(sandbox: Sandbox) -> None:
+    """With Seq still at the address the stopped proxy was made for, the proxy is just started."""
+    sandbox.set_state(
+        ["claude-sandbox-net"], ["claude-sandbox:local", PROXY_IMAGE],
+        claude_sandbox_seq=True, claude_sandbox_api_logger=False,
+    )
+    result = sandbox.run("--runtime", "podman", "--otel", "--log-api", "mount")
+    assert result.status == 0, result.stderr
+    assert ["podman", "start", "claude-sandbox-api-logger"] in result.calls
+    assert proxy_runs(result.calls) == []
 
 
 def test_stdout_is_left_to_claude_code(sandbox: Sandbox) -> None:
