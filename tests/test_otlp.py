@@ -679,6 +679,25 @@ def test_receiver_down_leaves_proxying_and_local_record_intact(
         assert time.monotonic() - started < 10  # shutdown stays bounded
 
 
+def test_unresolvable_seq_name_is_named_as_a_lookup_failure(
+    fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Seq host name that does not resolve (a real `.invalid` lookup) shows on /healthz as a
+    name-resolution failure, not only a connection error, with no part of the URL in it."""
+    fast_batches(monkeypatch)
+    seq_url = "http://seq-missing.invalid:5341"
+    proxy = RunningProxy(fake, tmp_path / "logs", seq_url=seq_url, seq_api_key=SEQ_KEY)
+    try:
+        assert stream_text(claude(proxy), "ping") == "Echo: ping"
+        body = wait_export_status(proxy, "failing")
+        error = body["export_last_error"]
+        assert error.startswith("connection failed (ConnectionError: NameResolutionError: ")
+        assert "gaierror EAI_" in error
+        assert "seq-missing" not in error and SEQ_KEY not in error
+    finally:
+        proxy.stop()
+
+
 def test_slow_receiver_does_not_delay_clients(
     fake: FakeUpstream, seq: OtlpReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -353,7 +353,7 @@ def test_https_endpoint_trusts_the_certificate_variable(certificate: tuple[Path,
             queue(untrusted, tally, spans(1, first=1))
             assert untrusted.flush(10)
             assert tally.failed["traces"] == 1
-            assert untrusted.last_error == "connection failed (SSLError)"
+            assert untrusted.last_error == "connection failed (SSLError: SSLCertVerificationError)"
         finally:
             untrusted.stop(5)
         assert len(seq.spans()) == 1

@@ -34,10 +34,12 @@ This module (``requests``, the SDK's resources) is imported only when export is 
 
 from __future__ import annotations
 
+import errno
 import gzip
 import math
 import queue
 import random
+import socket
 import threading
 import time
 import zlib
@@ -130,6 +132,33 @@ def _retry_after(value: str | None) -> float | None:
         except (TypeError, ValueError):
             return None
     return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+# getaddrinfo's error codes by number (EAI_AGAIN: the resolver did not answer in time).
+_ADDRINFO_ERRORS: Final = {getattr(socket, n): n for n in dir(socket) if n.startswith("EAI_")}
+
+
+def _failure(exc: BaseException) -> str:
+    """What went wrong, named without any message (a message may quote the endpoint and its
+    credentials): the exception's type, then the causes it wraps, e.g. ``ConnectionError:
+    NameResolutionError: gaierror EAI_AGAIN`` for a name lookup that got no answer."""
+    names: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(names) < 6:
+        seen.add(id(current))
+        name = type(current).__name__
+        if isinstance(current, socket.gaierror):
+            name += f" {_ADDRINFO_ERRORS.get(current.errno, current.errno)}"
+        elif type(current) is OSError and current.errno in errno.errorcode:
+            name += f" {errno.errorcode[current.errno]}"
+        if name != "MaxRetryError" and (not names or names[-1] != name):
+            names.append(name)  # MaxRetryError only wraps the reason (urllib3)
+        # requests wraps urllib3's error as its first argument, urllib3 its cause as `reason`.
+        wrapped = [current.args[0] if current.args else None, getattr(current, "reason", None),
+                   current.__cause__, current.__context__]
+        current = next((w for w in wrapped if isinstance(w, BaseException)), None)
+    return ": ".join(names)
 
 
 def _compress(data: bytes, compression: str) -> bytes:
@@ -301,9 +330,9 @@ class _Exporter:
                                           timeout=remaining, allow_redirects=False,
                                           verify=self._verify, cert=self._cert)
         except requests.ConnectionError as exc:  # refused, reset, DNS, connect timeout
-            return f"connection failed ({type(exc).__name__})", True, None
+            return f"connection failed ({_failure(exc)})", True, None
         except requests.RequestException as exc:  # e.g. no answer in time
-            return type(exc).__name__, False, None
+            return _failure(exc), False, None
         finally:
             self._posting_since = None
         with response:
