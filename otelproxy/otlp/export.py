@@ -150,8 +150,8 @@ def _failure(exc: BaseException) -> str:
         name = type(current).__name__
         if isinstance(current, socket.gaierror):
             name += f" {_ADDRINFO_ERRORS.get(current.errno, current.errno)}"
-        elif type(current) is OSError and current.errno in errno.errorcode:
-            name += f" {errno.errorcode[current.errno]}"
+        elif type(current) is OSError and current.errno:
+            name += f" {errno.errorcode.get(current.errno, current.errno)}"
         if name != "MaxRetryError" and (not names or names[-1] != name):
             names.append(name)  # MaxRetryError only wraps the reason (urllib3)
         # requests wraps urllib3's error as its first argument, urllib3 its cause as `reason`.
