@@ -345,6 +345,12 @@ run_sandbox() {
     rt logs "$NAME-api-logger" 2>&1 | tail -20
     fail "the sandbox exited with status $status"
   fi
+  # The proxy finds Seq through its /etc/hosts (the script's --add-host), not through DNS.
+  local seq_ip
+  seq_ip=$(rt container inspect \
+    --format "{{(index .NetworkSettings.Networks \"$NAME-net\").IPAddress}}" "$NAME-seq")
+  rt exec "$NAME-api-logger" cat /etc/hosts | grep -E "^${seq_ip//./\\.}[[:space:]]+seq\$" ||
+    fail "the proxy's /etc/hosts does not map seq to Seq's address $seq_ip"
 
   step "check the answer, the record and what the Seq stand-in received"
   local attempt
