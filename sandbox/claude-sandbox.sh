@@ -324,8 +324,9 @@ while True:
 
 # Rootless podman 4.3 (aardvark-dns 1.4) at times leaves one new container's DNS queries
 # unanswered while it answers the other containers': `seq` then takes 10-20 s to resolve in the
-# proxy, or fails to, and every export times out (sandbox/README.md). Restarting the proxy
-# container sets its network up again.
+# proxy, or fails to, and every export times out (sandbox/README.md). The proxy normally finds
+# `seq` in its /etc/hosts (start_proxy), so this is the fallback for when the runtime gave no
+# address: restarting the proxy container sets its network up again.
 wait_for_seq() { # proxy container
   local status=0
   proxy_reaches_seq "$1" 60 || status=$?
