@@ -103,6 +103,12 @@ run() {
   fi
 }
 
+# run, but what the runtime prints (the name or id of what it made or started) is dropped:
+# stdout is Claude Code's. A dry run still prints the command.
+run_quiet() {
+  if ((dry_run)); then run "$@"; else "$@" >/dev/null; fi
+}
+
 # True when the runtime knows the object. Never called in dry-run (everything counts as absent).
 runtime_has() { # kind name
   local verb=inspect
@@ -259,7 +265,7 @@ ensure_images() {
 }
 
 ensure_network() {
-  exists network "$network" || run "$runtime" network create "$network"
+  exists network "$network" || run_quiet "$runtime" network create "$network"
 }
 
 # Reuse a running container, start a stopped one, or create it detached.
@@ -268,15 +274,8 @@ ensure_service() { # container [run arguments...]
   shift
   case $(container_state "$container") in
     running) note "reusing running container $container" ;;
-    stopped) run "$runtime" start "$container" ;;
-    absent)
-      # A detached run prints the container's id: kept off stdout, which is Claude Code's.
-      if ((dry_run)); then
-        run "$runtime" run -d --name "$container" "$@"
-      else
-        run "$runtime" run -d --name "$container" "$@" >/dev/null
-      fi
-      ;;
+    stopped) run_quiet "$runtime" start "$container" ;;
+    absent) run_quiet "$runtime" run -d --name "$container" "$@" ;;
   esac
 }
 
@@ -339,7 +338,7 @@ wait_for_seq() { # proxy container
       ;;
   esac
   note "the proxy container cannot resolve seq; restarting it"
-  run "$runtime" restart "$1" >/dev/null
+  run_quiet "$runtime" restart "$1"
   proxy_reaches_seq "$1" 30 || note "Seq is still not reachable from the proxy; its export retries"
 }
 
@@ -375,7 +374,7 @@ start_proxy() {
   seq_ip=$(seq_address)
   if [[ $was != absent && -n $seq_ip && $(proxy_seq_hosts "$name-api-logger") != "seq:$seq_ip" ]]; then
     note "Seq's address is now $seq_ip: replacing the proxy container made for another"
-    run "$runtime" rm -f "$name-api-logger" >/dev/null
+    run_quiet "$runtime" rm -f "$name-api-logger"
     was=absent
   fi
   local args=(--network "$network" --network-alias api-logger
@@ -471,7 +470,7 @@ start_sandbox() { # mount and clone
 }
 
 resume_if_stopped() { # container
-  if [[ $(container_state "$1") == stopped ]]; then run "$runtime" start "$1"; fi
+  if [[ $(container_state "$1") == stopped ]]; then run_quiet "$runtime" start "$1"; fi
 }
 
 recover() {

@@ -89,6 +89,7 @@ if kind == "container" and verb == "inspect":
     else:
         print("true" if container["running"] else "false")
 elif kind == "network" and verb == "create":
+    print(args[2])  # as podman does
     state["networks"].append(args[2]); save()
 elif kind == "build":
     state["images"].append(option("-t")); save()
@@ -101,11 +102,14 @@ elif kind == "run":
             "running": "-d" in args, "ip": new_address(), "hosts": hosts}
     save()
 elif kind == "start":
+    if "--attach" not in args:
+        print(args[-1])  # podman names what it started
     container = state["containers"][args[-1]]
     container["running"] = "--attach" not in args
     container["ip"] = new_address()
     save()
 elif kind == "rm":
+    print(args[-1])
     state["containers"].pop(args[-1], None); save()
 elif kind == "exec":
     exits = state.get("exec_exits", [])
@@ -792,6 +796,21 @@ def test_stdout_is_left_to_claude_code(sandbox: Sandbox) -> None:
     result = sandbox.run("--runtime", "podman", "--otel", "--log-api", "mount", "--", "-p", "x")
     assert result.status == 0, result.stderr
     assert len([c for c in result.calls if "-d" in c]) == 2
+    assert result.stdout == ""
+
+
+def test_stdout_is_left_to_claude_code_when_companions_are_started_again(
+    sandbox: Sandbox,
+) -> None:
+    """The names `start` and `rm` print (stopped Seq started, stale proxy replaced) stay off
+    stdout too."""
+    sandbox.set_state(
+        ["claude-sandbox-net"], ["claude-sandbox:local", PROXY_IMAGE],
+        claude_sandbox=False, claude_sandbox_seq=False, claude_sandbox_api_logger=False,
+    )
+    result = sandbox.run("--runtime", "podman", "--otel", "--log-api", "recover")
+    assert result.status == 0, result.stderr
+    assert ["podman", "start", "claude-sandbox-seq"] in result.calls
     assert result.stdout == ""
 
 
