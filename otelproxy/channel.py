@@ -66,10 +66,12 @@ class Flush:
 
 @dataclass(frozen=True)
 class Stop:
-    """Record everything sent before, shut the sinks down (``timeout`` seconds), answer
-    ``Stopped`` and exit."""
+    """Record everything sent before, shut the sinks down by ``deadline``, answer ``Stopped``
+    and exit."""
 
-    timeout: float
+    deadline: float
+    """``time.monotonic()`` by which the sinks must be shut down (the clock is the same in both
+    processes): what recording the backlog took is not given to the sinks again."""
 
 
 # -- recorder → proxy ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import itertools
 import logging
 import os
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -83,6 +84,11 @@ RESTART_MAX = 30.0
 """The longest wait between two restarts of a recorder that keeps dying."""
 STABLE_AFTER = 60.0
 """A recorder that ran this long before it died is replaced at once, and its death logged."""
+STOP_PROGRESS_WAIT = 2.0
+"""Past the stop deadline, the recorder gets this many seconds more each time it has recorded
+something in the last ones."""
+STOP_EXTRA_MAX = 60.0
+"""The most time added to the stop deadline for a recorder that is still making progress."""
 _EXIT_WAIT = 5.0
 """Seconds a recorder whose pipe closed gets to exit before it is killed."""
 
@@ -248,7 +254,12 @@ class Recorder:
         """The pipes of the next recorder process (started by ``_spawn``); exchanges submitted
         meanwhile wait in them."""
         inbox_read, inbox_write = pipe()
-        results_read, results_write = pipe()
+        try:
+            results_read, results_write = pipe()
+        except OSError:  # out of descriptors, say: the first pipe must not leak
+            os.close(inbox_read)
+            os.close(inbox_write)
+            raise
         os.set_blocking(results_read, False)
         inbox = PipeWriter(inbox_write, self._buffer_limit)
         inbox.send(Start(self.config, self._env, self._exporting))  # first, whatever follows
@@ -260,8 +271,8 @@ class Recorder:
         loop = self._bound_loop()
         inbox, results = process.child_ends
         process.popen = subprocess.Popen(
-            [sys.executable, "-m", "otelproxy.recorder_process", str(inbox), str(results)],
-            pass_fds=process.child_ends, stdin=subprocess.DEVNULL)
+            [sys.executable, "-P", "-m", "otelproxy.recorder_process", str(inbox), str(results)],
+            pass_fds=process.child_ends, stdin=subprocess.DEVNULL, env=_child_env())
         process.started_at = time.monotonic()
         process.running = True
         for end in process.child_ends:  # the child has its copies; EOF must reach each side
@@ -493,12 +504,16 @@ class Recorder:
         """Record everything submitted, flush the sinks and stop the process, in ``within``
         seconds; True when all of it was done in time."""
         self._stopping = True
-        if self._replacing is not None:  # dead, or waiting to be restarted: nothing to flush
+        if self._replacing is not None:  # dead, or waiting to be restarted
             self._replacing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replacing
+            if self.process.child_ends:  # exchanges wait in the next one's pipe: record them
+                with contextlib.suppress(OSError):
+                    self._spawn()
         process = self.process
         if not process.running:
+            self._count_unrecorded()
             process.close(self._loop)
             return False
         loop = self._bound_loop()
@@ -506,20 +521,59 @@ class Recorder:
         self._send_outbox()
         self._stopped = loop.create_future()
         ok = False
-        if process.inbox.send(Stop(within), _STUB_RESERVE):
-            with contextlib.suppress(TimeoutError):
-                ok = await asyncio.wait_for(asyncio.shield(self._stopped),
-                                            max(0.1, deadline - loop.time()))
-        assert process.popen is not None
-        if not process.stopped:
-            process.popen.terminate()
-        code = await _wait_exit(process.popen, max(0.1, deadline - loop.time()))
+        if process.inbox.send(Stop(time.monotonic() + within), _STUB_RESERVE):
+            ok = await self._await_stopped(max(0.1, deadline - loop.time()))
+        assert process.popen is not None  # it ignores SIGTERM: it leaves once Stop is done
+        code = await _wait_exit(process.popen, max(1.0 if process.stopped else 0.1,
+                                                   deadline - loop.time()))
         if code is None:
             process.popen.kill()
             await _wait_exit(process.popen, _EXIT_WAIT)
+            self._count_unrecorded()
         process.running = False
         process.close(loop)
         return ok and process.stopped and code is not None
+
+    async def _await_stopped(self, within: float) -> bool:
+        """Wait ``within`` seconds for ``Stopped``, then longer while the recorder still makes
+        progress on its backlog (under ``SCHED_IDLE`` on a busy machine it records slowly, and
+        what it has not recorded when it is killed is lost), up to ``STOP_EXTRA_MAX`` more."""
+        assert self._stopped is not None
+        waited, extra, said = within, 0.0, False
+        while True:
+            before = self._processed
+            try:
+                return await asyncio.wait_for(asyncio.shield(self._stopped), waited)
+            except TimeoutError:
+                if self._processed == before or extra >= STOP_EXTRA_MAX:
+                    return False
+            if not said:
+                said = True
+                log.warning("the recorder still has %d exchange(s) to record; waiting while "
+                            "it makes progress (up to %g s more)", self.pending, STOP_EXTRA_MAX)
+            waited = STOP_PROGRESS_WAIT
+            extra += waited
+
+    def _count_unrecorded(self) -> None:
+        """The process is gone for good: what it had not recorded is lost, counted and said."""
+        lost = self.pending
+        if lost:
+            self.dropped += lost
+            log.error("the recorder stopped with %d exchange(s) unrecorded (counted as dropped)",
+                      lost)
+
+
+def _child_env() -> dict[str, str]:
+    """The recorder's environment: the proxy's, with the directory the proxy imported otelproxy
+    from put first on ``PYTHONPATH`` when that is not a site directory (a source checkout, say).
+    The child runs with ``-P``: the working directory is never on its path, so a ``pickle.py``
+    or ``json.py`` where otelproxy was started cannot run in the process that sees the
+    unredacted exchanges, and both processes run the same otelproxy."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in {*site.getsitepackages(), site.getusersitepackages()}:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    return env
 
 
 async def _wait_exit(popen: subprocess.Popen[bytes], within: float) -> int | None:

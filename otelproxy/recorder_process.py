@@ -86,16 +86,25 @@ def build_pipeline(
                     config.record_queue_size)
 
 
+_STOP_MARGIN = 0.5
+"""Seconds of a ``Stop`` deadline kept back from the sinks, for answering and exiting."""
+
+
+def lower_priority() -> None:
+    """``SCHED_IDLE``: from now on the recorder runs only when its CPU has nothing else to run
+    (irreversible for an unprivileged process). Where refused, a nice value instead."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or refused (seccomp)
+        with contextlib.suppress(OSError):
+            os.nice(RECORDER_NICE)
+
+
 def recorder_main(inbox: int, results: int) -> int:
     """The recorder process: read exchanges in groups and run them through the pipeline."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.umask(0o077)  # everything this process creates is the record: owner-only
-    try:  # SCHED_IDLE: the recorder runs only when its CPU has nothing else to run
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or refused (seccomp): a nice value instead
-        with contextlib.suppress(OSError):
-            os.nice(RECORDER_NICE)
     end = RecorderEnd(inbox, results)
     received: list[Message] = []
     while not received and not end.closed:
@@ -134,6 +143,7 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
 
     report(force=True)  # before Ready: the proxy knows the export's state once started
     end.send(Ready())
+    lower_priority()  # only now: starting (imports, opening the record) is not held back
     batch: list[Exchange] = []
     first_at = 0.0
     while True:
@@ -144,7 +154,7 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
                 pipeline.tick()
                 report()
                 continue
-            received = [Stop(10.0)]  # the proxy is gone: finish up and leave
+            received = [Stop(time.monotonic() + 10.0)]  # the proxy is gone: finish, leave
         if not batch and received:
             first_at = time.monotonic()
         messages, received = received, []
@@ -160,7 +170,7 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
                 report(force=True)
                 end.send(Flushed(message.token, ok))
             elif isinstance(message, Stop):
-                ok = pipeline.close(message.timeout)
+                ok = pipeline.close(max(0.1, message.deadline - time.monotonic() - _STOP_MARGIN))
                 report(force=True)
                 end.send(Stopped(ok))
                 end.close_results()

@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from otelproxy import config as config_module
+from otelproxy import recorder as recorder_module
 from otelproxy.channel import Exchanges, Flush, Progress, frame, unframe
 from otelproxy.errors import ConfigError
 from otelproxy.record import Exchange
@@ -150,8 +151,9 @@ def test_recorder_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path):
     async def scenario() -> None:
         recorder = Recorder(make_config(tmp_path / "logs"), env={})
         await recorder.start()
-        try:
-            assert os.sched_getscheduler(recorder.process.pid or 0) == os.SCHED_IDLE
+        try:  # it lowers itself right after Ready: starting up is not held back
+            await until(lambda: os.sched_getscheduler(recorder.process.pid or 0)
+                        == os.SCHED_IDLE, 10, "the recorder is not SCHED_IDLE")
             assert os.sched_getscheduler(0) != os.SCHED_IDLE
         finally:
             assert await recorder.stop(10)
@@ -202,6 +204,82 @@ def test_dead_recorder_is_replaced_and_reported(tmp_path):
             assert await recorder.stop(10)
 
     asyncio.run(scenario())
+
+
+def test_a_pickle_py_in_the_working_directory_does_not_run_in_the_recorder(tmp_path,
+                                                                          monkeypatch):
+    """The recorder does not put the working directory on its import path: a ``pickle.py``
+    where otelproxy was started neither runs (in the process that sees unredacted exchanges)
+    nor stops the record."""
+    work = tmp_path / "project"
+    work.mkdir()
+    marker = tmp_path / "ran"
+    (work / "pickle.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(7)\n")
+    monkeypatch.chdir(work)
+
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        try:
+            recorder.submit(exchange(0))
+            assert await recorder.drain(10)
+            assert recorder.counters()["records_written"] == 1
+            assert recorder.counters()["recorder_restarts"] == 0
+        finally:
+            assert await recorder.stop(10)
+
+    asyncio.run(scenario())
+    assert not marker.exists()
+
+
+def test_stop_while_a_restart_waits_records_what_waits_in_its_pipe(tmp_path, monkeypatch):
+    """Stopping while a dead recorder's successor waits out its restart delay starts it at
+    once, so the exchanges waiting in its pipe are recorded, not silently discarded."""
+    monkeypatch.setattr(recorder_module, "RESTART_FIRST", 20.0)
+
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        first = recorder.process
+        assert first.popen is not None
+        first.popen.kill()  # the first exit: restarted at once
+        await until(lambda: recorder.process is not first and recorder.process.running, 30,
+                    "no restart")
+        second = recorder.process
+        assert second.popen is not None
+        second.popen.kill()  # again soon after: the next one waits RESTART_FIRST
+        await until(lambda: "restarting it in 20 s" in (recorder.record_error() or ""), 30,
+                    "no restart wait")
+        assert recorder.process.child_ends and not recorder.process.running
+        for n in range(3):
+            recorder.submit(exchange(n))
+        assert await recorder.stop(20)
+        assert recorder.counters()["records_dropped"] == 0
+
+    asyncio.run(scenario())
+    assert len(list((tmp_path / "logs" / "anthropic").glob("*.jsonl"))) == 3
+
+
+def test_a_recorder_that_makes_no_progress_is_killed_and_its_backlog_counted(tmp_path, caplog):
+    """A recorder that records nothing by the stop deadline (stopped here with SIGSTOP) is
+    killed, stop answers False, and what it had not recorded is counted as dropped and said."""
+    caplog.set_level(logging.ERROR, logger="otelproxy.recorder")
+
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        pid = recorder.process.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        for n in range(5):
+            recorder.submit(exchange(n))
+        assert not await recorder.stop(1.0)
+        assert recorder.counters()["records_dropped"] == 5
+        assert recorder.process.popen is not None
+        assert recorder.process.popen.returncode == -signal.SIGKILL
+
+    asyncio.run(scenario())
+    assert any("stopped with 5 exchange(s) unrecorded" in r.getMessage() for r in caplog.records)
 
 
 def test_a_drain_waiting_on_a_recorder_that_dies_answers_false_at_once(tmp_path):
@@ -295,7 +373,7 @@ def test_the_proxy_tree_is_the_proxy_and_one_recorder_process(tmp_path, export):
     with ProxyProcess(args) as running:
         recorder = _recorder_of(running)
         command = Path(f"/proc/{recorder}/cmdline").read_bytes().split(b"\0")
-        assert command[1:3] == [b"-m", b"otelproxy.recorder_process"]
+        assert command[1:4] == [b"-P", b"-m", b"otelproxy.recorder_process"]
         # listening means the recorder has built its pipeline (the proxy waits for Ready)
         maps = Path(f"/proc/{recorder}/maps").read_text()
         assert ("libssl" in maps) is export
