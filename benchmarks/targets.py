@@ -71,6 +71,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _missing(executable: Path, target: Target) -> bool:
+    """True, with the reason on ``target``, when a peer's program is not installed."""
+    if executable.exists():
+        return False
+    target.error = f"not installed: no {executable} (bash benchmarks/install-peers.sh)"
+    return True
+
+
 def _peer_version(executable: Path, distribution: str) -> str:
     python = executable.parent / "python"
     completed = subprocess.run(
@@ -118,8 +126,7 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
     elif name == "mitmproxy":
         executable = peers_venv / "bin" / "mitmdump"
         target.record_path = work / "mitmproxy.flows"
-        if not executable.exists():
-            target.error = f"not installed: no {executable} (bash benchmarks/install-peers.sh)"
+        if _missing(executable, target):
             return target
         argv = [str(executable), "--mode", f"reverse:{upstream}/", "--listen-host", HOST,
                 "--listen-port", str(port), "-q", "-w", str(target.record_path),
@@ -131,8 +138,7 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
     elif name == "claude-tap":
         executable = peers_venv / "bin" / "claude-tap"
         target.record_path = work / "claude-tap-data"
-        if not executable.exists():
-            target.error = f"not installed: no {executable} (bash benchmarks/install-peers.sh)"
+        if _missing(executable, target):
             return target
         argv = [str(executable), "--tap-no-launch", "--tap-proxy-mode", "reverse",
                 "--tap-host", HOST, "--tap-port", str(port), "--tap-target", upstream,
