@@ -62,6 +62,16 @@ def test_attribute_values_decode_to_themselves(value: Any) -> None:
     assert round_trip(value) == value
 
 
+def test_int_arrays_at_every_width_decode_and_match_per_item_encoding() -> None:
+    """An array of ints (a stream's chunk offsets) round-trips at each varint width and beside
+    bools, negatives and other types, byte for byte as each item encoded on its own."""
+    value = [0, 1, 127, 128, 16_383, 16_384, 2**40, -1, True, False, "x", 0.5, 70_000, 5]
+    assert round_trip(value) == value
+    assert round_trip(list(range(0, 20_000, 7))) == list(range(0, 20_000, 7))
+    items = b"".join(wire.field(b"\x0a", wire.any_value(item)) for item in value)
+    assert wire.any_value(value) == wire.field(b"\x2a", items)
+
+
 def test_integers_beyond_int64_are_kept_exact_as_text() -> None:
     assert round_trip(2**64 + 5) == str(2**64 + 5)
     assert round_trip(-2**63 - 1) == str(-2**63 - 1)

@@ -46,6 +46,10 @@ _ARRAY_VALUE: Final = b"\x2a"
 _KEY: Final = b"\x0a"
 _VALUE: Final = b"\x12"
 _ARRAY_ITEM: Final = b"\x0a"
+# An ArrayValue item holding an int below 0x80 (one varint byte) or 0x4000 (two): tag, length,
+# then the AnyValue's int tag; the varint follows.
+_SMALL_INT_ITEM: Final = _ARRAY_ITEM + b"\x02" + _INT_VALUE
+_INT_ITEM: Final = _ARRAY_ITEM + b"\x03" + _INT_VALUE
 # Span
 _SPAN_TRACE_ID: Final = b"\x0a"
 _SPAN_SPAN_ID: Final = b"\x12"
@@ -126,8 +130,12 @@ def any_value(value: AttributeValue) -> bytes:
     if isinstance(value, float):
         return _DOUBLE_VALUE + _double(value)
     if isinstance(value, (list, tuple)):
-        return field(_ARRAY_VALUE, b"".join(field(_ARRAY_ITEM, any_value(item))
-                                            for item in value))
+        # Small non-negative ints (a stream's chunk offsets: 150 or more) framed inline: a
+        # third of the cost of a call per item.
+        return field(_ARRAY_VALUE, b"".join([
+            (_SMALL_INT_ITEM if item < 0x80 else _INT_ITEM) + _VARINTS[item]
+            if type(item) is int and 0 <= item < 0x4000 else field(_ARRAY_ITEM, any_value(item))
+            for item in value]))
     raise TypeError(f"unsupported attribute value type {type(value).__name__}")
 
 
