@@ -82,12 +82,12 @@ class _Profiles:
         profiles = self.stats
         original = self._original
 
-        def run(thread: threading.Thread) -> None:
+        def run(self: threading.Thread) -> None:
             profile = cProfile.Profile(time.thread_time)
             profiles.append(profile)
             profile.enable()
             try:
-                original(thread)
+                original(self)
             finally:
                 profile.disable()
 

@@ -2,22 +2,26 @@
 in batches over OTLP/HTTP protobuf.
 
 The local JSONL + SQLite record is the complete copy; this sink is the live, searchable view.
-It is built *after* the exchange, from the finished ``Record``, on this sink's own worker thread
-inside the recorder process (``otelproxy.recorder``), never in the proxy's process:
+It is built *after* the exchange, from the finished ``Record``, inside the recorder process
+(``otelproxy.recorder``), never in the proxy's process. ``submit`` encodes on the caller's
+thread, the recorder's own (a fraction of a millisecond: ``otelproxy.otlp.mapping``,
+``otelproxy.otlp.wire``); only the sending has threads of its own:
 
-    pipeline ──submit()──► [bounded queue] ──otlp thread──► span(s) + 2 log records, encoded
-                                                                    │ (otelproxy.otlp.mapping,
-                                                                    │  otelproxy.otlp.wire)
-                                                                    ▼ one exporter thread per
-                                                                      signal, bounded, batched
-                                                     OTLP/HTTP protobuf ──► Seq /ingest/otlp/v1/…
+    pipeline ──submit()──► span(s) + 2 log records, encoded ──► one exporter thread per signal:
+                                                                bounded queue, batched
+                                                   OTLP/HTTP protobuf ──► Seq /ingest/otlp/v1/…
+
+(An OTLP worker thread of its own, which encoded each record handed to it, cost about as much
+again as the encoding: a thread wake-up and GIL hand-off per exchange; see
+``benchmarks/export_profile.py``.)
 
 The exporters follow the SDK's batch processor and OTLP/HTTP exporter; the SDK gives the
 resource (``Resource.create``: ``OTEL_RESOURCE_ATTRIBUTES``, ``telemetry.sdk.*``).
 
-Never in the way. ``submit`` only enqueues (drops counted when full). Each signal's exporter
-has a bounded queue of encoded items; before queueing, the sink checks that both have room
-and otherwise drops the exchange and counts it, so nothing is evicted silently. A batch leaves
+Never in the way. ``submit`` never blocks and never raises (an exchange that cannot be encoded
+is counted, ``otlp_errors``). Each signal's exporter has a bounded queue of encoded items;
+before queueing, the sink checks that both have room and otherwise drops the exchange and
+counts it, so nothing is evicted silently. A batch leaves
 when ``max_export_batch_size`` items wait, ``schedule_delay`` after the first, on flush and at
 shutdown; a POST is retried on 429/502/503/504 and connection errors with exponential backoff
 (``Retry-After`` honoured) until the export timeout. Failed exports (Seq down, slow, 5xx) are
@@ -37,7 +41,6 @@ from __future__ import annotations
 import errno
 import gzip
 import math
-import queue
 import random
 import socket
 import threading
@@ -56,7 +59,7 @@ from otelproxy import __version__
 from otelproxy.otlp import wire
 from otelproxy.otlp.mapping import encode
 from otelproxy.otlp.settings import SIGNALS, BatchSettings, ExportSettings, TlsFiles, log, safe_url
-from otelproxy.pipeline import Worker
+from otelproxy.pipeline import Failures
 from otelproxy.record import Record
 
 WARN_INTERVAL_S: Final = 60.0
@@ -76,8 +79,7 @@ class _Tally:
     exported: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 0))
     failed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 0))
     dropped: int = 0
-    """Exchanges never queued for export: the sink's queue or an exporter's queue was full,
-    or the proxy stopped before they were encoded."""
+    """Exchanges never queued for export: an exporter's queue was full."""
     closed: bool = False
     """Set at shutdown, when what was still outstanding was counted as failed."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -99,19 +101,14 @@ class _Tally:
             self.outstanding[signal] -= count
             (self.exported if ok else self.failed)[signal] += count
 
-    def drop(self, count: int = 1) -> None:
-        with self.lock:
-            self.dropped += count
-
-    def close(self, unencoded: int) -> dict[str, int]:
-        """At shutdown: what is still outstanding failed, ``unencoded`` exchanges were dropped;
-        later results are ignored. Returns the outstanding counts per signal."""
+    def close(self) -> dict[str, int]:
+        """At shutdown: what is still outstanding failed; later results are ignored. Returns
+        the outstanding counts per signal."""
         with self.lock:
             left = dict(self.outstanding)
             for signal, count in left.items():
                 self.failed[signal] += count
                 self.outstanding[signal] = 0
-            self.dropped += unencoded
             self.closed = True
             return left
 
@@ -343,13 +340,16 @@ class _Exporter:
                     _retry_after(response.headers.get("retry-after")))
 
 
-class OtlpSink(Worker):
+class OtlpSink:
     """Sink turning each record into a span (two with the upstream call) and two log records,
-    encoded on this worker's thread and exported in batches by one thread per signal."""
+    encoded on the thread that submits it and exported in batches by one thread per signal."""
 
-    def __init__(self, settings: ExportSettings, maxsize: int = 2048) -> None:
-        super().__init__("otlp", maxsize)
+    name = "otlp"
+
+    def __init__(self, settings: ExportSettings) -> None:
         self.settings = settings
+        self.failures = Failures()
+        self._started = False
         self._tally = _Tally({"traces": settings.spans.max_queue_size,
                               "logs": settings.logs.max_queue_size})
         self._warn_lock = threading.Lock()
@@ -367,19 +367,27 @@ class OtlpSink(Worker):
 
     def start(self) -> None:
         if not self._started:
+            self._started = True
             for exporter in self._exporters.values():
                 exporter.start()
-        super().start()
 
     # -- Sink protocol ---------------------------------------------------------------------------
 
     def submit(self, record: Record) -> None:
-        """Enqueue without blocking; a full queue drops the exchange (counted, reported)."""
+        """Encode one exchange and queue it for export; when an exporter's queue is full, the
+        exchange is dropped (counted, reported). Never raises: a failure is counted."""
         try:
-            self._queue.put_nowait(record)
-        except queue.Full:  # not ``Worker.put``: its error line per 100 drops is too chatty here
-            self._tally.drop()
+            spans, logs = encode(record, self.settings)  # before claiming queue room
+        except Exception as exc:
+            self.failures.record(self.name, exc)
+            return
+        wanted = {signal: len(spans if signal == "traces" else logs)
+                  for signal in self._exporters}
+        if not self._tally.reserve(wanted):
             self._report_losses()
+            return
+        for signal, exporter in self._exporters.items():
+            exporter.add(spans if signal == "traces" else logs)
 
     def counters(self) -> dict[str, int]:
         tally = self._tally
@@ -389,7 +397,7 @@ class OtlpSink(Worker):
                 "otlp_exported_logs": tally.exported["logs"],
                 "otlp_export_failed": sum(tally.failed.values()),
                 "otlp_dropped": tally.dropped,
-                "otlp_pending": self.pending + sum(tally.outstanding.values()),
+                "otlp_pending": sum(tally.outstanding.values()),
                 "otlp_errors": self.failures.total,
             }
 
@@ -403,9 +411,9 @@ class OtlpSink(Worker):
                 "export_last_error": last}
 
     def flush(self, timeout: float) -> bool:
-        """Encode everything queued and let the exporters send it, within ``timeout``."""
+        """Let the exporters send everything queued, within ``timeout``."""
         deadline = time.monotonic() + timeout
-        done = super().flush(timeout)
+        done = True
         for exporter in self._exporters.values():
             done = exporter.flush(deadline - time.monotonic()) and done
         return done
@@ -417,23 +425,21 @@ class OtlpSink(Worker):
         started = time.monotonic()
         budget = min(timeout, self.settings.shutdown_timeout_s)
         deadline = started + budget
-        done = super().shutdown(budget)  # our queue drained, exporters flushed (``flush``)
+        done = self.flush(budget)
         if not done:
             for exporter in self._exporters.values():
                 exporter.abort()
         for exporter in self._exporters.values():
             done = exporter.stop(max(0.0, deadline - time.monotonic())) and done
-        with self._queue.mutex:  # records the thread did not get to (no stop/flush markers)
-            unencoded = sum(isinstance(item, Record) for item in self._queue.queue)
-        left = self._tally.close(unencoded)
+        left = self._tally.close()
         dropped, failed = self._tally.losses()
-        if unencoded or any(left.values()):
+        if any(left.values()):
             errors = sorted({e.last_error for e in self._exporters.values() if e.last_error})
             log.warning("OTLP export stopped after %.1f s (shutdown budget %g s) with %d "
-                        "span(s) and %d log record(s) unsent and %d exchange(s) not encoded; "
-                        "in all %d exchange(s) dropped and %d span(s)/log record(s) not "
-                        "exported%s", time.monotonic() - started, budget, left.get("traces", 0),
-                        left.get("logs", 0), unencoded, dropped, failed,
+                        "span(s) and %d log record(s) unsent; in all %d exchange(s) dropped "
+                        "and %d span(s)/log record(s) not exported%s",
+                        time.monotonic() - started, budget, left.get("traces", 0),
+                        left.get("logs", 0), dropped, failed,
                         f" (last error: {', '.join(errors)})" if errors else "")
         elif dropped or failed:
             log.warning("OTLP export stopped: %d exchange(s) dropped, %d span(s)/log record(s) "
@@ -455,20 +461,3 @@ class OtlpSink(Worker):
                     "complete)", safe_url(self.settings.logs_endpoint
                                            or self.settings.traces_endpoint), dropped, failed,
                     f" (last error: {', '.join(errors)})" if errors else "")
-
-    # -- on the worker thread --------------------------------------------------------------------
-
-    def handle(self, item: object) -> None:
-        assert isinstance(item, Record)
-        self.emit(item)
-
-    def emit(self, record: Record) -> None:
-        """Encode one exchange and queue it for export (or count it dropped when no room)."""
-        spans, logs = encode(record, self.settings)  # may raise: before claiming queue room
-        wanted = {signal: len(spans if signal == "traces" else logs)
-                  for signal in self._exporters}
-        if not self._tally.reserve(wanted):
-            self._report_losses()
-            return
-        for signal, exporter in self._exporters.items():
-            exporter.add(spans if signal == "traces" else logs)
