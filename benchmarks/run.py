@@ -49,7 +49,7 @@ import orjson
 
 from benchmarks import procs, servers, targets, traffic
 from benchmarks.procs import HOST, Pinning, Process
-from benchmarks.targets import OTHER, OURS, PEERS_VENV, PROXIES, Target
+from benchmarks.targets import OTHER, OTHER_OTLP, OURS, PEERS_VENV, PROXIES, Target
 
 Json = dict[str, Any]
 
@@ -286,11 +286,12 @@ class Control:
             await asyncio.sleep(0.05)
         else:
             target.notes.append(f"record still pending after {limit_s:g} s")
-        if target.name == "otelproxy+otlp" and self.otlp_stats is not None:
+        if targets.exports(target.name) and self.otlp_stats is not None:
             served = int(health.get("exchanges", 0))
             while time.monotonic() < deadline:
                 stats = await self.json(self.otlp_stats)
-                if not stats["decoded"] or stats["server_spans"] >= served:
+                if (not stats["decoded"]
+                        or stats["server_spans_by_service"].get(target.name, 0) >= served):
                     break
                 await asyncio.sleep(0.1)
             else:
@@ -988,7 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--other-src", metavar="DIR", default="",
                         help=f"also run target {OTHER}: otelproxy from DIR (a directory holding "
                         "an otelproxy package, e.g. `git archive REV otelproxy | tar -x -C DIR`), "
-                        "for an A/B of two versions in one run")
+                        "for an A/B of two versions in one run; it records without export, "
+                        f"and --targets may add {OTHER_OTLP}, the same exporting OTLP")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 when a target figure is missed")
     return parser
@@ -1002,7 +1004,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"benchmarks.run: error: no otelproxy package in {args.other_src}\n")
             return 2
         names = (*names, OTHER) if OTHER not in names else names
-    unknown = [name for name in names if name not in (*PROXIES, OTHER)]
+    unknown = [name for name in names if name not in (*PROXIES, OTHER)
+               and not (name == OTHER_OTLP and args.other_src)]
     if unknown:
         sys.stderr.write(f"benchmarks.run: error: unknown target(s) {unknown}\n")
         return 2

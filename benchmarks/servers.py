@@ -15,8 +15,8 @@ relay      the floor of any proxy: a TCP relay (bytes in, bytes out, nothing par
            upstream, on the same event loop; what a hop through a process on another CPU costs
            by itself (a wake-up on each side, the scheduler of that CPU).
 otlp       a loopback OTLP/HTTP receiver on Seq's paths; answers 200 and counts spans (SERVER
-           spans apart) and log records (``GET /stats``) by decoding the protobuf with
-           ``opentelemetry-proto`` when it is installed.
+           spans apart, also by ``service.name``) and log records (``GET /stats``) by decoding
+           the protobuf with ``opentelemetry-proto`` when it is installed.
 
 Only 127.0.0.1 is served. uvloop runs every server when it is installed.
 """
@@ -262,6 +262,8 @@ class OtlpReceiver:
         self.bytes = 0
         self.spans = 0
         self.server_spans = 0
+        self.server_spans_by_service: dict[str, int] = {}
+        """SERVER spans by the exporter's ``service.name`` (each target names itself)."""
         self.log_records = 0
         self.undecoded = 0
         try:
@@ -281,6 +283,7 @@ class OtlpReceiver:
         return web.json_response({
             "posts": self.posts, "bytes": self.bytes, "decoded": self.decodable,
             "spans": self.spans, "server_spans": self.server_spans,
+            "server_spans_by_service": self.server_spans_by_service,
             "log_records": self.log_records, "undecoded_posts": self.undecoded})
 
     async def ingest(self, request: web.Request) -> web.Response:
@@ -299,9 +302,14 @@ class OtlpReceiver:
         server = 2  # Span.SpanKind.SPAN_KIND_SERVER
         if signal_name == "traces":
             for resource in self.trace_request.FromString(body).resource_spans:
+                service = next((kv.value.string_value for kv in resource.resource.attributes
+                                if kv.key == "service.name"), "")
                 for scope in resource.scope_spans:
                     self.spans += len(scope.spans)
-                    self.server_spans += sum(span.kind == server for span in scope.spans)
+                    servers = sum(span.kind == server for span in scope.spans)
+                    self.server_spans += servers
+                    self.server_spans_by_service[service] = (
+                        self.server_spans_by_service.get(service, 0) + servers)
         else:
             for resource_logs in self.logs_request.FromString(body).resource_logs:
                 for scope_logs in resource_logs.scope_logs:

@@ -9,6 +9,7 @@ otelproxy+otlp   the same, exporting OTLP/HTTP to the loopback receiver as well 
 otelproxy-other  ``python -m otelproxy`` from another copy of the code (``--other-src DIR``: DIR
                  holds an ``otelproxy`` package; started in DIR, which ``-m`` puts first on
                  ``sys.path``), for an A/B of two versions in one run; only when asked for
+otelproxy-other+otlp  the other copy exporting, as otelproxy+otlp (``--targets`` names it)
 mitmproxy        ``mitmdump --mode reverse:UPSTREAM -w FILE -s benchmarks/mitm_sse.py``: records
                  every flow to a file; SSE streamed through (see mitm_sse.py)
 claude-tap       ``claude-tap --tap-no-launch --tap-proxy-mode reverse --tap-target UPSTREAM``:
@@ -33,6 +34,7 @@ PEERS_VENV = HERE / ".peers-venv"
 PROXIES = ("relay", "bare", "otelproxy", "otelproxy+otlp", "mitmproxy", "claude-tap")
 OURS = ("otelproxy", "otelproxy+otlp")
 OTHER = "otelproxy-other"
+OTHER_OTLP = "otelproxy-other+otlp"
 PEERS = ("mitmproxy", "claude-tap")
 
 
@@ -107,19 +109,21 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
         argv = [sys.executable, "-m", "benchmarks.servers", "bare", "--port", str(port)]
         target.url = route
         env = clean_env()
-    elif name in OURS or name == OTHER:
+    elif name in OURS or name in (OTHER, OTHER_OTLP):
         log_dir = target.record_path = work / f"{name}-record"
         argv = [sys.executable, "-m", "otelproxy", "--port", str(port), "--log-dir",
                 str(log_dir), "--upstream", upstream, "--log-level", "warning",
                 "--grace-period", "5"]
-        if name == "otelproxy+otlp":
-            assert otlp_port is not None
-            argv += ["--seq-url", f"http://{HOST}:{otlp_port}", "--seq-api-key", "bench-key"]
         target.url = route
         target.health_url = f"http://{HOST}:{port}/healthz"
         # Export batches leave after 1 s instead of the default 5 s, so the run need not wait
         # 5 s after each phase for the last batch; smaller batches cost otelproxy more, not less.
-        env = clean_env(OTEL_BSP_SCHEDULE_DELAY="1000", OTEL_BLRP_SCHEDULE_DELAY="1000")
+        # The service name tells the receiver whose spans it counts (two may export).
+        env = clean_env(OTEL_BSP_SCHEDULE_DELAY="1000", OTEL_BLRP_SCHEDULE_DELAY="1000",
+                        OTEL_SERVICE_NAME=name)
+        if exports(name):
+            assert otlp_port is not None
+            argv += ["--seq-url", f"http://{HOST}:{otlp_port}", "--seq-api-key", "bench-key"]
         from otelproxy import __version__
 
         target.version = __version__
@@ -153,9 +157,14 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
     else:
         raise ValueError(f"unknown target {name!r}")
     target.process = Process(name, argv, env, log_path, pinning.for_proxy(),
-                             other_src if name == OTHER else None)
+                             other_src if name in (OTHER, OTHER_OTLP) else None)
     target.process.start()
     return target
+
+
+def exports(name: str) -> bool:
+    """Whether target ``name`` exports OTLP to the run's receiver."""
+    return name in ("otelproxy+otlp", OTHER_OTLP)
 
 
 def record_bytes(target: Target) -> int | None:

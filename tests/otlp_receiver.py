@@ -15,7 +15,8 @@ size; the ``Content-Length`` header gives the size on the wire). Bodies are deco
 ``delay`` (seconds before answering) and ``status`` (answer this instead of 200) can be changed
 at any time to play a slow or failing Seq; ``answers`` lists statuses for the next exports, one
 each, before ``status`` applies again, and ``retry_after`` is sent with every refusal;
-``unused_url()`` names a port where nobody listens.
+``keepalive_timeout`` closes idle client connections sooner (a server dropping a kept
+connection); ``unused_url()`` names a port where nobody listens.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class ExportRequest:
     size: int
     at: float = field(default_factory=time.monotonic)
     """When it was answered (``time.monotonic()``)."""
+    client_port: int = 0
+    """The client's port: POSTs on one kept-alive connection share it."""
 
 
 @dataclass
@@ -130,6 +133,8 @@ class OtlpReceiver:
     retry_after: str | None = None
     ssl_context: ssl.SSLContext | None = None
     """Serve https with this context."""
+    keepalive_timeout: float = 75.0
+    """An idle client connection is closed after this many seconds (aiohttp's default)."""
     url: str = ""
     port: int = 0
     requests: list[ExportRequest] = field(default_factory=list)
@@ -154,7 +159,8 @@ class OtlpReceiver:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2,
-                                     handler_cancellation=True)
+                                     handler_cancellation=True,
+                                     keepalive_timeout=self.keepalive_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
         await site.start()
@@ -231,8 +237,9 @@ class OtlpReceiver:
             with self._lock:
                 status = self.answers.pop(0) if self.answers else self.status
         with self._lock:
+            peer = request.transport.get_extra_info("peername") if request.transport else None
             self.requests.append(ExportRequest(request.path, status, dict(request.headers),
-                                               len(body)))
+                                               len(body), client_port=peer[1] if peer else 0))
         if status != 200:
             headers = {"Retry-After": self.retry_after} if self.retry_after else None
             return web.Response(status=status, text=f"refused with {status}", headers=headers)

@@ -237,6 +237,7 @@ def test_retryable_answers_are_retried_honouring_retry_after(seq: OtlpReceiver) 
     try:
         queue(target, tally, spans(2))
         seq.wait_for_spans(2, timeout=5)
+        assert target.flush(5)  # the tally is updated once the answer is read
         statuses = [r.status for r in seq.requests]
         assert statuses == [503, 429, 200]
         gaps = [b.at - a.at for a, b in zip(seq.requests, seq.requests[1:], strict=False)]
@@ -310,6 +311,81 @@ def test_stop_sends_what_is_queued(seq: OtlpReceiver) -> None:
     assert seq.accepted(LOGS_PATH) == 0
 
 
+def test_batches_share_one_kept_alive_connection(seq: OtlpReceiver) -> None:
+    """Every POST of an exporter goes on the one connection it keeps open."""
+    target, tally, _ = exporter(seq.url, batch=2)
+    try:
+        for first in (0, 2, 4):
+            queue(target, tally, spans(2, first=first))
+            assert target.flush(5)
+        assert [r.status for r in seq.requests] == [200, 200, 200]
+        assert len({r.client_port for r in seq.requests}) == 1
+    finally:
+        target.stop(5)
+
+
+def test_a_connection_the_server_dropped_while_idle_is_replaced_without_a_failure() -> None:
+    """A kept connection the server closed while it was idle is replaced at once: the batch
+    goes out on a new connection, no attempt counts as failed and the health stays ok."""
+    with OtlpReceiver(keepalive_timeout=0.2) as seq:
+        target, tally, losses = exporter(seq.url, batch=2)
+        try:
+            queue(target, tally, spans(2))
+            assert target.flush(5)
+            time.sleep(0.6)  # the receiver closes the idle connection
+            queue(target, tally, spans(2, first=2))
+            assert target.flush(5)
+            assert [r.status for r in seq.requests] == [200, 200]
+            assert seq.requests[0].client_port != seq.requests[1].client_port
+            assert tally.exported["traces"] == 4 and tally.failed["traces"] == 0
+            assert target.last_error is None and target.trouble() is None
+            assert losses.reports == 0
+        finally:
+            target.stop(5)
+
+
+def test_an_answer_later_than_the_timeout_fails_the_batch_at_the_timeout(
+        seq: OtlpReceiver) -> None:
+    """A backend that takes longer than the export timeout to answer: the batch fails at the
+    timeout, named by the exception's type."""
+    seq.delay = 5.0
+    target, tally, _ = exporter(seq.url, batch=1, timeout_s=0.5)
+    try:
+        began = time.monotonic()
+        queue(target, tally, spans(1))
+        assert target.flush(10)
+        assert time.monotonic() - began < 3
+        assert tally.failed["traces"] == 1 and target.last_error == "TimeoutError"
+    finally:
+        target.stop(5)
+
+
+def test_a_host_name_is_looked_up_and_each_address_tried(seq: OtlpReceiver) -> None:
+    """A host name (``localhost``) is looked up, off the exporter's thread, and the export
+    reaches an address of it that accepts (the receiver listens on 127.0.0.1 only)."""
+    target, tally, _ = exporter(seq.url.replace("127.0.0.1", "localhost"), batch=1)
+    try:
+        queue(target, tally, spans(1))
+        assert target.flush(5)
+        assert [r.status for r in seq.requests] == [200] and target.last_error is None
+    finally:
+        target.stop(5)
+
+
+def test_user_info_in_the_endpoint_is_sent_as_basic_authentication(seq: OtlpReceiver) -> None:
+    """``http://user:password@host`` (percent-encoded) becomes an Authorization header."""
+    url = seq.url.replace("http://", "http://otel%20user:p%40ss@")
+    target, tally, _ = exporter(url, batch=1)
+    try:
+        queue(target, tally, spans(1))
+        assert target.flush(5)
+        (request,) = seq.requests
+        assert request.status == 200
+        assert request.headers["Authorization"] == "Basic b3RlbCB1c2VyOnBAc3M="  # otel user:p@ss
+    finally:
+        target.stop(5)
+
+
 def test_abort_gives_up_a_retry_and_counts_what_is_left(seq: OtlpReceiver) -> None:
     seq.status = 503
     seq.retry_after = "30"
@@ -363,7 +439,7 @@ def test_https_endpoint_trusts_the_certificate_variable(certificate: tuple[Path,
             queue(untrusted, tally, spans(1, first=1))
             assert untrusted.flush(10)
             assert tally.failed["traces"] == 1
-            assert untrusted.last_error == "connection failed (SSLError: SSLCertVerificationError)"
+            assert untrusted.last_error == "connection failed (SSLCertVerificationError)"
         finally:
             untrusted.stop(5)
         assert len(seq.spans()) == 1

@@ -396,7 +396,7 @@ def _imported(code: str, env: dict[str, str] | None = None) -> set[str]:
 
 RECORD_ONLY = {"sqlite3", "otelproxy.store", "otelproxy.sessions", "otelproxy.processors",
                "otelproxy.retention", "otelproxy.recorder_process"}
-EXPORT_ONLY = {"requests", "urllib3", "opentelemetry.sdk", "otelproxy.otlp.export"}
+EXPORT_ONLY = {"opentelemetry.sdk", "otelproxy.otlp.export", "otelproxy.otlp.transport"}
 PROXY_ONLY = {"asyncio", "aiohttp", "ssl", "multiprocessing"}
 
 
@@ -417,8 +417,8 @@ def test_the_proxy_process_imports_none_of_the_records_modules(tmp_path):
 
 def test_the_recorder_imports_the_exporter_only_when_export_is_configured(tmp_path):
     """The recorder process loads neither asyncio nor aiohttp; told that export is off it does
-    not import the OTLP package at all, and requests and OpenTelemetry's SDK load only when
-    export is configured."""
+    not import the OTLP package at all, and OpenTelemetry's SDK and the exporter (on
+    http.client, never requests) load only when export is configured."""
     build = textwrap.dedent(f"""
         from otelproxy import config, recorder_process
         cfg = config.build({{"log_dir": {str(tmp_path / "logs")!r}, **SEQ}},
@@ -429,8 +429,8 @@ def test_the_recorder_imports_the_exporter_only_when_export_is_configured(tmp_pa
     assert {"sqlite3", "otelproxy.store", "otelproxy.processors"} <= local
     assert not local & (EXPORT_ONLY | PROXY_ONLY | {"otelproxy.otlp", "opentelemetry"})
     exporting = _imported("SEQ = {'seq_url': 'http://127.0.0.1:9'}\n" + build)
-    assert exporting >= EXPORT_ONLY
-    assert not exporting & {"aiohttp", "multiprocessing"}
+    assert exporting >= EXPORT_ONLY | {"http"}
+    assert not exporting & {"aiohttp", "multiprocessing", "requests", "urllib3"}
 
 
 def test_frames_split_anywhere_are_reassembled_in_order():

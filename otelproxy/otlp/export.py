@@ -32,8 +32,9 @@ line at most once a minute (with the last error). ``flush`` is bounded by its ti
 ``shutdown`` by ``--otlp-shutdown-timeout`` too, and what it abandons is counted as not
 exported and reported in one line.
 
-This module (``requests``, the SDK's resources) is imported only when export is configured
-(``otelproxy.otlp.build_sink``).
+The POSTs go out on one kept-alive ``http.client`` connection per signal
+(``otelproxy.otlp.transport``). This module (and the SDK's resources) is imported only when
+export is configured (``otelproxy.otlp.build_sink``).
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Final
 
-import requests
 from opentelemetry.sdk.resources import Resource
 
 from otelproxy import __version__
 from otelproxy.otlp import wire
 from otelproxy.otlp.mapping import encode
 from otelproxy.otlp.settings import SIGNALS, BatchSettings, ExportSettings, TlsFiles, log, safe_url
+from otelproxy.otlp.transport import ConnectFailed, Endpoint
 from otelproxy.pipeline import Failures
 from otelproxy.record import Record
 
@@ -137,8 +138,9 @@ _ADDRINFO_ERRORS: Final = {getattr(socket, n): n for n in dir(socket) if n.start
 
 def _failure(exc: BaseException) -> str:
     """What went wrong, named without any message (a message may quote the endpoint and its
-    credentials): the exception's type, then the causes it wraps, e.g. ``ConnectionError:
-    NameResolutionError: gaierror EAI_AGAIN`` for a name lookup that got no answer."""
+    credentials): the exception's type, then the causes it wraps, with ``getaddrinfo``'s and
+    ``OSError``'s error codes by name, e.g. ``gaierror EAI_AGAIN`` for a name lookup that got
+    no answer."""
     names: list[str] = []
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -149,12 +151,9 @@ def _failure(exc: BaseException) -> str:
             name += f" {_ADDRINFO_ERRORS.get(current.errno, current.errno)}"
         elif type(current) is OSError and current.errno:
             name += f" {errno.errorcode.get(current.errno, current.errno)}"
-        if name != "MaxRetryError" and (not names or names[-1] != name):
-            names.append(name)  # MaxRetryError only wraps the reason (urllib3)
-        # requests wraps urllib3's error as its first argument, urllib3 its cause as `reason`.
-        wrapped = [current.args[0] if current.args else None, getattr(current, "reason", None),
-                   current.__cause__, current.__context__]
-        current = next((w for w in wrapped if isinstance(w, BaseException)), None)
+        if not names or names[-1] != name:
+            names.append(name)
+        current = current.__cause__ or current.__context__
     return ": ".join(names)
 
 
@@ -183,9 +182,9 @@ class _Exporter:
         self._failing = False
         """The last attempt failed (and none has succeeded since)."""
         self._posting_since: float | None = None
-        self._headers = {"Content-Type": "application/x-protobuf", **headers}
+        headers = {"Content-Type": "application/x-protobuf", **headers}
         if settings.compression != "none":
-            self._headers["Content-Encoding"] = settings.compression
+            headers["Content-Encoding"] = settings.compression
         self._compression = settings.compression
         # A batch's attempts together: the exporter timeout, cut to the processor's own.
         self._timeout = min(settings.timeout_s, batch.export_timeout_ms / 1000)
@@ -193,18 +192,13 @@ class _Exporter:
         self._envelope = envelope
         self._tally = tally
         self._report = report
+        self._endpoint = Endpoint(endpoint, headers, settings.tls.get(signal, TlsFiles()))
         self._items: deque[bytes] = deque()
         self._sending = 0
         self._flushing = False
         self._stopping = False
         self._cond = threading.Condition()
         self._abort = threading.Event()
-        self._session = requests.Session()
-        # Given on every request: a session's own ``verify`` loses to REQUESTS_CA_BUNDLE.
-        tls = settings.tls.get(signal, TlsFiles())
-        self._verify: str | bool = tls.ca_file or True
-        self._cert = ((tls.client_certificate, tls.client_key)
-                      if tls.client_certificate and tls.client_key else None)
         self._thread = threading.Thread(target=self._run, name=f"otelproxy-otlp-{signal}",
                                         daemon=True)
 
@@ -236,8 +230,7 @@ class _Exporter:
         if self._thread.is_alive():
             self.abort()  # wakes a retry's backoff; a POST under way is left to its timeout
             self._thread.join(0.1)
-        self._session.close()
-        return not self._thread.is_alive()
+        return not self._thread.is_alive()  # the thread closes its connection as it ends
 
     def trouble(self) -> str | None:
         """What is wrong with this export right now: the last attempt failed, or the one under
@@ -293,6 +286,7 @@ class _Exporter:
             self._cond.notify_all()
         if left:
             self._tally.done(self.signal, left, False)
+        self._endpoint.close()
 
     def _send(self, body: bytes) -> bool:
         try:
@@ -323,21 +317,17 @@ class _Exporter:
             return "timed out", False, None
         self._posting_since = time.monotonic()
         try:
-            response = self._session.post(self.endpoint, data=data, headers=self._headers,
-                                          timeout=remaining, allow_redirects=False,
-                                          verify=self._verify, cert=self._cert)
-        except requests.ConnectionError as exc:  # refused, reset, DNS, connect timeout
-            return f"connection failed ({_failure(exc)})", True, None
-        except requests.RequestException as exc:  # e.g. no answer in time
+            answer = self._endpoint.post(data, remaining)
+        except ConnectFailed as exc:  # DNS, refused, connect timeout, TLS, reset
+            return f"connection failed ({_failure(exc.__cause__ or exc)})", True, None
+        except TimeoutError as exc:  # no answer in time
             return _failure(exc), False, None
         finally:
             self._posting_since = None
-        with response:
-            status = response.status_code
-            if 200 <= status < 300:
-                return None, False, None
-            return (f"HTTP {status}", status in RETRYABLE_STATUSES,
-                    _retry_after(response.headers.get("retry-after")))
+        status = answer.status
+        if 200 <= status < 300:
+            return None, False, None
+        return f"HTTP {status}", status in RETRYABLE_STATUSES, _retry_after(answer.retry_after)
 
 
 class OtlpSink:
