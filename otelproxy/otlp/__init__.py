@@ -6,9 +6,10 @@ exchange, sent as OTLP/HTTP protobuf from the recorder process.
 - ``mapping``: ``Record`` → attributes, span and log names, severity, summaries (it lists every
   attribute, a contract with Seq queries); ``encode`` gives an exchange's telemetry as bytes.
 - ``wire``: the OTLP protobuf writer (spans, log records, export requests).
-- ``export``: ``OtlpSink`` and the batching exporter threads (HTTP send, retries,
-  ``Retry-After``, counters); imports ``requests`` and the SDK, so it is loaded only when
+- ``export``: ``OtlpSink`` (encodes on the recorder's thread) and the batching exporter
+  threads (retries, ``Retry-After``, counters); imports the SDK, so it is loaded only when
   export is configured (``build_sink``).
+- ``transport``: one kept-alive ``http.client`` connection to an endpoint, every step bounded.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def build_sink(config: Config, env: Mapping[str, str]) -> Sink | None:
     settings = resolve(config, env)
     if settings is None:
         return None
-    from otelproxy.otlp.export import OtlpSink  # requests, the SDK: only when exporting
+    from otelproxy.otlp.export import OtlpSink  # the SDK, http.client: only when exporting
 
     sink = OtlpSink(settings)
     sink.start()
