@@ -154,6 +154,7 @@ def _ms(ns: int) -> float:
     return round(ns / 1e6, 3)
 
 
+@functools.lru_cache(maxsize=64)  # a proxy has a few upstreams; urlsplit twice an exchange
 def _origin(upstream_url: str) -> tuple[str | None, int | None]:
     if not upstream_url:
         return None, None

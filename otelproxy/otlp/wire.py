@@ -152,7 +152,15 @@ def key_values(attributes: Mapping[str, AttributeValue]) -> list[bytes]:
             encoded_key = field(_KEY, key.encode())
             if len(_keys) < _KEY_CACHE_SIZE:
                 _keys[key] = encoded_key
-        out.append(encoded_key + field(_VALUE, any_value(value)))
+        if type(value) is str:  # most attributes: any_value's first case, without the calls
+            data = value.encode("utf-8", "surrogatepass")
+            size = len(data)
+            encoded = _STRING_VALUE + (_VARINTS[size] if size < 0x4000 else varint(size)) + data
+        else:
+            encoded = any_value(value)
+        size = len(encoded)
+        out.append(encoded_key + _VALUE + (_VARINTS[size] if size < 0x4000 else varint(size))
+                   + encoded)
     return out
 
 
@@ -167,7 +175,8 @@ def log_attributes(key_value_messages: Iterable[bytes]) -> bytes:
 
 
 def _repeated(tag: bytes, messages: Iterable[bytes]) -> bytes:
-    return b"".join(field(tag, message) for message in messages)
+    return b"".join([tag + (_VARINTS[len(message)] if len(message) < 0x4000
+                            else varint(len(message))) + message for message in messages])
 
 
 @dataclass(frozen=True, slots=True)
