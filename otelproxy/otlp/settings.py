@@ -20,7 +20,8 @@ sink, nothing tried. Header values (the API key) are never logged. A bad value i
 ``ConfigError`` (one line, exit code 2).
 
 The proxy process resolves the settings too (a bad value fails at start, not in the recorder),
-so this module imports nothing heavy: no ``requests``, no OpenTelemetry SDK.
+so this module imports nothing heavy: not the exporter (``http.client``, ``ssl``), not the
+OpenTelemetry SDK.
 """
 
 from __future__ import annotations
