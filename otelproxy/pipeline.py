@@ -1,7 +1,8 @@
 """The pipeline: exchanges in, processors in a list, sinks out — all off the request path.
 
     [exchanges] ──► handle_batch() ──► processors ──► sink.submit()   (local store: inline;
-                                                                       OTLP: own queue + thread)
+                                                                       OTLP: encodes inline,
+                                                                       sends on its threads)
 
 In the proxy the pipeline runs inside the recorder process (``otelproxy.recorder_process``),
 which feeds it batches; as a ``Worker`` it can also run in-process on its own thread (tests,
