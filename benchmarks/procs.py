@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -188,6 +189,42 @@ def _status_kib(pid: int, key: str) -> int:
 def tree_rss_mib(pid: int) -> float:
     """Resident memory (``VmRSS``) of ``pid`` and its descendants, summed, in MiB."""
     return round(sum(_status_kib(member, "VmRSS") for member in tree(pid)) / 1024, 1)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PRESENT = 1 << 63
+_PFN = (1 << 55) - 1
+
+
+def _frames(pid: int) -> set[int]:
+    """The physical page frames ``pid`` has resident (``/proc/PID/pagemap``)."""
+    frames: set[int] = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if line.rstrip().endswith("[vsyscall]"):
+                continue  # not readable through pagemap
+            pagemap.seek(start // _PAGE * 8)
+            data = pagemap.read((end - start) // _PAGE * 8)
+            frames.update(entry & _PFN for (entry,) in struct.iter_unpack("<Q", data)
+                          if entry & _PRESENT)
+    return frames
+
+
+def tree_unique_mib(pid: int) -> float | None:
+    """Resident memory of ``pid``'s tree with every physical page counted once: a library or
+    interpreter page two processes of the tree both map is one page of memory, which summing
+    ``VmRSS`` counts twice. None where page frames cannot be read (they read as 0 without
+    CAP_SYS_ADMIN)."""
+    frames: set[int] = set()
+    try:
+        for member in tree(pid):
+            frames |= _frames(member)
+    except OSError:
+        return None
+    if not frames or frames == {0}:
+        return None
+    return round(len(frames) * _PAGE / (1 << 20), 1)
 
 
 def tree_rss_by_process(pid: int) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 direct           no proxy: the load generator talks to the fake upstream (the floor)
 relay            ``benchmarks.servers relay``: a TCP relay, the floor any proxy on CPU 1 pays
+relay-c          ``benchmarks/relay.c`` (built with ``cc -O2`` into the run's directory): the
+                 same relay in C, the floor of a hop through CPU 1 without an interpreter
 bare             ``benchmarks.servers bare``: otelproxy's forwarding without the record
 otelproxy        ``python -m otelproxy`` recording into a temporary log dir (JSONL + SQLite)
 otelproxy+otlp   the same, exporting OTLP/HTTP to the loopback receiver as well (``--seq-url``;
@@ -31,7 +33,7 @@ from benchmarks.procs import HOST, Pinning, Process, free_port, wait_listening
 
 HERE = Path(__file__).resolve().parent
 PEERS_VENV = HERE / ".peers-venv"
-PROXIES = ("relay", "bare", "otelproxy", "otelproxy+otlp", "mitmproxy", "claude-tap")
+PROXIES = ("relay-c", "relay", "bare", "otelproxy", "otelproxy+otlp", "mitmproxy", "claude-tap")
 OURS = ("otelproxy", "otelproxy+otlp")
 OTHER = "otelproxy-other"
 OTHER_OTLP = "otelproxy-other+otlp"
@@ -81,6 +83,22 @@ def _missing(executable: Path, target: Target) -> bool:
     return True
 
 
+def _build_c_relay(work: Path, target: Target) -> Path | None:
+    """``benchmarks/relay.c`` compiled into ``work``; None, with the reason on ``target``, when
+    it cannot be."""
+    executable = work / "relay-c"
+    try:
+        completed = subprocess.run(["cc", "-O2", "-o", str(executable), str(HERE / "relay.c")],
+                                   capture_output=True, text=True, timeout=120, check=False)
+    except OSError as exc:
+        target.error = f"not built: no C compiler ({type(exc).__name__}: cc)"
+        return None
+    if completed.returncode != 0:
+        target.error = f"not built: cc failed: {completed.stderr.strip()[-300:]}"
+        return None
+    return executable
+
+
 def _peer_version(executable: Path, distribution: str) -> str:
     python = executable.parent / "python"
     completed = subprocess.run(
@@ -100,7 +118,14 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
     upstream = f"http://{HOST}:{upstream_port}"
     route = f"http://{HOST}:{port}/anthropic/{HOST}:{upstream_port}/v1/messages"
     log_path = work / f"{name}.log"
-    if name == "relay":
+    if name == "relay-c":
+        executable = _build_c_relay(work, target)
+        if executable is None:
+            return target
+        argv = [str(executable), str(port), str(upstream_port)]
+        target.url = f"http://{HOST}:{port}/v1/messages"
+        env = clean_env()
+    elif name == "relay":
         argv = [sys.executable, "-m", "benchmarks.servers", "relay", "--port", str(port),
                 "--upstream-port", str(upstream_port)]
         target.url = f"http://{HOST}:{port}/v1/messages"

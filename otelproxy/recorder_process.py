@@ -41,6 +41,7 @@ from otelproxy.channel import (
     Stopped,
 )
 from otelproxy.config import Config
+from otelproxy.memory import release_free_heap
 
 if TYPE_CHECKING:
     from otelproxy.pipeline import Pipeline, Sink
@@ -57,6 +58,9 @@ COUNTER_INTERVAL = 0.1
 """A busy recorder reports its progress at most this often."""
 IDLE_WAIT = 0.25
 """An idle recorder reports its counters and the export's health this often."""
+TRIM_INTERVAL = 1.0
+"""An idle recorder returns freed heap to the system at most this often (``otelproxy.memory``),
+and only when it has recorded something since."""
 
 
 def build_pipeline(
@@ -146,6 +150,7 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
     lower_priority()  # only now: starting (imports, opening the record) is not held back
     batch: list[Exchange] = []
     first_at = 0.0
+    trimmed = (-1, 0.0)  # (processed, when): the last time freed heap went back to the system
     while True:
         if not received:
             received = end.receive(first_at + LINGER - time.monotonic() if batch else IDLE_WAIT)
@@ -153,6 +158,9 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
             if not end.closed:
                 pipeline.tick()
                 report()
+                if trimmed[0] != processed and time.monotonic() - trimmed[1] >= TRIM_INTERVAL:
+                    release_free_heap()  # idle after recording: what a burst used goes back
+                    trimmed = (processed, time.monotonic())
                 continue
             received = [Stop(time.monotonic() + 10.0)]  # the proxy is gone: finish, leave
         if not batch and received:

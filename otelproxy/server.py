@@ -15,6 +15,7 @@ from aiohttp import web
 from otelproxy import open_files
 from otelproxy.config import Config
 from otelproxy.listener import Listener
+from otelproxy.memory import release_free_heap
 from otelproxy.pipeline import Pipeline
 from otelproxy.proxy import STATE, ProxyState, build_app
 from otelproxy.recorder import Recorder
@@ -58,7 +59,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await recorder.start()
     else:
         await asyncio.to_thread(recorder.start)
+    idle = asyncio.create_task(_release_when_idle(state))
     yield
+    idle.cancel()
     await state.upstream.close()
     timeout = max(5.0, state.config.grace_period)
     if isinstance(recorder, Recorder):
@@ -67,6 +70,22 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         flushed = await asyncio.to_thread(recorder.shutdown, timeout)
     if not flushed:
         log.error("shutdown: the record could not be flushed completely")
+
+
+IDLE_CHECK = 1.0
+"""Seconds between the proxy's checks for being idle (``_release_when_idle``)."""
+
+
+async def _release_when_idle(state: ProxyState) -> None:
+    """Once no stream is in flight and exchanges have ended since the last time, return the
+    heap they freed to the system (``otelproxy.memory``): after a burst, the idle proxy does
+    not keep its peak."""
+    seen = state.stats.exchanges
+    while True:
+        await asyncio.sleep(IDLE_CHECK)
+        if state.stats.in_flight == 0 and state.stats.exchanges != seen:
+            seen = state.stats.exchanges
+            release_free_heap()
 
 
 class Server:

@@ -22,7 +22,7 @@ import pytest
 from benchmarks import procs, run, targets, traffic
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASURED = ("relay", "bare", "otelproxy", "otelproxy+otlp")
+MEASURED = ("relay-c", "relay", "bare", "otelproxy", "otelproxy+otlp")
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,7 @@ def test_quick_run_records_and_exports_every_exchange(quick: dict[str, Any]) -> 
         assert quick["record_bytes"][name] > 0
     assert quick["record_bytes"]["bare"] is None  # the references record nothing
     assert quick["record_bytes"]["relay"] is None
+    assert quick["record_bytes"]["relay-c"] is None
     receiver = quick["otlp_receiver"]
     assert receiver["decoded"] is True
     assert receiver["server_spans"] == quick["record"]["otelproxy+otlp"]["served"]
