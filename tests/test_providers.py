@@ -336,3 +336,48 @@ def test_openai_responses_non_streamed_is_parsed(
     assert parsed.previous_response_id == "resp_prev"
     assert parsed.output_message is not None
     assert parsed.output_message["output"][0]["content"][0]["text"] == "Running two tools now."
+
+
+def test_anthropic_reassembly_keeps_interleaved_and_restarted_blocks_apart() -> None:
+    """Text and thinking pieces go to their own block and field however the deltas interleave
+    (the quick path for 'the same block and kind as the one before' never mixes them up); a
+    block started again drops the pieces before; a non-string text is kept as its str; a delta
+    whose index is not an int is skipped."""
+    from otelproxy.providers.anthropic import reassemble
+
+    def delta(index: Any, kind: str, key: str, value: Any) -> tuple[str, Any]:
+        return "content_block_delta", {"type": "content_block_delta", "index": index,
+                                       "delta": {"type": kind, key: value}}
+
+    def start(index: int, block: dict[str, Any]) -> tuple[str, Any]:
+        return "content_block_start", {"type": "content_block_start", "index": index,
+                                       "content_block": block}
+
+    events = [
+        ("message_start", {"type": "message_start", "message": {"id": "m", "content": []}}),
+        start(0, {"type": "thinking", "thinking": ""}),
+        start(1, {"type": "text", "text": "T:"}),
+        delta(0, "thinking_delta", "thinking", "a"),
+        delta(0, "thinking_delta", "thinking", "b"),
+        delta(1, "text_delta", "text", "x"),
+        delta(0, "thinking_delta", "thinking", "c"),
+        delta(1, "text_delta", "text", 7),
+        delta(1.0, "text_delta", "text", "float index"),
+        delta(True, "text_delta", "text", "bool index"),
+        delta(0, "text_delta", "text", "t"),
+        delta(0, "text_delta", "text", "u"),
+        delta(0, "thinking_delta", "thinking", "d"),
+        start(2, {"type": "text", "text": ""}),
+        delta(2, "text_delta", "text", "old"),
+        start(2, {"type": "text", "text": "new:"}),
+        delta(2, "text_delta", "text", "1"),
+        delta(2, "text_delta", "text", "2"),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    message = reassemble(events, [])
+    assert message is not None
+    assert message["content"] == [
+        {"type": "thinking", "thinking": "abcd", "text": "tu"},
+        {"type": "text", "text": "T:x7"},
+        {"type": "text", "text": "new:12"},
+    ]

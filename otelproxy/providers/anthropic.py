@@ -131,6 +131,7 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
     partial_json: dict[int, list[str]] = {}
     last_index: int | None = None  # the block and field the last piece went to, and its list
     last_field = ""
+    last_kind: Any = ""  # the delta type that named last_field
     last_pieces: list[str] = []
     for name, payload in events:
         if type(payload) is not dict:
@@ -144,17 +145,19 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
             if type(index) is not int or type(delta) is not dict:
                 continue
             delta_kind = delta.get("type")
+            if index == last_index and delta_kind == last_kind:  # the usual: same as before
+                value = delta.get(last_field, "")
+                last_pieces.append(value if type(value) is str else str(value))
+                continue
             field = _TEXT_DELTAS.get(delta_kind) if type(delta_kind) is str else None
             if field is not None:
                 value = delta.get(field, "")
                 piece = value if type(value) is str else str(value)
-                if index == last_index and field == last_field:  # the usual: same as before
-                    last_pieces.append(piece)
-                    continue
                 fields = texts.get(index)
                 if fields is not None and (pieces := fields.get(field)) is not None:
                     pieces.append(piece)
                     last_index, last_field, last_pieces = index, field, pieces
+                    last_kind = delta_kind
                     continue
                 block = blocks.get(index)
                 if block is None:
@@ -163,7 +166,7 @@ def reassemble(events: list[tuple[str, Any]], notes: list[str]) -> dict[str, Any
                     partial_json[index] = []
                 block[field] = block.get(field, "") + piece  # the first: raises as it did
                 last_pieces = texts.setdefault(index, {})[field] = [block[field]]
-                last_index, last_field = index, field
+                last_index, last_field, last_kind = index, field, delta_kind
                 continue
             block = blocks.get(index)
             if block is None:
