@@ -145,6 +145,40 @@ def test_a_start_message_larger_than_the_pipe_reaches_the_recorder(tmp_path):
     asyncio.run(scenario())
 
 
+def untracked(n: int, response_bytes: int) -> Exchange:
+    """A call that is no conversation turn (``GET /v1/models``): recorded in the day's
+    ``untracked`` file, in the order the recorder records it."""
+    ex = exchange(n)
+    ex.method, ex.path, ex.request_body = "GET", "/v1/models", b""
+    ex.chunks = [(ex.finished_ns or 0, b'{"data":"' + b"m" * response_bytes + b'"}')]
+    return ex
+
+
+@pytest.mark.parametrize(("count", "response_bytes"), [(600, 10), (40, 100_000)])
+def test_many_exchanges_at_once_are_all_recorded_in_order(tmp_path, count, response_bytes):
+    """Exchanges handed over together (one message) are recorded in several transactions when
+    they are more than one batch holds (by count, or by bytes of bodies): every one of them,
+    in the order they were submitted."""
+    async def scenario() -> list[str]:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        try:
+            submitted = [untracked(n, response_bytes) for n in range(count)]
+            for ex in submitted:  # one loop iteration: one Exchanges message
+                recorder.submit(ex)
+            assert await recorder.drain(60)
+            assert recorder.counters()["records_written"] == count
+        finally:
+            assert await recorder.stop(10)
+        return [ex.id for ex in submitted]
+
+    submitted = asyncio.run(scenario())
+    [day_file] = (tmp_path / "logs" / "anthropic").glob("untracked-*.jsonl")
+    entries = [orjson.loads(line) for line in day_file.read_bytes().splitlines()]
+    assert [e["exchange_id"] for e in entries if e["type"] == "request"] == submitted
+    assert [e["exchange_id"] for e in entries if e["type"] == "response"] == submitted
+
+
 def test_recorder_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path):
     """Under CPU contention the proxy's event loop runs first (the recorder is SCHED_IDLE: it
     runs only when its CPU has nothing else to run); the record catches up."""
