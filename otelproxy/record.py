@@ -121,6 +121,12 @@ class Exchange:
         return sum(len(chunk) for _, chunk in self.chunks)
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of body it holds: the request body and the response chunks it keeps (what it
+        weighs in memory, about)."""
+        return len(self.request_body) + sum(map(len, map(_second, self.chunks)))
+
+    @property
     def request_size(self) -> int:
         """Bytes of the request body the client sent (all of them, also when cut)."""
         if self.request_cut is not None:
@@ -135,6 +141,7 @@ class Exchange:
 
 
 _exchange_fields = operator.attrgetter(*(item.name for item in fields(Exchange)))
+_second = operator.itemgetter(1)
 
 
 @dataclass(slots=True)

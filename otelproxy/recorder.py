@@ -18,12 +18,14 @@ export is on, so that a recorder without export never imports the OTLP package (
 memory this layout takes is measured in the README, "How it works").
 
 The proxy's side lives on its event loop alone, with no thread and nothing shared between
-threads: ``submit`` gathers the exchanges finished in one loop iteration into one message and
-writes it into the non-blocking pipe; what the pipe cannot take at once waits in a bounded
-buffer (``PipeWriter``) that the loop drains when the pipe is writable, and the loop reads the
-recorder's progress and answers (``loop.add_reader``). ``submit`` never blocks: with
-``record_queue_size`` exchanges unrecorded an exchange is dropped; with the buffer full it is
-sent without its bodies (a small reserve past the limit), else dropped; counted either way.
+threads: ``submit`` gathers the exchanges finished in one loop iteration into one message (of
+up to ``_FRAME_BYTES``) and writes it into the non-blocking pipe; what the pipe cannot take at
+once waits in a buffer (``PipeWriter``) that the loop drains when the pipe is writable. While
+that buffer is not empty, newly finished exchanges wait in the outbox as they are, not framed:
+the proxy never holds a backlog twice (the exchanges and their pickles), and frames it as the
+pipe makes room. The loop reads the recorder's progress and answers (``loop.add_reader``).
+``submit`` never blocks: with ``record_queue_size`` exchanges unrecorded an exchange is
+dropped; with ``buffer_limit`` bytes of bodies waiting it waits without its bodies (counted).
 Another thread (a test, an embedding program) uses ``flush``, which runs ``drain`` on the loop;
 waiting for the exit status of a recorder that ended (``waitpid``) is the one call made on a
 worker thread.
@@ -47,7 +49,8 @@ import site
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from otelproxy.channel import (
@@ -74,10 +77,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("otelproxy.recorder")
 
 _MAX_BUFFER_BYTES = 256 * 1024 * 1024
-"""Framed exchanges waiting in the proxy for room in the pipe; beyond this they are dropped."""
+"""Bytes of bodies that exchanges waiting in the proxy for room in the pipe may hold; past this
+an exchange waits without its bodies: the record keeps at least its request and response
+entries (``body_truncated``)."""
 _STUB_RESERVE = 16 * 1024 * 1024
-"""Room past that limit for exchanges sent without their bodies when the buffer is full: the
-record keeps at least their request and response entries (``body_truncated``)."""
+"""Room past the ``PipeWriter``'s limit for exchanges sent without their bodies, and for
+``Flush`` and ``Stop``."""
+_FRAME_BYTES = 256 * 1024
+"""Exchanges go to the recorder in messages holding up to this many bytes of bodies (at least
+one exchange each), so that a backlog is framed as the pipe makes room, not all at once."""
 RESTART_FIRST = 0.5
 """Seconds before restarting a recorder that died again soon after a restart (then doubled)."""
 RESTART_MAX = 30.0
@@ -101,10 +109,13 @@ class PipeWriter:
     the event loop only.
     """
 
-    def __init__(self, fd: int, limit: int) -> None:
+    def __init__(self, fd: int, limit: int,
+                 on_room: Callable[[], None] | None = None) -> None:
+        """``on_room``: called on the loop each time the buffer has been written whole."""
         self.fd = fd
         os.set_blocking(fd, False)
         self._limit = limit
+        self._on_room = on_room
         self._buffer = bytearray()
         self._watching: asyncio.AbstractEventLoop | None = None
         self.broken = False
@@ -154,6 +165,8 @@ class PipeWriter:
                 return
             del self._buffer[:written]
         self._unwatch()
+        if self._on_room is not None:
+            self._on_room()
 
     def _unwatch(self) -> None:
         if self._watching is not None:
@@ -246,7 +259,9 @@ class Recorder:
         self.dropped = 0
         self.without_bodies = 0
         self._drop_logs = 0
-        self._outbox: list[Exchange] = []
+        self._outbox: deque[tuple[Exchange, int]] = deque()
+        """Exchanges not yet framed, with the bytes of bodies each holds."""
+        self._outbox_bytes = 0
 
     # -- the process -----------------------------------------------------------------------------
 
@@ -261,7 +276,7 @@ class Recorder:
             os.close(inbox_write)
             raise
         os.set_blocking(results_read, False)
-        inbox = PipeWriter(inbox_write, self._buffer_limit)
+        inbox = PipeWriter(inbox_write, self._buffer_limit, self._send_outbox)
         inbox.send(Start(self.config, self._env, self._exporting))  # first, whatever follows
         return RecorderProcess(inbox, results_read, (inbox_read, results_write))
 
@@ -355,7 +370,7 @@ class Recorder:
         ``RESTART_MAX``) and logged once; new exchanges wait in the new pipe meanwhile."""
         status = await _exit_status(dying)
         self.restarts += 1
-        self._send_outbox()  # into the dead pipe: counted below with the rest
+        self._send_outbox(force=True)  # into the dead pipe: counted below with the rest
         for key, value in self._counters.items():
             self._earlier[key] = self._earlier.get(key, 0) + value
         self._earlier["processed"] = self._earlier.get("processed", 0) + self._processed
@@ -405,18 +420,34 @@ class Recorder:
 
     def submit(self, exchange: Exchange) -> None:
         """Hand a finished exchange to the recorder. The exchanges finished in one loop
-        iteration go together (one pickle, one pipe write)."""
+        iteration go together (one pickle, one pipe write); while the pipe is full they wait
+        here as they are."""
         self.submitted += 1
         if self.pending > self.config.record_queue_size:
             self._drop(1, "record queue full")
             return
-        self._outbox.append(exchange)
-        if len(self._outbox) == 1:
+        size = exchange.held_bytes
+        if self._outbox_bytes + size > self._buffer_limit:
+            exchange, size = without_bodies(exchange), 0
+            self._count_without_bodies(1)
+        self._outbox.append((exchange, size))
+        self._outbox_bytes += size
+        if len(self._outbox) == 1 and not self.process.inbox.buffered:
             self._bound_loop().call_soon(self._send_outbox)
 
-    def _send_outbox(self) -> None:
-        if self._outbox:
-            batch, self._outbox = self._outbox, []
+    def _send_outbox(self, force: bool = False) -> None:
+        """Frame the outbox (``_FRAME_BYTES`` at a time) while the pipe takes it whole; the
+        rest waits for ``PipeWriter``'s ``on_room``. ``force``: all of it now, buffered if need
+        be (before a ``Flush`` or ``Stop``, which must come after it)."""
+        outbox, inbox = self._outbox, self.process.inbox
+        while outbox and (force or not inbox.buffered):
+            batch: list[Exchange] = []
+            size = 0
+            while outbox and (not batch or size + outbox[0][1] <= _FRAME_BYTES):
+                exchange, held = outbox.popleft()
+                batch.append(exchange)
+                size += held
+            self._outbox_bytes -= size
             self._send(batch)
 
     def _send(self, batch: list[Exchange]) -> None:
@@ -425,12 +456,15 @@ class Recorder:
             return
         if not inbox.broken and inbox.send(Exchanges([without_bodies(e) for e in batch]),
                                            _STUB_RESERVE):
-            self.without_bodies += len(batch)
-            if self.without_bodies == len(batch):
-                log.error("record buffer full: exchanges are recorded without their bodies "
-                          "(counted in records_without_bodies)")
+            self._count_without_bodies(len(batch))
             return
         self._drop(len(batch), "recorder gone" if inbox.broken else "record buffer full")
+
+    def _count_without_bodies(self, count: int) -> None:
+        if not self.without_bodies:
+            log.error("record buffer full: exchanges are recorded without their bodies "
+                      "(counted in records_without_bodies)")
+        self.without_bodies += count
 
     def _drop(self, count: int, why: str) -> None:
         self.dropped += count
@@ -468,7 +502,7 @@ class Recorder:
     async def drain(self, within: float, sinks: bool = True) -> bool:
         """Wait up to ``within`` seconds until every exchange submitted before this call is
         recorded (and, with ``sinks``, exported by every sink); True if it is."""
-        self._send_outbox()
+        self._send_outbox(force=True)
         token = next(self._tokens)
         answer = self._bound_loop().create_future()
         self._answers[token] = answer
@@ -518,7 +552,7 @@ class Recorder:
             return False
         loop = self._bound_loop()
         deadline = loop.time() + within
-        self._send_outbox()
+        self._send_outbox(force=True)
         self._stopped = loop.create_future()
         ok = False
         if process.inbox.send(Stop(time.monotonic() + within), _STUB_RESERVE):

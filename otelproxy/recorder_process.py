@@ -178,7 +178,7 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
                     if not batch:
                         first_at = time.monotonic()
                     batch.append(exchange)
-                    held += body_bytes(exchange)
+                    held += exchange.held_bytes
                     if len(batch) >= _MAX_BATCH or held >= _MAX_BATCH_BYTES:
                         record(batch)
                         batch, held = [], 0
@@ -201,11 +201,6 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
             record(batch)
             batch, held = [], 0
             report()
-
-
-def body_bytes(exchange: Exchange) -> int:
-    """Bytes of the bodies ``exchange`` holds (the request's, and the response's chunks)."""
-    return len(exchange.request_body) + sum(len(chunk) for _, chunk in exchange.chunks)
 
 
 if __name__ == "__main__":

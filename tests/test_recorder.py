@@ -154,6 +154,26 @@ def untracked(n: int, response_bytes: int) -> Exchange:
     return ex
 
 
+def assert_recorded_in_order(log_dir: Path, submitted: list[str]) -> None:
+    """The day's untracked file holds the request and response entries of ``submitted``, in
+    that order."""
+    [day_file] = (log_dir / "anthropic").glob("untracked-*.jsonl")
+    entries = [orjson.loads(line) for line in day_file.read_bytes().splitlines()]
+    assert [e["exchange_id"] for e in entries if e["type"] == "request"] == submitted
+    assert [e["exchange_id"] for e in entries if e["type"] == "response"] == submitted
+
+
+async def record_all(recorder: Recorder, count: int) -> None:
+    """Start ``recorder`` (if need be), wait until it has recorded ``count`` exchanges, stop it."""
+    if not recorder.process.running:
+        await recorder.start()
+    try:
+        assert await recorder.drain(60)
+        assert recorder.counters()["records_written"] == count
+    finally:
+        assert await recorder.stop(10)
+
+
 @pytest.mark.parametrize(("count", "response_bytes"), [(600, 10), (40, 100_000)])
 def test_many_exchanges_at_once_are_all_recorded_in_order(tmp_path, count, response_bytes):
     """Exchanges handed over together (one message) are recorded in several transactions when
@@ -162,21 +182,31 @@ def test_many_exchanges_at_once_are_all_recorded_in_order(tmp_path, count, respo
     async def scenario() -> list[str]:
         recorder = Recorder(make_config(tmp_path / "logs"), env={})
         await recorder.start()
-        try:
-            submitted = [untracked(n, response_bytes) for n in range(count)]
-            for ex in submitted:  # one loop iteration: one Exchanges message
-                recorder.submit(ex)
-            assert await recorder.drain(60)
-            assert recorder.counters()["records_written"] == count
-        finally:
-            assert await recorder.stop(10)
+        submitted = [untracked(n, response_bytes) for n in range(count)]
+        for ex in submitted:  # one loop iteration: one Exchanges message
+            recorder.submit(ex)
+        await record_all(recorder, count)
         return [ex.id for ex in submitted]
 
-    submitted = asyncio.run(scenario())
-    [day_file] = (tmp_path / "logs" / "anthropic").glob("untracked-*.jsonl")
-    entries = [orjson.loads(line) for line in day_file.read_bytes().splitlines()]
-    assert [e["exchange_id"] for e in entries if e["type"] == "request"] == submitted
-    assert [e["exchange_id"] for e in entries if e["type"] == "response"] == submitted
+    assert_recorded_in_order(tmp_path / "logs", asyncio.run(scenario()))
+
+
+def test_a_backlog_waits_unframed_while_the_pipe_is_full(tmp_path):
+    """While the recorder does not read, exchanges past what the pipe holds wait in the proxy
+    as they are: at most one message's framed bytes wait beside the pipe (the backlog is not
+    held twice), and every exchange is recorded, in order, once the recorder reads."""
+    async def scenario() -> list[str]:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        submitted = [untracked(n, 100_000) for n in range(40)]  # 4 MB; a pipe holds 1 MiB
+        for ex in submitted:
+            recorder.submit(ex)
+            await asyncio.sleep(0)  # one loop iteration each: one message each
+        assert 0 < recorder.process.inbox.buffered <= recorder_module._FRAME_BYTES
+        assert recorder.without_bodies == 0 and recorder.dropped == 0
+        await record_all(recorder, len(submitted))
+        return [ex.id for ex in submitted]
+
+    assert_recorded_in_order(tmp_path / "logs", asyncio.run(scenario()))
 
 
 def test_recorder_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path):
