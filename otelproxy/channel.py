@@ -23,6 +23,7 @@ import os
 import pickle
 import select
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -121,6 +122,10 @@ Message = Start | Exchanges | Flush | Stop | Progress | Ready | Flushed | Stoppe
 _HEADER = struct.Struct("!I")
 PIPE_SIZE = 1024 * 1024
 """Asked of the kernel for each pipe (``F_SETPIPE_SZ``; Linux caps it at pipe-max-size)."""
+READ_SIZE = 64 * 1024
+"""Bytes asked of a pipe per read. Each read allocates what it asks for before it shrinks it to
+what came: reading a megabyte at a time left the recorder 5 to 10 MiB larger after 500
+exchanges of 47 KB than reading this much (2.5 MiB), for no more time to record them."""
 
 
 def frame(message: Message) -> bytes:
@@ -173,18 +178,21 @@ class RecorderEnd:
 
     def receive(self, timeout: float | None) -> list[Message]:
         """The messages complete within ``timeout`` seconds (maybe none; None: wait for one)."""
-        if self.closed:
-            return []
-        ready, _, _ = select.select([self._inbox], [], [],
-                                    None if timeout is None else max(0.0, timeout))
-        if not ready:
-            return []
-        data = os.read(self._inbox, PIPE_SIZE)  # EINTR is retried by Python itself (PEP 475)
-        if not data:
-            self.closed = True
-            return []
-        self._buffer += data
-        return list(unframe(self._buffer))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.closed:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._inbox], [], [], wait)
+            if not ready:
+                break
+            data = os.read(self._inbox, READ_SIZE)  # EINTR is retried by Python (PEP 475)
+            if not data:
+                self.closed = True
+                break
+            self._buffer += data
+            messages = list(unframe(self._buffer))
+            if messages:
+                return messages
+        return []
 
     def send(self, message: Message) -> None:
         """Write ``message`` whole; nothing when the proxy is gone (it reads no more, and the

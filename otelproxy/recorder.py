@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from otelproxy.channel import (
+    READ_SIZE,
     Exchanges,
     Flush,
     Flushed,
@@ -318,7 +319,7 @@ class Recorder:
     def _readable(self, process: RecorderProcess) -> None:
         """The event loop's callback for the results pipe: progress, answers, or its end."""
         try:
-            data = os.read(process.results, 1 << 20)
+            data = os.read(process.results, READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
