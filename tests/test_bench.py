@@ -292,3 +292,13 @@ def test_phases_option_runs_only_the_named_phases(tmp_path: Path) -> None:
         bad = subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=ROOT,
                              capture_output=True, text=True, timeout=60, check=False)
         assert bad.returncode == 2 and why in bad.stderr
+
+
+def test_recorder_burst_records_every_exchange_and_reports_memory(capsys) -> None:
+    """`benchmarks.recorder_burst` hands a real recorder process a burst, waits until every
+    exchange is recorded (it fails otherwise) and reports its peak memory, time and CPU."""
+    from benchmarks import recorder_burst
+
+    assert recorder_burst.main(["--exchanges", "30", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "round 1: 30 exchanges, recorder peak +" in out and "ms per exchange" in out
