@@ -50,12 +50,12 @@ if TYPE_CHECKING:
 
 _MAX_BATCH = 256
 """At most this many exchanges are recorded in one transaction."""
-_MAX_BATCH_BYTES = 512 * 1024
+_MAX_BATCH_BYTES = 256 * 1024
 """A batch is recorded once its exchanges hold this many bytes of bodies. Until its commit the
 recorder holds a batch's exchanges, and their JSONL lines twice more (staged, and in the
 journal). The 500 exchanges of the benchmark's 500-stream round (47 KB each), recorded 256 at
-a time, took the pipeline's resident set up by 27 MiB; 11 at a time (this cap), by 2 MiB, at no
-more CPU per exchange (README, "Memory per stream"). A commit costs little beside half a
+a time, took the pipeline's resident set up by 27 MiB; 5 at a time (this cap), by 0.7 MiB, at
+no more CPU per exchange (README, "Memory per stream"). A commit costs little beside a quarter
 megabyte of exchanges (no fsync: WAL, ``synchronous = NORMAL``)."""
 LINGER = 0.02
 """Seconds the recorder waits for more exchanges before it records a partial batch."""
