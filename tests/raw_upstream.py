@@ -82,6 +82,7 @@ class RawUpstream:
 
     def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)  # here, not in the thread: stop() may close it first
         self.port = self._listener.getsockname()[1]
         self.host_port = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host_port}"
@@ -124,7 +125,6 @@ class RawUpstream:
     # -- serving -------------------------------------------------------------------------------
 
     def _accept(self) -> None:
-        self._listener.settimeout(0.05)
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
