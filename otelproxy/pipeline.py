@@ -180,6 +180,11 @@ class Worker:
     def pending(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def backlog(self) -> float:
+        """How full the queue is (past 1, exchanges are dropped)."""
+        return self._queue.qsize() / max(1, self._queue.maxsize)
+
 
 class Pipeline(Worker):
     """Runs the processors over each finished exchange, then hands the record to every sink."""

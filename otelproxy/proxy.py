@@ -34,6 +34,17 @@ from otelproxy.upstream import Upstream, request_headers, response_headers
 
 log = logging.getLogger("otelproxy.proxy")
 
+RECORD_WAIT_FROM = 0.5
+"""A new request waits while the record's backlog fills this fraction of its bounds…"""
+RECORD_WAIT_UNTIL = 0.25
+"""…until it is down to this fraction (``_wait_for_record``)."""
+RECORD_WAIT_POLL = 0.005
+"""Seconds between looks at the record's backlog while a request waits for it."""
+RECORD_WAIT_MAX = 10.0
+"""A request waits at most this long for the record to catch up (a recorder that is stuck or
+restarting does not hold clients longer); then it goes on, and an exchange past the queue
+bound is dropped from the record and counted."""
+
 
 @dataclass
 class Stats:
@@ -54,6 +65,10 @@ class Stats:
     head_timeouts: int = 0
     """Connections closed because a request head was not complete within ``header_timeout``."""
     shutting_down: bool = False
+    record_waits: int = 0
+    """Requests that waited for the record to catch up before being read (``_wait_for_record``)."""
+    record_wait_s: float = 0.0
+    """The seconds they waited, summed."""
 
 
 @dataclass
@@ -112,6 +127,8 @@ async def healthz(request: web.Request) -> web.Response:
         "connections_refused": stats.connections_refused,
         "head_timeouts": stats.head_timeouts,
         "records_pending": state.pipeline.pending,
+        "record_waits": stats.record_waits,
+        "record_wait_s": round(stats.record_wait_s, 3),
         **counters,
         **export,
     }
@@ -142,6 +159,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             route = resolve(raw_path, config)
             exchange.provider, exchange.path = route.provider, route.path
             exchange.upstream_url = route.origin.url
+            await _wait_for_record(state)
             if (request.content_length is not None
                     and request.content_length > config.max_request_bytes):
                 raise RequestTooLarge(_too_large(config))
@@ -177,6 +195,34 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     finally:
         del state.requests_in_flight[task]
         state.cut_for_shutdown.discard(task)
+
+
+async def _wait_for_record(state: ProxyState) -> None:
+    """Back-pressure instead of loss: while the record's backlog fills half of its bounds
+    (``record_queue_size`` exchanges unrecorded, or the bodies waiting for the recorder's pipe),
+    a new request is not read until it is down to a quarter (or ``RECORD_WAIT_MAX`` has passed).
+    The recorder runs when the proxy leaves it CPU (it is under ``SCHED_IDLE``), so under a
+    load that keeps the proxy's CPU busy the intake slows to the rate the record keeps, rather
+    than the record dropping exchanges at its bound."""
+    pipeline = state.pipeline
+    if pipeline.backlog < RECORD_WAIT_FROM:
+        return
+    stats = state.stats
+    if stats.record_waits == 0:
+        log.warning("the record is %d exchanges behind: new requests wait for it to catch up "
+                    "(counted in record_waits on /healthz)", pipeline.pending)
+    stats.record_waits += 1
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    deadline = began + RECORD_WAIT_MAX
+    try:
+        # polled: the backlog falls in the recorder (another process, or the in-process
+        # pipeline's thread), and only requests that met a full backlog come here
+        while (pipeline.backlog > RECORD_WAIT_UNTIL and loop.time() < deadline  # noqa: ASYNC110
+               and not stats.shutting_down):
+            await asyncio.sleep(RECORD_WAIT_POLL)
+    finally:
+        stats.record_wait_s += loop.time() - began
 
 
 def _too_large(config: Config) -> str:

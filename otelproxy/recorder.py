@@ -474,6 +474,14 @@ class Recorder:
         self._drop_logs += 1
 
     @property
+    def backlog(self) -> float:
+        """How full the record's bounds are: the larger of the unrecorded exchanges over
+        ``record_queue_size`` and the bodies waiting here for the pipe over the buffer limit
+        (past 1, exchanges are dropped, or recorded without their bodies)."""
+        return max(self.pending / self.config.record_queue_size,
+                   self._outbox_bytes / self._buffer_limit)
+
+    @property
     def pending(self) -> int:
         """Exchanges submitted and not yet recorded (nor dropped)."""
         processed = self._processed + self._earlier.get("processed", 0)

@@ -756,3 +756,40 @@ def test_a_full_record_buffer_keeps_exchanges_without_their_bodies(tmp_path):
             assert await recorder.stop(10)
 
     asyncio.run(scenario())
+
+
+def test_a_backlog_at_half_the_queue_bound_holds_new_requests_back_and_nothing_is_dropped(
+    make_proxy, fake
+):
+    """With half of ``record_queue_size`` exchanges unrecorded (the recorder stopped here with
+    SIGSTOP), a new request is not read until the recorder has caught up: more requests than
+    the bound all get answered once it runs again, every one is recorded, none dropped, and
+    /healthz counts the waits."""
+    proxy = make_proxy(fake, record_queue_size=8)
+    recorder = proxy.server.pipeline
+    assert isinstance(recorder, Recorder)
+    pid = on_loop(proxy, lambda: recorder.process.pid)
+    assert pid is not None
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(4):  # half the bound: recorded by nobody yet
+            client.messages.create(model="m", max_tokens=1,
+                                   messages=[{"role": "user", "content": "hi"}])
+        answered: list[str] = []
+        waiting = threading.Thread(target=lambda: answered.extend(
+            client.messages.create(model="m", max_tokens=1,
+                                   messages=[{"role": "user", "content": f"more {n}"}]).id
+            for n in range(12)))
+        waiting.start()
+        time.sleep(0.5)
+        assert answered == [] and waiting.is_alive()  # held back, not dropped
+        assert on_loop(proxy, lambda: proxy.server.state.stats.record_waits) == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    waiting.join(30)
+    assert not waiting.is_alive() and len(answered) == 12
+    proxy.flush()
+    health = httpx2.get(f"{proxy.url}/healthz").json()
+    assert health["records_dropped"] == 0 and health["records_written"] == 16, health
+    assert health["record_waits"] >= 1 and health["record_wait_s"] > 0.4
