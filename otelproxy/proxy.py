@@ -126,6 +126,7 @@ async def healthz(request: web.Request) -> web.Response:
         "client_connections": stats.client_connections,
         "connections_refused": stats.connections_refused,
         "head_timeouts": stats.head_timeouts,
+        "records_submitted": state.pipeline.submitted,
         "records_pending": state.pipeline.pending,
         "record_waits": stats.record_waits,
         "record_wait_s": round(stats.record_wait_s, 3),
@@ -154,12 +155,16 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     task = asyncio.current_task()
     assert task is not None
     state.requests_in_flight[task] = request
+    sending = "client disconnected while sending the request"
+    gone = sending
     try:
         try:
             route = resolve(raw_path, config)
             exchange.provider, exchange.path = route.provider, route.path
             exchange.upstream_url = route.origin.url
+            gone = "client disconnected while its request waited for the record to catch up"
             await _wait_for_record(state)
+            gone = sending
             if (request.content_length is not None
                     and request.content_length > config.max_request_bytes):
                 raise RequestTooLarge(_too_large(config))
@@ -172,7 +177,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                 _cut_client(request)
             return response
         except asyncio.CancelledError:
-            _client_gone(state, exchange, "client disconnected while sending the request")
+            _client_gone(state, exchange, gone)
             state.pipeline.submit(exchange)
             raise
         if len(exchange.request_body) > config.record_max_body:

@@ -145,7 +145,8 @@ def test_quick_run_records_and_exports_every_exchange(quick: dict[str, Any]) -> 
     their session turn after turn, and the OTLP receiver got one SERVER span per exchange."""
     for name in ("otelproxy", "otelproxy+otlp"):
         record = quick["record"][name]
-        assert record["served"] > 0 and record["exchanges"] == record["served"], record
+        assert record["served"] > 0, record
+        assert record["exchanges"] == record["submitted"] >= record["served"], record
         assert record["complete"] is True and record["dropped"] == 0
         assert record["longest_session"] >= 2  # the growing messages continue a session
         assert quick["record_bytes"][name] > 0

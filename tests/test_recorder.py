@@ -785,11 +785,17 @@ def test_a_backlog_at_half_the_queue_bound_holds_new_requests_back_and_nothing_i
         time.sleep(0.5)
         assert answered == [] and waiting.is_alive()  # held back, not dropped
         assert on_loop(proxy, lambda: proxy.server.state.stats.record_waits) == 1
+        with pytest.raises(httpx2.TimeoutException):  # a client that gives up while held back
+            httpx2.post(f"{proxy.base()}/v1/messages", content=b'{"model": "m"}', timeout=0.3)
     finally:
         os.kill(pid, signal.SIGCONT)
     waiting.join(30)
     assert not waiting.is_alive() and len(answered) == 12
     proxy.flush()
     health = httpx2.get(f"{proxy.url}/healthz").json()
-    assert health["records_dropped"] == 0 and health["records_written"] == 16, health
-    assert health["record_waits"] >= 1 and health["record_wait_s"] > 0.4
+    assert health["records_dropped"] == 0 and health["records_written"] == 17, health
+    assert health["records_submitted"] == 17 and health["exchanges"] == 16, health
+    assert health["record_waits"] >= 2 and health["record_wait_s"] > 0.4
+    gave_up = [entry for entry in proxy.entries() if "waited for the record" in
+               str(entry.get("error"))]
+    assert len(gave_up) == 1 and gave_up[0]["outcome"] == "client_aborted", gave_up
