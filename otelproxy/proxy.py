@@ -83,6 +83,12 @@ class ProxyState:
     """Every proxied request being handled, by its handler task (the shutdown waits for them)."""
     cut_for_shutdown: set[asyncio.Task[Any]] = field(default_factory=set)
     """Handler tasks the shutdown cancelled after the grace period (recorded ``shutdown_cut``)."""
+    record_caught_up: asyncio.Task[bool] | None = None
+    """While requests wait for the record (``_wait_for_record``): the one task watching its
+    backlog, which they all await."""
+    record_stalled_at: int | None = None
+    """The record's progress (``_recorded``) when a wait ended with none made: until it moves,
+    requests no longer wait (a stuck recorder would hold every one for ``RECORD_WAIT_MAX``)."""
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -205,29 +211,57 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 async def _wait_for_record(state: ProxyState) -> None:
     """Back-pressure instead of loss: while the record's backlog fills half of its bounds
     (``record_queue_size`` exchanges unrecorded, or the bodies waiting for the recorder's pipe),
-    a new request is not read until it is down to a quarter (or ``RECORD_WAIT_MAX`` has passed).
+    a new request is not read until it is down to a quarter, for at most ``RECORD_WAIT_MAX``.
     The recorder runs when the proxy leaves it CPU (it is under ``SCHED_IDLE``), so under a
     load that keeps the proxy's CPU busy the intake slows to the rate the record keeps, rather
-    than the record dropping exchanges at its bound."""
+    than the record dropping exchanges at its bound. Waiting cannot help, so no request waits,
+    while the recorder is down or restarting, or after a wait in which it recorded nothing,
+    until it records again. The waiters share one task that watches the backlog."""
     pipeline = state.pipeline
     if pipeline.backlog < RECORD_WAIT_FROM:
         return
+    if pipeline.record_error() is not None or state.record_stalled_at == _recorded(pipeline):
+        return
+    state.record_stalled_at = None
     stats = state.stats
     if stats.record_waits == 0:
         log.warning("the record is %d exchanges behind: new requests wait for it to catch up "
                     "(counted in record_waits on /healthz)", pipeline.pending)
     stats.record_waits += 1
+    watcher = state.record_caught_up
+    if watcher is None or watcher.done():
+        watcher = state.record_caught_up = asyncio.create_task(
+            _record_catches_up(state))  # referenced in state until done
     loop = asyncio.get_running_loop()
     began = loop.time()
-    deadline = began + RECORD_WAIT_MAX
     try:
-        # polled: the backlog falls in the recorder (another process, or the in-process
-        # pipeline's thread), and only requests that met a full backlog come here
-        while (pipeline.backlog > RECORD_WAIT_UNTIL and loop.time() < deadline  # noqa: ASYNC110
-               and not stats.shutting_down):
-            await asyncio.sleep(RECORD_WAIT_POLL)
+        await asyncio.shield(watcher)  # a client that gives up does not end the others' wait
     finally:
         stats.record_wait_s += loop.time() - began
+
+
+async def _record_catches_up(state: ProxyState) -> bool:
+    """Until the backlog is down to ``RECORD_WAIT_UNTIL`` (True), or ``RECORD_WAIT_MAX`` has
+    passed, the recorder went down or the proxy is shutting down (False). A wait that ends
+    with nothing recorded marks the recorder stalled (``ProxyState.record_stalled_at``)."""
+    pipeline, stats = state.pipeline, state.stats
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RECORD_WAIT_MAX
+    progress = _recorded(pipeline)
+    # polled, by this one task: the backlog falls in the recorder (another process, or the
+    # in-process pipeline's thread)
+    while pipeline.backlog > RECORD_WAIT_UNTIL:
+        if loop.time() >= deadline or stats.shutting_down or pipeline.record_error():
+            if _recorded(pipeline) == progress:
+                state.record_stalled_at = progress
+            return False
+        await asyncio.sleep(RECORD_WAIT_POLL)
+    return True
+
+
+def _recorded(pipeline: Recorder | Pipeline) -> int:
+    """Exchanges the record has taken off its backlog so far (recorded or dropped)."""
+    return pipeline.submitted - pipeline.pending
 
 
 def _too_large(config: Config) -> str:

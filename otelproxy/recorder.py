@@ -22,8 +22,9 @@ threads: ``submit`` gathers the exchanges finished in one loop iteration into on
 up to ``_FRAME_BYTES``) and writes it into the non-blocking pipe; what the pipe cannot take at
 once waits in a buffer (``PipeWriter``) that the loop drains when the pipe is writable. While
 that buffer is not empty, newly finished exchanges wait in the outbox as they are, not framed:
-the proxy never holds a backlog twice (the exchanges and their pickles), and frames it as the
-pipe makes room. The loop reads the recorder's progress and answers (``loop.add_reader``).
+the proxy does not hold a backlog twice (the exchanges and their pickles), and frames it as
+the pipe makes room (``drain`` and ``stop`` frame all of it at once: their message comes after).
+The loop reads the recorder's progress and answers (``loop.add_reader``).
 ``submit`` never blocks: with ``record_queue_size`` exchanges unrecorded an exchange is
 dropped; with ``buffer_limit`` bytes of bodies waiting it waits without its bodies (counted).
 Another thread (a test, an embedding program) uses ``flush``, which runs ``drain`` on the loop;
@@ -406,6 +407,10 @@ class Recorder:
                 self._restart_wait = min(RESTART_MAX, wait * 2)
                 self._down_error = f"cannot start the recorder process ({exc}); " \
                                    f"trying again in {wait:g} s"
+                # here, not only before _spawn: a failed _new_process must not retry in a loop
+                # that never yields (the proxy would hang, and no descriptor be freed)
+                await asyncio.sleep(wait)
+                wait = 0.0
         self._down_error = None
 
     def record_error(self) -> str | None:

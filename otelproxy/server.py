@@ -85,7 +85,8 @@ async def _release_when_idle(state: ProxyState) -> None:
         await asyncio.sleep(IDLE_CHECK)
         if state.stats.in_flight == 0 and state.stats.exchanges != seen:
             seen = state.stats.exchanges
-            release_free_heap()
+            await asyncio.to_thread(release_free_heap)  # ctypes lets go of the GIL: the loop
+            # goes on serving (a fragmented 200 MB heap took 38 ms to trim)
 
 
 class Server:

@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from otelproxy import config as config_module
+from otelproxy import proxy as proxy_module
 from otelproxy import recorder as recorder_module
 from otelproxy.channel import Exchanges, Flush, Progress, frame, unframe
 from otelproxy.errors import ConfigError
@@ -758,6 +759,17 @@ def test_a_full_record_buffer_keeps_exchanges_without_their_bodies(tmp_path):
     asyncio.run(scenario())
 
 
+def _small_queue(make_proxy, fake) -> tuple[RunningProxy, int, anthropic.Anthropic]:
+    """A proxy with ``record_queue_size=8``, its recorder's pid and a client of it."""
+    proxy = make_proxy(fake, record_queue_size=8)
+    recorder = proxy.server.pipeline
+    assert isinstance(recorder, Recorder)
+    pid = on_loop(proxy, lambda: recorder.process.pid)
+    assert pid is not None
+    return proxy, pid, anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x",
+                                           max_retries=0)
+
+
 def test_a_backlog_at_half_the_queue_bound_holds_new_requests_back_and_nothing_is_dropped(
     make_proxy, fake
 ):
@@ -765,12 +777,7 @@ def test_a_backlog_at_half_the_queue_bound_holds_new_requests_back_and_nothing_i
     SIGSTOP), a new request is not read until the recorder has caught up: more requests than
     the bound all get answered once it runs again, every one is recorded, none dropped, and
     /healthz counts the waits."""
-    proxy = make_proxy(fake, record_queue_size=8)
-    recorder = proxy.server.pipeline
-    assert isinstance(recorder, Recorder)
-    pid = on_loop(proxy, lambda: recorder.process.pid)
-    assert pid is not None
-    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    proxy, pid, client = _small_queue(make_proxy, fake)
     os.kill(pid, signal.SIGSTOP)
     try:
         for _ in range(4):  # half the bound: recorded by nobody yet
@@ -799,3 +806,34 @@ def test_a_backlog_at_half_the_queue_bound_holds_new_requests_back_and_nothing_i
     gave_up = [entry for entry in proxy.entries() if "waited for the record" in
                str(entry.get("error"))]
     assert len(gave_up) == 1 and gave_up[0]["outcome"] == "client_aborted", gave_up
+
+
+def test_after_a_wait_in_which_the_recorder_recorded_nothing_requests_stop_waiting(
+    make_proxy, fake, monkeypatch
+):
+    """A recorder that records nothing through a whole wait (stopped here with SIGSTOP) holds
+    one round of requests for ``RECORD_WAIT_MAX``, not every request after it: the next goes
+    through at once; once the recorder runs again everything is recorded, none dropped."""
+    monkeypatch.setattr(proxy_module, "RECORD_WAIT_MAX", 0.5)
+    proxy, pid, client = _small_queue(make_proxy, fake)
+
+    def ask(text: str) -> float:
+        began = time.monotonic()
+        client.messages.create(model="m", max_tokens=1,
+                               messages=[{"role": "user", "content": text}])
+        return time.monotonic() - began
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for n in range(4):
+            ask(f"fill {n}")
+        assert ask("held") >= 0.5
+        stats = proxy.server.state.stats
+        assert on_loop(proxy, lambda: stats.record_waits) == 1
+        ask("not held")
+        assert on_loop(proxy, lambda: stats.record_waits) == 1  # it did not wait
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    proxy.flush()
+    health = httpx2.get(f"{proxy.url}/healthz").json()
+    assert health["records_dropped"] == 0 and health["records_written"] == 6, health

@@ -4,17 +4,21 @@ Each exporter thread (``otelproxy.otlp.export``) owns one ``Endpoint`` and POSTs
 on it: the connection is opened on the first POST, kept for the next ones, and opened again
 after an error or when the server closes it. A POST on a kept connection that the server
 closed while it was idle (``RemoteDisconnected``, a reset or broken pipe before any answer) is
-sent once more on a new connection at once. ``http.client`` costs about a fifth of the CPU per
+sent once more on a new connection at once, within what is left of the timeout (if the server
+took the batch before it closed, the batch is exported twice: like OTLP's retries, export is
+at least once). ``http.client`` costs about a fifth of the CPU per
 POST of ``requests`` (its session, adapters, urllib3's pool) and about 10 MiB less resident
 memory in the recorder (``benchmarks/export_profile.py``; figures in the README).
 
 ``post`` raises ``ConnectFailed`` when no connection could be made (name lookup, refused,
 connect timeout, TLS handshake or certificate) or when it broke while the request was sent or
 the answer read; ``TimeoutError`` when the server took longer than the time left to answer.
-Every step is bounded by the time left: the name lookup too (``getaddrinfo`` runs on a
-short-lived thread of its own, as it cannot be interrupted; a lookup that takes longer fails
-as ``LookupTimedOut``, and the next connection attempt waits for that same lookup instead of
-starting another), then connect, TLS, sending and each read.
+Each step is bounded: the name lookup by the timeout (``getaddrinfo`` runs on a short-lived
+thread of its own, as it cannot be interrupted; a lookup that takes longer fails as
+``LookupTimedOut``, and the next connection attempt waits for that same lookup instead of
+starting another), then each socket operation (connecting to each address, the TLS handshake,
+sending, each read) by the time left (a new connection) or the timeout (a kept one). A server
+that answers a byte at a time can so hold a POST longer than the timeout, never forever.
 
 TLS: an ``https`` endpoint is verified against ``OTEL_EXPORTER_OTLP[_{SIGNAL}]_CERTIFICATE``
 when set, else the system's certificate store (``ssl.create_default_context``: ``SSL_CERT_FILE``
@@ -90,14 +94,16 @@ class Endpoint:
         """The connection has carried a POST before (so the server may have closed it)."""
 
     def post(self, body: bytes, timeout: float) -> Answer:
-        """POST ``body``, every socket operation bounded by ``timeout`` seconds."""
+        """POST ``body``, each socket operation bounded by ``timeout`` seconds; a second try on
+        a new connection (see the module doc) gets only what is left of it."""
+        deadline = time.monotonic() + timeout
         try:
             return self._post(body, timeout)
         except ConnectFailed as exc:
             if not (self._used and isinstance(exc.__cause__, _STALE)):
                 raise
         self._used = False  # closed by the server while idle: once more, on a new connection
-        return self._post(body, timeout)
+        return self._post(body, max(0.001, deadline - time.monotonic()))
 
     def close(self) -> None:
         if self._connection is not None:
@@ -126,6 +132,8 @@ class Endpoint:
                 _connect_to, addresses)
             connection.connect()
         except OSError as exc:  # lookup, refused, timeout, TLS (an SSLError), CA file
+            if connection is not None:
+                connection.close()  # a TLS handshake that failed leaves its TCP socket open
             raise ConnectFailed() from exc
         self._connection = connection
         return connection
