@@ -260,8 +260,9 @@ async def _record_catches_up(state: ProxyState) -> bool:
 
 
 def _recorded(pipeline: Recorder | Pipeline) -> int:
-    """Exchanges the record has taken off its backlog so far (recorded or dropped)."""
-    return pipeline.submitted - pipeline.pending
+    """Exchanges recorded so far. Not those dropped: a stuck recorder whose backlog is past the
+    bound drops what arrives, and that is no progress."""
+    return pipeline.submitted - pipeline.pending - pipeline.dropped
 
 
 def _too_large(config: Config) -> str:
