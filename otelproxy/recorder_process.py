@@ -63,7 +63,8 @@ RECORDER_NICE = 5
 """Added to the recorder's nice value where ``SCHED_IDLE`` is refused: under CPU contention
 the proxy's loop runs first."""
 COUNTER_INTERVAL = 0.1
-"""A busy recorder reports its progress at most this often."""
+"""An idle recorder's reports (its counters and the export's health) come at most this often;
+each recorded batch is reported at once."""
 IDLE_WAIT = 0.25
 """An idle recorder reports its counters and the export's health this often."""
 TRIM_INTERVAL = 1.0
@@ -148,9 +149,14 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
                               pipeline.export_status()))
 
     def record(batch: list[Exchange]) -> None:
+        """Record a batch and say so at once: a recorder killed between its commit and its
+        report leaves that batch counted as dropped though it is in the record (the next
+        recorder writes what the journal holds), so the window is kept to one batch."""
         nonlocal processed
         pipeline.handle_segment(list(batch))
-        processed += len(batch)
+        if batch:
+            processed += len(batch)
+            report(force=True)
 
     report(force=True)  # before Ready: the proxy knows the export's state once started
     end.send(Ready())
@@ -182,7 +188,6 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
                     if len(batch) >= _MAX_BATCH or held >= _MAX_BATCH_BYTES:
                         record(batch)
                         batch, held = [], 0
-                        report()
                 continue
             record(batch)
             batch, held = [], 0
@@ -200,7 +205,6 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
         if batch and (end.closed or time.monotonic() - first_at >= LINGER):
             record(batch)
             batch, held = [], 0
-            report()
 
 
 if __name__ == "__main__":

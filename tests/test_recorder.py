@@ -24,6 +24,7 @@ import pytest
 from otelproxy import config as config_module
 from otelproxy import proxy as proxy_module
 from otelproxy import recorder as recorder_module
+from otelproxy import recorder_process as recorder_process_module
 from otelproxy.channel import Exchanges, Flush, Progress, frame, unframe
 from otelproxy.errors import ConfigError
 from otelproxy.record import Exchange
@@ -645,8 +646,10 @@ def test_a_recorder_that_keeps_dying_is_restarted_with_growing_waits_said_once(
 
 def test_a_recorder_killed_with_a_backlog_leaves_jsonl_and_db_agreeing(proxy, fake):
     """Killing the recorder while it works through a backlog leaves every JSONL line whole and
-    JSONL and the index holding the same exchanges; what it had not recorded is counted as
-    dropped, the rest is there."""
+    JSONL and the index holding the same exchanges; every exchange is counted, as written or
+    as dropped, and the record holds all that were counted written. A recorder killed between
+    a batch's commit and its report leaves that one batch counted as dropped though the next
+    recorder writes it from the journal: the record may hold up to one batch more."""
     recorder = proxy.server.pipeline
     assert isinstance(recorder, Recorder)
     dying = on_loop(proxy, lambda: recorder.process)
@@ -664,8 +667,10 @@ def test_a_recorder_killed_with_a_backlog_leaves_jsonl_and_db_agreeing(proxy, fa
     proxy.flush()
     requests = assert_record_agrees(proxy.log_dir)
     counters = on_loop(proxy, recorder.counters)
-    assert len(requests) == counters["records_written"]
     assert counters["records_written"] + counters["records_dropped"] == 60
+    one_batch = recorder_process_module._MAX_BATCH_BYTES // 20_000 + 1
+    assert counters["records_written"] <= len(requests) <= counters["records_written"] + \
+        one_batch, (len(requests), counters)
 
 
 def test_a_journal_left_by_a_crash_is_written_by_the_next_recorder(proxy, fake):
