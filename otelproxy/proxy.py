@@ -168,9 +168,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             route = resolve(raw_path, config)
             exchange.provider, exchange.path = route.provider, route.path
             exchange.upstream_url = route.origin.url
-            gone = "client disconnected while its request waited for the record to catch up"
-            await _wait_for_record(state)
-            gone = sending
+            if state.pipeline.backlog >= RECORD_WAIT_FROM:  # else no coroutine per request
+                gone = "client disconnected while its request waited for the record to catch up"
+                await _wait_for_record(state)
+                gone = sending
             if (request.content_length is not None
                     and request.content_length > config.max_request_bytes):
                 raise RequestTooLarge(_too_large(config))
@@ -209,7 +210,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _wait_for_record(state: ProxyState) -> None:
-    """Back-pressure instead of loss: while the record's backlog fills half of its bounds
+    """Called once the record's backlog fills ``RECORD_WAIT_FROM`` of its bounds.
+
+    Back-pressure instead of loss: while the record's backlog fills half of its bounds
     (``record_queue_size`` exchanges unrecorded, or the bodies waiting for the recorder's pipe),
     a new request is not read until it is down to a quarter, for at most ``RECORD_WAIT_MAX``.
     The recorder runs when the proxy leaves it CPU (it is under ``SCHED_IDLE``), so under a
@@ -218,8 +221,6 @@ async def _wait_for_record(state: ProxyState) -> None:
     while the recorder is down or restarting, or after a wait in which it recorded nothing,
     until it records again. The waiters share one task that watches the backlog."""
     pipeline = state.pipeline
-    if pipeline.backlog < RECORD_WAIT_FROM:
-        return
     if pipeline.record_error() is not None or state.record_stalled_at == _recorded(pipeline):
         return
     state.record_stalled_at = None

@@ -118,13 +118,18 @@ class Exchange:
         """Bytes of the response body on the wire (all of them, also when cut)."""
         if self.response_cut is not None:
             return self.response_cut.size
-        return sum(len(chunk) for _, chunk in self.chunks)
+        return self._chunk_bytes
 
     @property
     def held_bytes(self) -> int:
         """Bytes of body it holds: the request body and the response chunks it keeps (what it
         weighs in memory, about)."""
-        return len(self.request_body) + sum(map(len, map(_second, self.chunks)))
+        return len(self.request_body) + self._chunk_bytes
+
+    @property
+    def _chunk_bytes(self) -> int:
+        """Bytes of the response chunks it keeps."""
+        return sum(map(len, map(_second, self.chunks)))
 
     @property
     def request_size(self) -> int:

@@ -117,6 +117,7 @@ class Endpoint:
             return connection
         self.close()
         self._used = False
+        connection = None
         try:
             deadline = time.monotonic() + timeout
             addresses = self._resolve(timeout)
