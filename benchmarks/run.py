@@ -603,8 +603,9 @@ class LoadGenerator:
         """The tree's peak resident set, and each process's resident set at that peak."""
         if target.process is None:
             return
+        sampler = procs.RssSampler(target.process.pid)
         while True:
-            members = procs.tree_rss_by_process(target.process.pid)
+            members = sampler.sample()
             value = round(sum(members.values()), 1)
             if value > peaks.get(target.name, 0.0):
                 peaks[target.name] = value
