@@ -41,10 +41,14 @@ from otelproxy.redact import (
     redact_text,
 )
 
-try:
-    import brotli
-except ImportError:  # pragma: no cover - brotli is a declared dependency
-    brotli = None
+
+def _brotli() -> Any:
+    """A brotli decompressor; the module loads on the first brotli body (most are not)."""
+    try:
+        import brotli
+    except ImportError:  # pragma: no cover - brotli is a declared dependency
+        raise ValueError("content-encoding 'br' needs the brotli package") from None
+    return brotli.Decompressor()
 
 
 def header(headers: list[tuple[str, str]], name: str) -> str | None:
@@ -129,8 +133,8 @@ def decode_whole(encoding: str, data: bytes, limit: int) -> bytes:
         inflater = zlib.decompressobj(wbits=15 if encoding == "deflate" else 47)
         out = inflater.decompress(data, limit + 1)
         finished = inflater.eof
-    elif encoding == "br" and brotli is not None:
-        decompressor = brotli.Decompressor()
+    elif encoding == "br":
+        decompressor = _brotli()
         out = decompressor.process(data, output_buffer_limit=limit + 1)
         finished = decompressor.is_finished()
     else:
@@ -153,8 +157,8 @@ class _Decoder:
             self._zlib = zlib.decompressobj(wbits=47)
         elif encoding == "deflate":
             self._zlib = zlib.decompressobj()
-        elif encoding == "br" and brotli is not None:
-            self._brotli = brotli.Decompressor()
+        elif encoding == "br":
+            self._brotli = _brotli()
         elif encoding != "identity":
             raise ValueError(f"unsupported content-encoding {encoding!r}")
 

@@ -84,7 +84,6 @@ before its subagent's first call), and a restarted proxy continues the same sess
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sqlite3
@@ -99,6 +98,7 @@ from typing import Any
 import orjson
 
 from otelproxy import db
+from otelproxy.compact import new_sha256
 from otelproxy.record import Outcome, Record, SessionInfo, SessionKind, iso
 
 CLIENT_SESSION_HEADER = "x-claude-code-session-id"
@@ -203,7 +203,13 @@ def conversation(messages: list[Any]) -> list[Any]:
 
 def fingerprint(messages: list[Any]) -> str:
     canonical = orjson.dumps(messages, option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canonical).hexdigest()
+    return str(new_sha256(canonical).hexdigest())
+
+
+_SYSTEM_DIGESTS: OrderedDict[bytes, str] = OrderedDict()
+"""The fingerprints of the last system prompts seen, by their canonical bytes: nearly every turn
+sends the same 15 KB or more again, and its bytes are compared here instead of hashed anew."""
+_SYSTEM_DIGESTS_KEPT = 16
 
 
 def _is_system(message: Any) -> bool:
@@ -219,7 +225,17 @@ def system_fingerprint(system: Any, messages: list[Any],
         parts.append(_normalise_content(system) if not isinstance(system, dict) else system)
     parts.extend(entries if entries is not None else
                  (normalise_message(m) for m in messages if _is_system(m)))
-    return fingerprint(parts) if parts else None
+    if not parts:
+        return None
+    canonical = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
+    digest = _SYSTEM_DIGESTS.get(canonical)
+    if digest is None:
+        digest = _SYSTEM_DIGESTS[canonical] = str(new_sha256(canonical).hexdigest())
+        if len(_SYSTEM_DIGESTS) > _SYSTEM_DIGESTS_KEPT:
+            _SYSTEM_DIGESTS.popitem(last=False)
+    else:
+        _SYSTEM_DIGESTS.move_to_end(canonical)
+    return digest
 
 
 def _canonical(message: Any) -> bytes:
@@ -241,7 +257,7 @@ class History:
         """``len(conversation(raw[:i]))`` for each ``i``."""
         self._system: list[tuple[int, Any]] = []
         """``(index, normalised)`` of the system entries of ``raw``."""
-        self._states: list[Any] = [hashlib.sha256(b"[")]
+        self._states: list[Any] = [new_sha256(b"[")]
         """SHA-256 state after ``[`` and the first ``i`` messages, comma-separated (made as
         needed: a message too deep to serialise raises only where ``fingerprint`` would)."""
 
@@ -389,7 +405,7 @@ def compaction_of(messages: list[Any]) -> str | None:
 
 
 def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return str(new_sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
 
 
 def _agent_calls(message: Any) -> list[dict[str, Any]]:
