@@ -418,7 +418,9 @@ class RelayedResponse(web.StreamResponse):
 
     def __init__(self, *, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
         super().__init__(status=status, reason=reason, headers=headers)
-        self.upstream_names = frozenset(name.lower() for name in headers)
+        self.not_sent = tuple(name for name in _AIOHTTP_DEFAULTS if name not in headers)
+        """Which of aiohttp's defaults the upstream did not send (held for the whole stream:
+        a tuple of shared names, not a set of every name)."""
 
 
 # Headers aiohttp fills in when a response lacks them (``StreamResponse._prepare_headers``).
@@ -428,9 +430,8 @@ _AIOHTTP_DEFAULTS = ("Date", "Server", "Content-Type")
 async def _drop_added_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: take back the defaults aiohttp added to a relayed response."""
     if isinstance(response, RelayedResponse):
-        for name in _AIOHTTP_DEFAULTS:
-            if name.lower() not in response.upstream_names:
-                response.headers.popall(name, None)
+        for name in response.not_sent:
+            response.headers.popall(name, None)
 
 
 def _client_gone(state: ProxyState, exchange: Exchange, why: str) -> None:
