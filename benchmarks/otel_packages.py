@@ -73,7 +73,7 @@ Json = dict[str, Any]
 def benchmark_records() -> list[Any]:
     """The records the OTLP sink would receive for 12 conversations of 12 turns each."""
     from otelproxy import config
-    from otelproxy.record import Exchange, Record
+    from otelproxy.record import Chunks, Exchange, Record
     from otelproxy.recorder import build_pipeline
 
     class Keep:
@@ -116,7 +116,7 @@ def benchmark_records() -> list[Any]:
                 status=200, reason="OK", headers_ns=begin + 250_000_000,
                 response_headers=[("content-type", "text/event-stream; charset=utf-8"),
                                   ("request-id", "req_bench")],
-                chunks=chunks, finished_ns=chunks[-1][0] + 100_000))
+                chunks=Chunks.of(chunks), finished_ns=chunks[-1][0] + 100_000))
     keep = Keep()
     with tempfile.TemporaryDirectory(prefix="otelproxy-otel-bench-") as log_dir:
         pipeline = build_pipeline(config.build({"log_dir": log_dir}, []), {}, [keep])

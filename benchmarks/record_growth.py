@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import traffic  # noqa: E402
 from otelproxy import browse, config, db  # noqa: E402
 from otelproxy.compact import DeltaEncoder  # noqa: E402
-from otelproxy.record import Exchange  # noqa: E402
+from otelproxy.record import Chunks, Exchange  # noqa: E402
 from otelproxy.recorder import build_pipeline  # noqa: E402
 from otelproxy.store import LocalStore  # noqa: E402
 from tests.fake_upstream import Reply, anthropic_sse  # noqa: E402
@@ -118,7 +118,8 @@ def exchanges(turns: list[tuple[bytes, list[bytes]]]) -> list[Exchange]:
             request_body=request, started_wall=wall + n * 10, started_ns=start,
             forwarded_ns=start + 100_000, status=200, reason="OK",
             response_headers=[("content-type", "text/event-stream; charset=utf-8")],
-            headers_ns=start + 250_000_000, chunks=chunks, finished_ns=chunks[-1][0] + 1000,
+            headers_ns=start + 250_000_000, chunks=Chunks.of(chunks),
+            finished_ns=chunks[-1][0] + 1000,
         ))
     return out
 
@@ -147,7 +148,8 @@ def traffic_exchanges(conversations: int = 20, turns: int = traffic.MAX_TURNS) -
                 query="beta=true", request_headers=headers, request_body=body,
                 started_wall=time.time(), started_ns=at, forwarded_ns=at + 100_000, status=200,
                 reason="OK", response_headers=[("content-type", "text/event-stream")],
-                headers_ns=at + 500_000, chunks=chunks, finished_ns=chunks[-1][0] + 1000))
+                headers_ns=at + 500_000, chunks=Chunks.of(chunks),
+                finished_ns=chunks[-1][0] + 1000))
     return out
 
 

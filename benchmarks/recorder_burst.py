@@ -32,7 +32,7 @@ from typing import Any
 def exchange(number: int, body: bytes, answer: list[bytes]) -> Any:
     """One finished SSE exchange; its bodies are its own objects, as unpickled ones are."""
     from benchmarks import traffic
-    from otelproxy.record import Exchange
+    from otelproxy.record import Chunks, Exchange
 
     now = time.monotonic_ns()
     ex = Exchange(id=f"burst{number:08d}", provider="anthropic",
@@ -41,7 +41,7 @@ def exchange(number: int, body: bytes, answer: list[bytes]) -> Any:
                   request_body=bytes(bytearray(body)))
     ex.status, ex.headers_ns, ex.finished_ns = 200, now, now
     ex.response_headers = [("content-type", "text/event-stream")]
-    ex.chunks = [(now + index, bytes(bytearray(chunk))) for index, chunk in enumerate(answer)]
+    ex.chunks = Chunks.of((now + index, chunk) for index, chunk in enumerate(answer))
     return ex
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import orjson
@@ -170,7 +170,7 @@ class _Decoder:
         return data
 
 
-def split_sse(chunks: list[tuple[int, bytes]]) -> list[Event]:
+def split_sse(chunks: Iterable[tuple[int, bytes]]) -> list[Event]:
     """Split a stream into SSE events (each ending with a blank line), keeping every byte."""
     events: list[Event] = []
     pending = b""
@@ -190,8 +190,8 @@ def split_sse(chunks: list[tuple[int, bytes]]) -> list[Event]:
                 events.append(Event(ns, pending[start:cut]))
                 start = cut
         pending = pending[start:]
-    if pending:
-        events.append(Event(chunks[-1][0], pending))
+    if pending:  # the rest, at the last chunk's time
+        events.append(Event(ns, pending))
     return events
 
 
@@ -213,7 +213,7 @@ class DecodeBody:
         headers = exchange.response_headers
         encoding = (header(headers, "content-encoding") or "identity").strip().lower()
         content_type = (header(headers, "content-type") or "").lower()
-        chunks = exchange.chunks
+        chunks: Iterable[tuple[int, bytes]] = exchange.chunks
         if encoding != "identity":
             record.content_encoding = encoding
             try:

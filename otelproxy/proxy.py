@@ -189,7 +189,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             raise
         if len(exchange.request_body) > config.record_max_body:
             hasher = Oversize()
-            await hasher.catch_up([exchange.request_body])
+            await hasher.catch_up(exchange.request_body)
             exchange.request_cut = hasher.cut()
 
         stats = state.stats
@@ -364,12 +364,12 @@ async def _forward(
                 received = time.monotonic_ns()
                 if oversize is None and len(data) <= room:
                     room -= len(data)
-                    chunks.append((received, data))
+                    chunks.append(received, data)
                 else:  # past the cap (rare): keep the start, hash and count all of it
                     if oversize is None:
                         oversize = Oversize()
-                        await oversize.catch_up([chunk for _, chunk in chunks])
-                        chunks.append((received, data[:room]))
+                        await oversize.catch_up(chunks.data)
+                        chunks.append(received, data[:room])
                     oversize.update(data)
                 await response.write(data)
                 exchange.proxy_ns += time.monotonic_ns() - received
@@ -398,14 +398,10 @@ class Oversize:
         self._sha = hashlib.sha256()
         self._size = 0
 
-    async def catch_up(self, parts: list[bytes]) -> None:
-        await asyncio.to_thread(self._update_all, parts)
+    async def catch_up(self, kept: bytes | bytearray) -> None:
+        await asyncio.to_thread(self.update, kept)
 
-    def _update_all(self, parts: list[bytes]) -> None:
-        for part in parts:
-            self.update(part)
-
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | bytearray) -> None:
         self._sha.update(data)
         self._size += len(data)
 
@@ -464,7 +460,7 @@ def _upstream_failed(exchange: Exchange, exc: UpstreamError) -> web.Response:
     exchange.response_headers = [("Content-Type", "application/json")]
     now = time.monotonic_ns()
     exchange.headers_ns = now
-    exchange.chunks.append((now, body))
+    exchange.chunks.append(now, body)
     exchange.finished_ns = now
     return web.Response(status=exc.status, body=body, content_type="application/json")
 

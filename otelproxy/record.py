@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import operator
 import time
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -64,6 +66,67 @@ class BodyCut:
     sha256: str | None = None
 
 
+_U64 = "L" if array("L").itemsize == 8 else "Q"
+"""Typecode of ``Chunks``' 8-byte integers: unsigned ``L`` where it has 8 bytes, the cheapest to
+append to (45 chunks filled in 11.8 us with it, 13.4 with ``Q``, 16.2 with ``q``, whose ``append``
+parses its argument with a format string)."""
+
+
+class Chunks:
+    """A response body as it came from the upstream: for each network chunk, when it was
+    received (``time.monotonic_ns()``) and its bytes. Iterating yields ``(ns, bytes)`` pairs.
+
+    The proxy holds one per open stream, so it is packed: the bytes in one buffer, the chunk
+    ends and times in two arrays of 8-byte integers, about the data plus 16 bytes a chunk (and
+    the slack of growing). 45 SSE events of 140 bytes take 8.1 KB where a list of
+    ``(ns, bytes)`` tuples took 12.2 KB.
+    """
+
+    __slots__ = ("data", "ends", "times")
+
+    def __init__(self, data: bytearray | None = None, ends: array[int] | None = None,
+                 times: array[int] | None = None) -> None:
+        self.data = bytearray() if data is None else data
+        """The chunks' bytes, one after the other."""
+        self.ends = array(_U64) if ends is None else ends
+        """Where each chunk ends in ``data``."""
+        self.times = array(_U64) if times is None else times
+        """When each chunk was received."""
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[int, bytes]]) -> Chunks:
+        """From ``(ns, bytes)`` pairs, as iterating gives them back."""
+        chunks = cls()
+        for ns, data in pairs:
+            chunks.append(ns, data)
+        return chunks
+
+    def append(self, ns: int, data: bytes) -> None:
+        buffer = self.data
+        buffer += data
+        self.ends.append(len(buffer))
+        self.times.append(ns)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        data = bytes(self.data)  # slices of bytes are bytes, and the buffer may still grow
+        start = 0
+        for ns, end in zip(self.times, self.ends, strict=True):
+            yield ns, data[start:end]
+            start = end
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of body held."""
+        return len(self.data)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled as its buffer and arrays, each one string in the pickle."""
+        return (Chunks, (self.data, self.ends, self.times))
+
+
 @dataclass(slots=True)
 class Exchange:
     """One request and its response as they crossed the proxy (filled by the handler).
@@ -92,8 +155,8 @@ class Exchange:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     headers_ns: int | None = None
     """When the upstream response head arrived."""
-    chunks: list[tuple[int, bytes]] = field(default_factory=list)
-    """``(monotonic_ns when received from upstream, bytes as received)`` for every body chunk."""
+    chunks: Chunks = field(default_factory=Chunks)
+    """The response body as received from upstream: every chunk's bytes and receive time."""
     finished_ns: int | None = None
     """When the last byte was handed to the client (or the exchange ended otherwise)."""
     outcome: Outcome = Outcome.COMPLETE
@@ -114,22 +177,23 @@ class Exchange:
         return (Exchange, _exchange_fields(self))
 
     @property
+    def first_byte_ns(self) -> int | None:
+        """When the first byte of the response body arrived (the head's time without a body)."""
+        times = self.chunks.times
+        return times[0] if times else self.headers_ns
+
+    @property
     def response_size(self) -> int:
         """Bytes of the response body on the wire (all of them, also when cut)."""
         if self.response_cut is not None:
             return self.response_cut.size
-        return self._chunk_bytes
+        return self.chunks.nbytes
 
     @property
     def held_bytes(self) -> int:
         """Bytes of body it holds: the request body and the response chunks it keeps (what it
         weighs in memory, about)."""
-        return len(self.request_body) + self._chunk_bytes
-
-    @property
-    def _chunk_bytes(self) -> int:
-        """Bytes of the response chunks it keeps."""
-        return sum(map(len, map(_second, self.chunks)))
+        return len(self.request_body) + self.chunks.nbytes
 
     @property
     def request_size(self) -> int:
@@ -146,7 +210,6 @@ class Exchange:
 
 
 _exchange_fields = operator.attrgetter(*(item.name for item in fields(Exchange)))
-_second = operator.itemgetter(1)
 
 
 @dataclass(slots=True)

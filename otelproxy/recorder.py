@@ -71,7 +71,7 @@ from otelproxy.channel import (
 )
 from otelproxy.config import Config
 from otelproxy.pipeline import EXPORT_OFF
-from otelproxy.record import BodyCut, Exchange
+from otelproxy.record import BodyCut, Chunks, Exchange
 
 if TYPE_CHECKING:
     from otelproxy.pipeline import Pipeline, Sink
@@ -649,7 +649,7 @@ def without_bodies(exchange: Exchange) -> Exchange:
     """The exchange with its bodies left out (sizes, hashes when known, first-byte time kept)."""
     request_cut, response_cut = exchange.request_cut, exchange.response_cut
     return dataclasses.replace(
-        exchange, request_body=b"", chunks=exchange.chunks[:1] and [(exchange.chunks[0][0], b"")],
+        exchange, request_body=b"", chunks=Chunks.of((ns, b"") for ns in exchange.chunks.times[:1]),
         request_cut=BodyCut(exchange.request_size, request_cut.sha256 if request_cut else None),
         response_cut=BodyCut(exchange.response_size,
                              response_cut.sha256 if response_cut else None),

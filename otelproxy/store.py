@@ -180,7 +180,7 @@ def response_entry(record: Record) -> dict[str, Any]:
     exchange = record.exchange
     parsed = record.parsed
     finished = exchange.finished_ns or exchange.started_ns
-    first_ns = exchange.chunks[0][0] if exchange.chunks else exchange.headers_ns
+    first_ns = exchange.first_byte_ns
     entry: dict[str, Any] = {
         "type": "response",
         "ts": iso(exchange.wall_time(finished)),
@@ -747,7 +747,7 @@ class LocalStore:
         session = record.session
         parsed = record.parsed
         usage = parsed.usage
-        first_ns = exchange.chunks[0][0] if exchange.chunks else exchange.headers_ns
+        first_ns = exchange.first_byte_ns
         self._sessions.db.execute(
             "INSERT OR REPLACE INTO exchanges (id, session_id, seq, ts, provider, upstream, method,"
             " path, status, outcome, model, stop_reason, input_tokens, output_tokens,"

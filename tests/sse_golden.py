@@ -27,7 +27,7 @@ import orjson
 
 from otelproxy.processors import default_processors
 from otelproxy.providers import UNDECODABLE
-from otelproxy.record import Exchange, Record
+from otelproxy.record import Chunks, Exchange, Record
 from otelproxy.store import response_entry
 
 GOLDEN = Path(__file__).parent / "data" / "sse_golden.json"
@@ -327,7 +327,7 @@ def cases() -> list[tuple[str, Exchange]]:
                 request_body=orjson.dumps(request[kind]),
                 started_wall=1_765_000_000.25 + len(out) * 0.7313, started_ns=start_ns,
                 forwarded_ns=start_ns + 1000, status=200, reason="OK",
-                response_headers=headers, headers_ns=start_ns + 500_000, chunks=chunks,
+                response_headers=headers, headers_ns=start_ns + 500_000, chunks=Chunks.of(chunks),
                 finished_ns=(chunks[-1][0] if chunks else start_ns) + 4321)))
     return out
 

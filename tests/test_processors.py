@@ -28,7 +28,7 @@ from otelproxy.processors import (
     redact_stream,
     split_sse,
 )
-from otelproxy.record import Event, Exchange, Record
+from otelproxy.record import Chunks, Event, Exchange, Record
 from otelproxy.recorder import build_pipeline
 from otelproxy.sessions import SessionTracker
 from otelproxy.store import LocalStore
@@ -271,7 +271,7 @@ def _random_sessions(seed: int, turns: int) -> list[Exchange]:
             request_body=request, started_wall=1_765_000_000 + turn, started_ns=start,
             forwarded_ns=start + 1000, status=200, reason="OK",
             response_headers=[("content-type", "text/event-stream")], headers_ns=start + 2000,
-            chunks=[(start + 3000 + n, event) for n, event in enumerate(events)],
+            chunks=Chunks.of((start + 3000 + n, event) for n, event in enumerate(events)),
             finished_ns=start + 10_000))
         messages.append({"role": "assistant", "content": blocks})
         text = " ".join(rng.choice(("fix", "the", "bug", "sk", "ant", "-")) for _ in range(40))
@@ -395,7 +395,7 @@ def test_sse_lines_end_only_at_cr_and_lf_so_unicode_line_separators_stay_in_the_
         path="/v1/messages", query="", request_headers=[("content-type", "application/json")],
         request_body=orjson.dumps({"model": "m", "stream": True, "messages": []}), status=200,
         response_headers=[("content-type", "text/event-stream")],
-        chunks=[(n, event) for n, event in enumerate(events)])
+        chunks=Chunks.of(enumerate(events)))
     record = Record(exchange=exchange)
     for processor in default_processors():
         processor(record)

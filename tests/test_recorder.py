@@ -27,7 +27,7 @@ from otelproxy import recorder as recorder_module
 from otelproxy import recorder_process as recorder_process_module
 from otelproxy.channel import Exchanges, Flush, Progress, frame, unframe
 from otelproxy.errors import ConfigError
-from otelproxy.record import Exchange
+from otelproxy.record import Chunks, Exchange
 from otelproxy.recorder import PipeWriter, Recorder, RecorderProcess
 from tests.conftest import RunningProxy, remount
 from tests.proxy_process import REPO, ProxyProcess, child_env, run_cli
@@ -48,7 +48,7 @@ def exchange(n: int) -> Exchange:
     now = time.monotonic_ns()
     ex.status, ex.headers_ns, ex.finished_ns = 200, now, now
     ex.response_headers = [("content-type", "application/json")]
-    ex.chunks = [(now, b'{"type":"message","role":"assistant","content":[]}')]
+    ex.chunks = Chunks.of([(now, b'{"type":"message","role":"assistant","content":[]}')])
     return ex
 
 
@@ -152,7 +152,7 @@ def untracked(n: int, response_bytes: int) -> Exchange:
     ``untracked`` file, in the order the recorder records it."""
     ex = exchange(n)
     ex.method, ex.path, ex.request_body = "GET", "/v1/models", b""
-    ex.chunks = [(ex.finished_ns or 0, b'{"data":"' + b"m" * response_bytes + b'"}')]
+    ex.chunks = Chunks.of([(ex.finished_ns or 0, b'{"data":"' + b"m" * response_bytes + b'"}')])
     return ex
 
 

@@ -215,7 +215,7 @@ def common_attributes(record: Record) -> Attributes:
     _put(out, "gen_ai.usage.cache_read.input_tokens", usage.cache_read_input_tokens)
     _put(out, "gen_ai.usage.cache_creation.input_tokens", usage.cache_creation_input_tokens)
 
-    first_ns = exchange.chunks[0][0] if exchange.chunks else exchange.headers_ns
+    first_ns = exchange.first_byte_ns
     if first_ns is not None:
         out["proxy.ttfb_ms"] = _ms(first_ns - exchange.started_ns)
     finished = exchange.finished_ns or exchange.started_ns
