@@ -49,10 +49,20 @@ class Start:
 
 
 @dataclass(frozen=True)
-class Exchanges:
-    """Finished exchanges, in the order they finished (those of one event-loop iteration)."""
+class Begun:
+    """An exchange whose response is still streaming, as it was when the proxy handed over its
+    request body (``Recorder.hand_over``): the exchange comes again when it ends, in
+    ``Exchanges``, with ``request_handed`` set and no request body."""
 
-    items: list[Exchange]
+    exchange: Exchange
+
+
+@dataclass(frozen=True)
+class Exchanges:
+    """Finished exchanges, in the order they finished (those of one event-loop iteration), and
+    ``Begun`` ones, in the order they were handed over."""
+
+    items: list[Exchange | Begun]
 
 
 @dataclass(frozen=True)

@@ -348,3 +348,63 @@ class Recent(Generic[T]):
         while self._bytes > self.max_bytes:
             _, dropped = self._items.popitem(last=False)
             self._bytes -= sum(len(old) for old, _ in dropped)
+
+
+@dataclass(slots=True)
+class _Spliced:
+    """A body as ``base[:head] + middle + base[len(base) - tail:]``."""
+
+    base: bytes
+    head: int
+    middle: bytes
+    tail: int
+
+    def body(self) -> bytes:
+        base = self.base
+        if not self.middle and self.head + self.tail == len(base):
+            return base  # the same bytes: the same object, held once by every cache after
+        return b"".join((memoryview(base)[:self.head], self.middle,
+                         memoryview(base)[len(base) - self.tail:]))
+
+
+class Handed:
+    """Request bodies the proxy handed over while their stream still runs (``channel.Begun``),
+    until the rest of their exchange arrives.
+
+    A conversation's request body repeats its previous one and adds a little, and the recorder
+    keeps the previous one anyway (its processors and ``DeltaEncoder`` derive the next turn from
+    it). So a handed body is held as its common prefix and suffix with the most similar recent
+    body (``Recent``, by conversation key) and the bytes between: an open stream then costs the
+    record the turn's new bytes, not its whole history again. A body with no similar one is held
+    whole. ``take`` gives back the exact bytes."""
+
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self._recent: Recent[bytes] = Recent(max_bytes, per_key=2)  # each body its own item
+        self._held: dict[str, tuple[Hashable, _Spliced | bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, exchange_id: str, key: Hashable, body: bytes) -> None:
+        """Keep ``body`` until ``take``; ``key`` is where to look for a similar body."""
+        found = self._recent.find(key, body) if body else None
+        held: _Spliced | bytes = body
+        if found is not None:
+            base, head = found
+            tail = common_suffix(base, body, min(len(base), len(body)) - head)
+            if head + tail >= len(body) // 2:
+                held = _Spliced(base, head, body[head:len(body) - tail], tail)
+        if held is body:  # held whole: a base for the streams of its conversation opened next
+            self._recent.keep(key, body, body)
+        self._held[exchange_id] = (key, held)
+
+    def take(self, exchange_id: str) -> bytes | None:
+        """The exact body handed for ``exchange_id``, which becomes a base for the next ones
+        of its conversation (None: this recorder was not given it)."""
+        found = self._held.pop(exchange_id, None)
+        if found is None:
+            return None
+        key, held = found
+        body = held.body() if isinstance(held, _Spliced) else held
+        self._recent.keep(key, body, body)
+        return body

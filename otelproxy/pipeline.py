@@ -201,6 +201,9 @@ class Pipeline(Worker):
         self.submitted += 1
         self.put(exchange)
 
+    def hand_over(self, exchange: Exchange) -> None:
+        """In the proxy's own process the exchange keeps its request body: nothing to gain."""
+
     def handle_batch(self, items: list[object]) -> None:
         """Sinks with a ``batch()`` context (the local store: one transaction, whose session
         state the session processor writes) wrap the whole batch."""

@@ -266,6 +266,13 @@ def _recorded(pipeline: Recorder | Pipeline) -> int:
     return pipeline.submitted - pipeline.pending - pipeline.dropped
 
 
+HAND_OVER_FROM = 16 * 1024
+"""A streamed exchange's request body at least this large goes to the recorder as soon as the
+response head is relayed (``Recorder.hand_over``), not when the stream ends. With 100 streams
+open, each held 57.6 KB of Python objects in the proxy, 33.8 of them its 40.7 KB request body;
+handed over, 36.9 KB (``tracemalloc``, README "Memory per stream")."""
+
+
 def _too_large(config: Config) -> str:
     return f"request body exceeds this proxy's limit of {config.max_request_bytes} bytes"
 
@@ -346,6 +353,11 @@ async def _forward(
         oversize: Oversize | None = None
         try:
             await response.prepare(request)
+            if len(exchange.request_body) >= HAND_OVER_FROM \
+                    and upstream.content_type == "text/event-stream":
+                if exchange.request_cut is not None:  # forwarded whole; the record keeps the start
+                    exchange.request_body = exchange.request_body[:state.config.record_max_body]
+                state.pipeline.hand_over(exchange)
             exchange.proxy_ns += time.monotonic_ns() - mark
             chunks = exchange.chunks
             reader = upstream.content

@@ -52,6 +52,9 @@ class Outcome(StrEnum):
     SHUTDOWN_CUT = "shutdown_cut"
     """The proxy was shutting down (SIGTERM/SIGINT) and the request was still running when the
     grace period ended: the proxy cut it, client and upstream side."""
+    PROXY_ENDED = "proxy_ended"
+    """The proxy process ended (killed) while the response streamed: the record has the request
+    and the response head it had handed to the recorder (``channel.Begun``), not the body."""
     REJECTED = "rejected"
     """The proxy refused the request (unknown provider, host not allowed, too large); nothing was
     sent upstream. Recorded in ``rejected-{date}.jsonl``, never counted as a forwarded request."""
@@ -170,6 +173,10 @@ class Exchange:
     """Set when ``request_body`` holds only the start of the body the client sent."""
     response_cut: BodyCut | None = None
     """Set when ``chunks`` hold only the start of the response body."""
+    request_handed: int | None = None
+    """The size of the request body when the proxy handed it to the recorder while the
+    response still streamed (``channel.Begun``): ``request_body`` is then empty here, and the
+    recorder puts it back."""
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled as the constructor's arguments, in field order: the proxy pickles every
@@ -200,6 +207,8 @@ class Exchange:
         """Bytes of the request body the client sent (all of them, also when cut)."""
         if self.request_cut is not None:
             return self.request_cut.size
+        if self.request_handed is not None:
+            return self.request_handed
         return len(self.request_body)
 
     def ms_since_start(self, ns: int | None) -> float | None:

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 
 from otelproxy.channel import (
     READ_SIZE,
+    Begun,
     Exchanges,
     Flush,
     Flushed,
@@ -261,8 +262,9 @@ class Recorder:
         self.dropped = 0
         self.without_bodies = 0
         self._drop_logs = 0
-        self._outbox: deque[tuple[Exchange, int]] = deque()
-        """Exchanges not yet framed, with the bytes of bodies each holds."""
+        self._outbox: deque[tuple[Exchange | Begun, int]] = deque()
+        """Exchanges (and request bodies handed over) not yet framed, with the bytes of bodies
+        each holds."""
         self._outbox_bytes = 0
 
     # -- the process -----------------------------------------------------------------------------
@@ -429,15 +431,34 @@ class Recorder:
         iteration go together (one pickle, one pipe write); while the pipe is full they wait
         here as they are."""
         self.submitted += 1
-        if self.pending > self.config.record_queue_size:
+        full = self.pending > self.config.record_queue_size
+        if full and exchange.request_handed is None:
             self._drop(1, "record queue full")
             return
         size = exchange.held_bytes
-        if self._outbox_bytes + size > self._buffer_limit:
+        # one whose request the recorder holds already goes on, past the bound, without its
+        # bodies: dropped, it would have been recorded as begun and never ended
+        if full or self._outbox_bytes + size > self._buffer_limit:
             exchange, size = without_bodies(exchange), 0
             self._count_without_bodies(1)
         self._outbox.append((exchange, size))
         self._outbox_bytes += size
+        if len(self._outbox) == 1 and not self.process.inbox.buffered:
+            self._bound_loop().call_soon(self._send_outbox)
+
+    def hand_over(self, exchange: Exchange) -> None:
+        """Send the request body of an exchange whose response has begun streaming now, not
+        when the stream ends: the recorder holds it as the little it adds to the previous turn
+        of its conversation (``compact.Handed``), and the proxy holds nothing of it for the
+        rest of the stream. Not while the buffer for the pipe is short of room: the exchange
+        then keeps its body."""
+        body = exchange.request_body
+        if self._outbox_bytes + len(body) > self._buffer_limit or not self.process.running:
+            return
+        self._outbox.append((Begun(dataclasses.replace(exchange, chunks=Chunks())), len(body)))
+        self._outbox_bytes += len(body)
+        exchange.request_body = b""
+        exchange.request_handed = len(body)
         if len(self._outbox) == 1 and not self.process.inbox.buffered:
             self._bound_loop().call_soon(self._send_outbox)
 
@@ -447,7 +468,7 @@ class Recorder:
         be (before a ``Flush`` or ``Stop``, which must come after it)."""
         outbox, inbox = self._outbox, self.process.inbox
         while outbox and (force or not inbox.buffered):
-            batch: list[Exchange] = []
+            batch: list[Exchange | Begun] = []
             size = 0
             while outbox and (not batch or size + outbox[0][1] <= _FRAME_BYTES):
                 exchange, held = outbox.popleft()
@@ -456,15 +477,18 @@ class Recorder:
             self._outbox_bytes -= size
             self._send(batch)
 
-    def _send(self, batch: list[Exchange]) -> None:
+    def _send(self, batch: list[Exchange | Begun]) -> None:
         inbox = self.process.inbox
         if inbox.send(Exchanges(batch)):
             return
-        if not inbox.broken and inbox.send(Exchanges([without_bodies(e) for e in batch]),
-                                           _STUB_RESERVE):
-            self._count_without_bodies(len(batch))
+        # without bodies: a handed-over body is left out whole (its exchange is then recorded
+        # with the body's size alone, as one sent without bodies)
+        stubs: list[Exchange | Begun] = [without_bodies(item) for item in batch
+                                          if isinstance(item, Exchange)]
+        if not inbox.broken and inbox.send(Exchanges(stubs), _STUB_RESERVE):
+            self._count_without_bodies(len(stubs))
             return
-        self._drop(len(batch), "recorder gone" if inbox.broken else "record buffer full")
+        self._drop(len(stubs), "recorder gone" if inbox.broken else "record buffer full")
 
     def _count_without_bodies(self, count: int) -> None:
         if not self.without_bodies:
@@ -654,8 +678,6 @@ def without_bodies(exchange: Exchange) -> Exchange:
         response_cut=BodyCut(exchange.response_size,
                              response_cut.sha256 if response_cut else None),
     )
-
-
 
 
 def build_pipeline(

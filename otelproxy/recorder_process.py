@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from otelproxy.channel import (
+    Begun,
     Exchanges,
     Flush,
     Flushed,
@@ -43,8 +44,10 @@ from otelproxy.channel import (
 )
 from otelproxy.config import Config
 from otelproxy.memory import release_free_heap
+from otelproxy.record import BodyCut, Outcome
 
 if TYPE_CHECKING:
+    from otelproxy.compact import Handed
     from otelproxy.pipeline import Pipeline, Sink
     from otelproxy.record import Exchange
 
@@ -135,6 +138,60 @@ def recorder_main(inbox: int, results: int) -> int:
     return _record(build_pipeline(config, start.env, export=start.export), end, received)
 
 
+class Streaming:
+    """The exchanges still streaming whose request the proxy handed over (``channel.Begun``):
+    their request bodies (``compact.Handed``) and what else the proxy knew then (the request,
+    the response head), so that a proxy killed mid-stream still leaves them in the record."""
+
+    def __init__(self) -> None:
+        from otelproxy.compact import Handed
+        from otelproxy.processors import conversation_key
+
+        self.bodies = Handed()
+        self._key = conversation_key
+        self._begun: dict[str, Exchange] = {}
+
+    def begin(self, exchange: Exchange) -> None:
+        body, exchange.request_body = exchange.request_body, b""
+        self.bodies.hold(exchange.id, self._key(exchange, body), body)
+        exchange.request_handed = len(body)
+        self._begun[exchange.id] = exchange
+
+    def end(self, exchange: Exchange) -> None:
+        """Put back the request body of a finished exchange (``request_handed``)."""
+        self._begun.pop(exchange.id, None)
+        _put_back(exchange, self.bodies)
+
+    def orphans(self) -> list[Exchange]:
+        """The exchanges begun and never finished: the proxy process ended (a proxy that stops
+        lets its streams finish first). Recorded ``proxy_ended``."""
+        out = list(self._begun.values())
+        self._begun.clear()
+        now = time.monotonic_ns()
+        for exchange in out:
+            _put_back(exchange, self.bodies)
+            exchange.outcome = Outcome.PROXY_ENDED
+            exchange.error = "the proxy process ended while the response streamed"
+            exchange.finished_ns = now
+        return out
+
+
+def _put_back(exchange: Exchange, handed: Handed) -> None:
+    """An exchange whose request body was handed over earlier gets it back; when this recorder
+    was not given it (it was restarted since, or the pipe was full), the record keeps the
+    body's size alone, as for an exchange sent without its bodies."""
+    body = handed.take(exchange.id)
+    size = exchange.request_handed
+    exchange.request_handed = None
+    if body is None:
+        if exchange.request_cut is None:
+            exchange.request_cut = BodyCut(size or 0)
+        return
+    exchange.request_body = body
+    if exchange.request_cut is not None and exchange.request_cut.size == len(body):
+        exchange.request_cut = None  # sent without bodies at the end, but it had come whole
+
+
 def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> int:
     """Record what arrives until ``Stop`` or the end of the inbox."""
     processed = 0
@@ -158,6 +215,7 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
             processed += len(batch)
             report(force=True)
 
+    streaming = Streaming()
     report(force=True)  # before Ready: the proxy knows the export's state once started
     end.send(Ready())
     lower_priority()  # only now: starting (imports, opening the record) is not held back
@@ -181,6 +239,11 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
         for message in messages:
             if isinstance(message, Exchanges):
                 for exchange in message.items:
+                    if isinstance(exchange, Begun):
+                        streaming.begin(exchange.exchange)
+                        continue
+                    if exchange.request_handed is not None:
+                        streaming.end(exchange)
                     if not batch:
                         first_at = time.monotonic()
                     batch.append(exchange)
@@ -189,6 +252,8 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
                         record(batch)
                         batch, held = [], 0
                 continue
+            if isinstance(message, Stop):
+                batch += streaming.orphans()
             record(batch)
             batch, held = [], 0
             if isinstance(message, Flush):

@@ -13,6 +13,7 @@ from otelproxy.compact import (
     CHECKPOINT,
     DeltaEncoder,
     DeltaError,
+    Handed,
     Recent,
     Sha256Prefixes,
     common_prefix,
@@ -149,3 +150,29 @@ def test_recent_finds_the_body_sharing_the_longest_prefix_within_its_bounds():
     assert recent.find("other", b"xx") == ("big", 2)
     assert Recent[str](max_bytes=0).derive("k", b"body", lambda body, old, shared: "made") == \
         "made"
+
+
+def test_handed_bodies_come_back_exact_held_as_what_they_add_to_a_recent_one():
+    """``Handed`` gives back each body byte for byte: one with no similar body before it is
+    held whole; one sharing most of a taken body's bytes is held as the bytes between their
+    common prefix and suffix (the base shared, not copied); the same bytes again come back as
+    the very object taken before; an id never handed gives None."""
+    rng = random.Random(7)
+    handed = Handed()
+    first = b'{"messages":[' + bytes(rng.choice(b"abcdef") for _ in range(40_000)) + b"]}"
+    handed.hold("e1", "conversation", first)
+    assert handed.take("e1") == first
+    second = first[:-2] + b',"and more"]}'
+    handed.hold("e2", "conversation", second)
+    [(key, held)] = handed._held.values()
+    assert key == "conversation" and not isinstance(held, bytes)
+    assert held.base is first and len(held.middle) < 20
+    got = handed.take("e2")
+    assert got == second
+    again = bytes(bytearray(second))  # the same bytes, another object
+    handed.hold("e3", "conversation", again)
+    assert handed.take("e3") is got
+    unlike = bytes(rng.randrange(256) for _ in range(30_000))
+    handed.hold("e4", "conversation", unlike)
+    assert handed._held["e4"][1] is unlike and handed.take("e4") == unlike
+    assert handed.take("e1") is None and len(handed) == 0

@@ -30,6 +30,7 @@ from otelproxy.errors import ConfigError
 from otelproxy.record import Chunks, Exchange
 from otelproxy.recorder import PipeWriter, Recorder, RecorderProcess
 from tests.conftest import RunningProxy, remount
+from tests.fake_upstream import Reply
 from tests.proxy_process import REPO, ProxyProcess, child_env, run_cli
 from tests.test_store import assert_record_agrees
 
@@ -844,3 +845,123 @@ def test_after_a_wait_in_which_the_recorder_recorded_nothing_requests_stop_waiti
     proxy.flush()
     health = httpx2.get(f"{proxy.url}/healthz").json()
     assert health["records_dropped"] == 0 and health["records_written"] == 6, health
+
+
+def _counting_hand_overs(proxy: RunningProxy) -> list[int]:
+    """The request body sizes the proxy hands to its recorder from now on (``hand_over``
+    wrapped on the instance: the handler looks it up there)."""
+    recorder = proxy.server.pipeline
+    assert isinstance(recorder, Recorder)
+    sizes: list[int] = []
+    hand_over = recorder.hand_over
+
+    def counting(exchange: Exchange) -> None:
+        hand_over(exchange)
+        if exchange.request_handed is not None:
+            sizes.append(exchange.request_handed)
+
+    recorder.hand_over = counting  # type: ignore[method-assign]
+    return sizes
+
+
+def _raw_request(proxy: RunningProxy, session: str, seq: int) -> bytes:
+    raw = subprocess.run([sys.executable, "-m", "otelproxy", "show", session, "--raw", str(seq),
+                          "--log-dir", str(proxy.log_dir)], capture_output=True, timeout=60)
+    assert raw.returncode == 0, raw.stderr
+    return raw.stdout
+
+
+def test_a_streamed_request_body_goes_to_the_recorder_early_and_comes_back_exact(proxy, fake):
+    """Once a stream's head is relayed, its request body (over ``HAND_OVER_FROM``) goes to the
+    recorder, which holds it against the previous turn of its conversation; the record still
+    gives back every body byte for byte, the later turns as deltas, also with two streams of
+    the conversation open at once."""
+    handed = _counting_hand_overs(proxy)
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    system = "You follow the house rules. " * 700  # 19 KB: every body is handed over
+    messages: list = []
+    for n in range(1, 5):
+        messages.append({"role": "user", "content": f"question {n}: " + "détail " * 40})
+        with client.messages.stream(model="claude-test-1", max_tokens=50, system=system,
+                                    messages=messages) as stream:
+            text = stream.get_final_text()
+        messages.append({"role": "assistant", "content": text})
+    fake.replies.extend([Reply(event_delay=0.02), Reply(event_delay=0.02)])
+    both = [[*messages, {"role": "user", "content": f"fork {k}"}] for k in (1, 2)]
+    threads = [threading.Thread(target=lambda m=m: client.messages.create(
+        model="claude-test-1", max_tokens=50, system=system, messages=m, stream=True
+    ).response.read()) for m in both]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    calls = fake.model_calls()
+    assert len(calls) == 6 and handed == [len(call.body) for call in calls[:4]] + [
+        len(calls[4].body)] * 2
+    proxy.flush()
+    requests = list({e["exchange_id"]: e for e in proxy.entries()
+                     if e["type"] == "request"}.values())  # a branch's file repeats its start
+    assert len(requests) == 6 and "body" in requests[0]
+    assert all("body_delta" in entry for entry in requests[1:4])
+    assert not any(entry.get("body_truncated") for entry in requests)
+    by_body = {call.body for call in calls}
+    for entry in requests:
+        assert _raw_request(proxy, entry["session_id"], entry["seq"]) in by_body
+    assert {_raw_request(proxy, e["session_id"], e["seq"]) for e in requests} == by_body
+
+
+def test_a_recorder_killed_mid_stream_leaves_the_exchange_with_its_request_size(proxy, fake):
+    """A request body handed over is lost with a recorder killed before the stream ends: the
+    exchange is still recorded, by the next recorder, with the body's size and
+    ``body_truncated`` (as one sent without bodies), and the response whole."""
+    handed = _counting_hand_overs(proxy)
+    fake.replies.append(Reply(event_delay=0.3))
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    body = "x" * 30_000
+    done: list[str] = []
+    thread = threading.Thread(target=lambda: done.append(client.messages.create(
+        model="claude-test-1", max_tokens=50, messages=[{"role": "user", "content": body}],
+        stream=True).response.read().decode()))
+    thread.start()
+    wait_for(lambda: bool(handed), 10, "no request body handed over")
+    dying, _ = kill_recorder(proxy)
+    wait_replaced(proxy, dying)
+    thread.join(30)
+    assert done and "message_stop" in done[0]
+    proxy.flush()
+    [request] = [e for e in proxy.entries() if e["type"] == "request"]
+    [response] = [e for e in proxy.entries() if e["type"] == "response"]
+    assert request["body_truncated"] is True and request["body"] == ""
+    assert request["size"] == len(fake.model_calls()[0].body) == handed[0]
+    assert "body_truncated" not in response and response["status"] == 200
+
+
+def test_a_proxy_killed_mid_stream_leaves_the_request_in_the_record(tmp_path, fake):
+    """SIGKILL of the proxy process while an answer streams: its recorder, which was handed the
+    request when the stream began, records the exchange ``proxy_ended``, with the exact request
+    body and the response head, then exits (its inbox ended)."""
+    fake.replies.append(Reply(event_delay=1.0))
+    log_dir = tmp_path / "logs"
+    with ProxyProcess(["--log-dir", str(log_dir), "--upstream", fake.url]) as running:
+        recorder = _recorder_of(running)
+        client = anthropic.Anthropic(base_url=f"{running.url}/anthropic/{fake.host_port}",
+                                     api_key="sk-ant-x", max_retries=0)
+        prompt = "keep this " * 3000  # 30 KB: handed over once the stream begins
+        stream = client.messages.create(model="claude-test-1", max_tokens=50, stream=True,
+                                        messages=[{"role": "user", "content": prompt}])
+        events = iter(stream)
+        assert next(events).type == "message_start"
+        time.sleep(0.3)  # the recorder reads the request it was handed
+        running.process.kill()
+        deadline = time.monotonic() + 20
+        while pid_alive(recorder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(recorder)
+    entries = [orjson.loads(line) for path in sorted(log_dir.glob("*/*.jsonl"))
+               for line in path.read_bytes().splitlines()]
+    [request] = [e for e in entries if e["type"] == "request"]
+    [response] = [e for e in entries if e["type"] == "response"]
+    assert response["outcome"] == "proxy_ended" and response["status"] == 200
+    assert "ended while the response streamed" in response["error"]
+    assert request["body"] == fake.model_calls()[0].body.decode()
+    assert "body_truncated" not in request

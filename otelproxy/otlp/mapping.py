@@ -32,10 +32,10 @@ conventions), ``user_agent.original``; ``gen_ai.provider.name``, ``gen_ai.operat
 ``gen_ai.usage.output_tokens``, ``gen_ai.usage.cache_read.input_tokens``,
 ``gen_ai.usage.cache_creation.input_tokens``; ``proxy.ttfb_ms``, ``proxy.total_ms``,
 ``proxy.overhead_ms``, ``proxy.outcome`` (``complete|client_aborted|upstream_aborted|
-upstream_error|shutdown_cut``, or ``rejected`` for a request the proxy refused), ``error.type``
-(on errors), ``http.request.body.size``, ``http.response.body.size`` (bytes on the wire); for
-streams ``stream.chunk_count`` and ``stream.chunk_offsets_ms`` (ms from the request's arrival to
-each SSE event, the same events as the local record's ``chunks``).
+upstream_error|shutdown_cut|proxy_ended``, or ``rejected`` for a request the proxy refused),
+``error.type`` (on errors), ``http.request.body.size``, ``http.response.body.size`` (bytes on
+the wire); for streams ``stream.chunk_count`` and ``stream.chunk_offsets_ms`` (ms from the
+request's arrival to each SSE event, the same events as the local record's ``chunks``).
 Only on ``request``: ``http.request.header.<name>``, and for a tracked call
 ``gen_ai.input.messages.new`` (JSON of the messages added since the session's previous turn)
 and ``gen_ai.system_instructions.sha256``, otherwise ``http.request.body.content``.
@@ -87,7 +87,7 @@ SEVERITY_WARN: Final = 13
 SEVERITY_ERROR: Final = 17
 """OTLP ``SeverityNumber`` values."""
 _ABORTS: Final = frozenset({Outcome.CLIENT_ABORTED, Outcome.UPSTREAM_ABORTED,
-                            Outcome.UPSTREAM_ERROR, Outcome.SHUTDOWN_CUT})
+                            Outcome.UPSTREAM_ERROR, Outcome.SHUTDOWN_CUT, Outcome.PROXY_ENDED})
 
 
 def header_value(headers: Sequence[tuple[str, str]], name: str) -> str | None:
