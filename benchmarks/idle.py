@@ -26,7 +26,7 @@ from pathlib import Path
 from benchmarks import procs, traffic
 from benchmarks.procs import Pinning, Process, free_port, wait_listening
 from benchmarks.run import Control, client, post, stream
-from benchmarks.targets import Target, build, clean_env, wait_ready
+from benchmarks.targets import Target, build, clean_env, compile_sources, wait_ready
 
 NAMES = ("bare", "otelproxy", "otelproxy+otlp")
 
@@ -107,6 +107,7 @@ def one_round(work: Path, burst: int = 0) -> None:
     try:
         for port, process in servers.values():
             wait_listening(port, process.popen, 30)
+        compile_sources()
         targets = [build(name, servers["upstream"][0], servers["otlp"][0], work, Pinning(False))
                    for name in NAMES]
         for target in targets:

@@ -751,6 +751,7 @@ def bench(settings: Settings, progress: Callable[[str], None]) -> Json:
             procs.wait_listening(port, server.popen, 60)
         progress(f"starting {', '.join(settings.targets)} (pinning: "
                  f"{'CPU 0 load, CPU 1 proxy' if pinning.active else pinning.reason})")
+        targets.compile_sources(settings.other_src)
         everyone = [targets.build(name, upstream_port, otlp_port, work, pinning,
                                   Path(settings.peers_venv), settings.other_src)
                     for name in ("direct", *settings.targets)]
