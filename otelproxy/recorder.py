@@ -27,6 +27,8 @@ the pipe makes room (``drain`` and ``stop`` frame all of it at once: their messa
 The loop reads the recorder's progress and answers (``loop.add_reader``).
 ``submit`` never blocks: with ``record_queue_size`` exchanges unrecorded an exchange is
 dropped; with ``buffer_limit`` bytes of bodies waiting it waits without its bodies (counted).
+``hand_over`` sends a streamed exchange's request body ahead, when its stream begins, through
+the same outbox (``channel.Begun``).
 Another thread (a test, an embedding program) uses ``flush``, which runs ``drain`` on the loop;
 waiting for the exit status of a recorder that ended (``waitpid``) is the one call made on a
 worker thread.
