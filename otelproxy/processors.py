@@ -21,6 +21,7 @@ as from the whole body, at a cost that grows with what the turn added, not with 
 from __future__ import annotations
 
 import contextlib
+import re
 import zlib
 from collections.abc import Hashable, Iterable
 from typing import Any
@@ -30,8 +31,16 @@ import orjson
 from otelproxy.body_json import ParsedBody, parse_body
 from otelproxy.compact import Recent
 from otelproxy.header_bytes import escape
-from otelproxy.providers import CR_BYTE, anthropic, decode_event, decode_events, openai
-from otelproxy.record import Event, Exchange, Record
+from otelproxy.providers import (
+    CR_BYTE,
+    anthropic,
+    decode_event,
+    decode_events,
+    decode_fields,
+    openai,
+    sse_fields,
+)
+from otelproxy.record import Chunks, Event, Exchange, Record
 from otelproxy.redact import (
     RedactedBody,
     redact_body,
@@ -195,6 +204,43 @@ def split_sse(chunks: Iterable[tuple[int, bytes]]) -> list[Event]:
     return events
 
 
+_EVENT = re.compile(rb"(event:([^\n]*)\ndata: ([^\n]*)\n\n)|((?s:.*?)\n\n)|((?s:.+))")
+"""At a place of a stream without CR: the usual event (``event: …\ndata: …\n\n``: all of it, its
+name, its data), else the bytes up to and including the next blank line, else the rest. One
+of the three always matches, so matching from the start tiles the stream."""
+
+
+def read_sse(chunks: Chunks) -> tuple[list[Event], list[tuple[str, Any]]]:
+    """``split_sse``'s events and their ``decode_events`` payloads, in one pass.
+
+    A stream without CR (the usual one) is cut by one ``_EVENT`` scan, which reads the usual
+    event's name and data as it cuts (what ``sse_fields`` would read); each event takes the
+    time of the chunk that holds its last byte, the rest that of the last chunk, as in
+    ``split_sse``, which cuts a stream with CR."""
+    data = bytes(chunks.data)
+    if CR_BYTE in data:
+        events = split_sse(chunks)
+        return events, decode_events([event.raw for event in events])
+    ends, times = chunks.ends, chunks.times
+    events = []
+    fields: list[tuple[bytes, bytes]] = []
+    end = at = 0
+    for raw, name, value, other, rest in _EVENT.findall(data):
+        if raw:
+            fields.append((name, value))
+        else:
+            raw = other or rest
+            fields.append(sse_fields(raw))
+        if rest:
+            at = len(times) - 1
+        else:
+            end += len(raw)
+            while ends[at] < end:
+                at += 1
+        events.append(Event(times[at], raw))
+    return events, decode_fields(fields)
+
+
 def _event_end(buffer: bytes, start: int) -> int:
     """Index just after the first event terminator at or after ``start``, or -1."""
     best = -1
@@ -213,26 +259,28 @@ class DecodeBody:
         headers = exchange.response_headers
         encoding = (header(headers, "content-encoding") or "identity").strip().lower()
         content_type = (header(headers, "content-type") or "").lower()
-        chunks: Iterable[tuple[int, bytes]] = exchange.chunks
+        chunks = exchange.chunks
         if encoding != "identity":
             record.content_encoding = encoding
             try:
                 decoder = _Decoder(encoding)
-                chunks = [(ns, decoder.feed(data)) for ns, data in chunks]
+                chunks = Chunks.of([(ns, decoder.feed(data)) for ns, data in chunks])
             except (ValueError, zlib.error, RuntimeError) as exc:
                 record.decode_error = redact_text(f"{encoding}: {exc}")
                 chunks = exchange.chunks
                 record.content_encoding = None
         record.streaming = content_type.startswith("text/event-stream")
         if record.streaming:
-            record.events, record.payloads = redact_stream(exchange.provider, split_sse(chunks))
+            record.events, record.payloads = redact_stream(exchange.provider, *read_sse(chunks))
             record.response_body = b"".join([e.raw for e in record.events])
         else:
-            record.response_body = redact_bytes(b"".join(data for _, data in chunks))
+            record.response_body = redact_bytes(bytes(chunks.data))
 
 
-def redact_stream(provider: str, events: list[Event]) -> tuple[list[Event], list[tuple[str, Any]]]:
-    """The events with secrets obfuscated, and their decoded payloads (for ``ProviderParse``).
+def redact_stream(provider: str, events: list[Event], payloads: list[tuple[str, Any]] | None = None
+                  ) -> tuple[list[Event], list[tuple[str, Any]]]:
+    """The events with secrets obfuscated, and their decoded payloads (for ``ProviderParse``;
+    ``payloads``, the events' ``decode_events``, is updated in place when given).
 
     Obfuscating each event alone is not enough: a model echoing a key sends it in pieces, one
     per delta event, and the reassembled text would hold it whole. So the pieces of each text
@@ -240,7 +288,8 @@ def redact_stream(provider: str, events: list[Event]) -> tuple[list[Event], list
     events that held a share of a key are rewritten, and then every event is scanned alone."""
     module = anthropic if provider == "anthropic" else openai
     raws = [event.raw for event in events]
-    payloads = decode_events(raws)
+    if payloads is None:
+        payloads = decode_events(raws)
     texts = module.stream_places(payloads)
     rewritten: set[int] = set()
     for places in texts.values():

@@ -25,9 +25,11 @@ from otelproxy.pipeline import Pipeline
 from otelproxy.processors import (
     _event_end,
     default_processors,
+    read_sse,
     redact_stream,
     split_sse,
 )
+from otelproxy.providers import decode_events
 from otelproxy.record import Chunks, Event, Exchange, Record
 from otelproxy.recorder import build_pipeline
 from otelproxy.sessions import SessionTracker
@@ -351,6 +353,28 @@ def test_the_quick_split_agrees_with_the_general_terminator_search(seed: int) ->
         pending = pending[start:]
     expected += [(chunks[-1][0], pending)] if pending else []
     assert [(e.ns, e.raw) for e in events] == expected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_read_sse_gives_the_events_and_payloads_of_split_sse_and_decode_events(seed: int) -> None:
+    """The one-pass reader cuts, stamps and decodes as ``split_sse`` then ``decode_events`` do:
+    usual events and others (comments, several data lines, no ``event:``, empty data, not
+    JSON, not UTF-8, a rest without terminator), with and without CR, in chunks cut anywhere,
+    empty chunks included."""
+    rng = random.Random(seed)
+    events = [*EVENTS, b"data: [DONE]\n\n", b": keep-alive\n\n", b"event: x\ndata: \n\n",
+              b"event: y\ndata: {\"a\":\ndata: 1}\n\n", b"event:z\ndata:{\"b\":2}\n\n",
+              b"event: e\ndata: \xff\xfe\n\n", b"event: e\ndata: {\"c\":\"\xff\"}\n\n",
+              b"\n\n", b"\n\n\n", b"event: content_block_delta\r\ndata: {}\r\n\r\n"]
+    if seed % 2:  # streams without CR: the quick path
+        events = [event for event in events if b"\r" not in event]
+    stream = b"".join(rng.choice(events) for _ in range(300)) + (b"data: 1" if seed % 3 else b"")
+    cuts = sorted(rng.choices(range(len(stream) + 1), k=60))
+    chunks = Chunks.of([*((n, stream[a:b]) for n, (a, b) in
+                          enumerate(zip([0, *cuts], [*cuts, len(stream)], strict=True))),
+                        (99, b"")])
+    expected = split_sse(chunks)
+    assert read_sse(chunks) == (expected, decode_events([event.raw for event in expected]))
 
 
 def test_a_key_split_as_s_and_k_across_deltas_is_redacted() -> None:

@@ -43,23 +43,40 @@ def decode_events(raws: Iterable[bytes]) -> list[tuple[str, Any]]:
     """``(event name, data decoded from JSON)`` of each SSE event (data lines joined with
     newlines); None without data, ``UNDECODABLE`` when the data is not JSON (OpenAI's
     ``[DONE]``). Lines end at CRLF, CR or LF, as the SSE spec has it; bytes that are not UTF-8
-    read as U+FFFD.
+    read as U+FFFD."""
+    return decode_fields([sse_fields(raw) for raw in raws])
+
+
+def sse_fields(raw: bytes) -> tuple[bytes, bytes]:
+    """The bytes after ``event:`` (of the last such line) and the data lines' values joined
+    with newlines, of one SSE event.
 
     Runs over every event of every stream, so it works on the bytes: the usual event
-    (``event: …\ndata: …\n\n``) is cut with a few searches, orjson reads the data as it came,
-    and only data that is not UTF-8 is decoded with replacement first."""
+    (``event: …\ndata: …\n\n``) is cut with a few searches."""
+    first_end = raw.find(b"\n")
+    if raw[:6] == b"event:" and raw[first_end:first_end + 7] == b"\ndata: " \
+            and raw.find(b"\n", first_end + 7) == len(raw) - 2 and raw[-1:] == b"\n" \
+            and CR_BYTE not in raw:
+        return raw[6:first_end], raw[first_end + 7:-2]
+    if CR_BYTE in raw:  # CR and LF are ASCII: never part of a multi-byte character
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    name = _MESSAGE
+    parts: list[bytes] = []
+    for line in raw.split(b"\n"):
+        if line[:5] == b"data:":
+            parts.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line[:6] == b"event:":
+            name = line[6:]
+    return name, b"\n".join(parts)
+
+
+def decode_fields(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, Any]]:
+    """``decode_events`` of events given as ``sse_fields`` gives them: orjson reads the data
+    as it came, and only data that is not UTF-8 is decoded with replacement first."""
     out: list[tuple[str, Any]] = []
     names = _NAMES
     loads = orjson.loads
-    for raw in raws:
-        first_end = raw.find(b"\n")
-        if raw[:6] == b"event:" and raw[first_end:first_end + 7] == b"\ndata: " \
-                and raw.find(b"\n", first_end + 7) == len(raw) - 2 and raw[-1:] == b"\n" \
-                and CR_BYTE not in raw:
-            name = raw[6:first_end]
-            data = raw[first_end + 7:-2]
-        else:
-            name, data = _sse_fields(raw)
+    for name, data in fields:
         event = names.get(name)
         if event is None:
             event = name.decode("utf-8", "replace").strip()
@@ -81,21 +98,6 @@ def _decode_text(data: bytes) -> Any:
         return orjson.loads(data.decode("utf-8", "replace"))
     except orjson.JSONDecodeError:
         return UNDECODABLE
-
-
-def _sse_fields(raw: bytes) -> tuple[bytes, bytes]:
-    """The bytes after ``event:`` (of the last such line) and the data lines' values joined
-    with newlines."""
-    if CR_BYTE in raw:  # CR and LF are ASCII: never part of a multi-byte character
-        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    name = _MESSAGE
-    parts: list[bytes] = []
-    for line in raw.split(b"\n"):
-        if line[:5] == b"data:":
-            parts.append(line[6:] if line[5:6] == b" " else line[5:])
-        elif line[:6] == b"event:":
-            name = line[6:]
-    return name, b"\n".join(parts)
 
 
 CR_BYTE = ord("\r")
