@@ -381,3 +381,38 @@ def test_anthropic_reassembly_keeps_interleaved_and_restarted_blocks_apart() -> 
         {"type": "text", "text": "T:x7"},
         {"type": "text", "text": "new:12"},
     ]
+
+
+def test_anthropic_stream_places_group_the_pieces_by_block_and_key() -> None:
+    """Each block's text, thinking and tool input pieces go to their own list, in stream order,
+    however the deltas interleave (the quick path for 'the same block and key as the one
+    before' never mixes them up); an index equal to another (1, 1.0, True) is the same block;
+    other events and pieces that are not strings are left out."""
+    from otelproxy.providers import UNDECODABLE
+    from otelproxy.providers.anthropic import stream_places
+
+    def delta(index: Any, kind: str, key: str, value: Any) -> tuple[str, Any]:
+        return "content_block_delta", {"type": "content_block_delta", "index": index,
+                                       "delta": {"type": kind, key: value}}
+
+    payloads = [
+        ("ping", {"type": "ping"}),
+        delta(0, "thinking_delta", "thinking", "a"),
+        delta(0, "thinking_delta", "thinking", "b"),
+        delta(1, "text_delta", "text", "x"),
+        ("message", UNDECODABLE),
+        delta(0, "thinking_delta", "thinking", "c"),
+        delta(1.0, "text_delta", "text", "y"),
+        delta(True, "text_delta", "text", "z"),
+        delta(1, "text_delta", "text", 7),
+        delta(0, "text_delta", "text", "t"),
+        delta(0, "input_json_delta", "partial_json", "{"),
+        delta(0, "signature_delta", "signature", "s"),
+    ]
+    thinking, text, json = ("delta", "thinking"), ("delta", "text"), ("delta", "partial_json")
+    assert stream_places(payloads) == {
+        (0, "thinking"): [(1, thinking, "a"), (2, thinking, "b"), (5, thinking, "c")],
+        (1, "text"): [(3, text, "x"), (6, text, "y"), (7, text, "z")],
+        (0, "text"): [(9, text, "t")],
+        (0, "partial_json"): [(10, json, "{")],
+    }

@@ -93,8 +93,14 @@ _DELTA_PATHS = {key: ("delta", key) for key in _DELTA_TEXT_KEYS.values()}
 def stream_places(payloads: list[tuple[str, Any]]) -> Places:
     """The text, thinking and tool input JSON the ``content_block_delta`` events of a stream
     carry, by block (written with subscripts: it runs over every event, and a payload that is
-    not such a delta raises ``KeyError`` or ``TypeError`` on the way)."""
+    not such a delta raises ``KeyError`` or ``TypeError`` on the way). A piece for the same
+    block and key as the one before (the usual) goes to that one's list without a lookup: an
+    index equal to the last one (hashable, as it was looked up) is the same dict key."""
     texts: Places = {}
+    last_index: Any = None
+    last_key = ""
+    places: list[tuple[int, tuple[str | int, ...], str]] = []
+    path: tuple[str | int, ...] = ()
     for number, (_, payload) in enumerate(payloads):
         try:
             if payload["type"] != "content_block_delta":
@@ -106,12 +112,13 @@ def stream_places(payloads: list[tuple[str, Any]]) -> Places:
             continue
         if type(piece) is not str:
             continue
-        channel = (payload.get("index"), key)
-        places = texts.get(channel)
-        if places is None:
-            texts[channel] = [(number, _DELTA_PATHS[key], piece)]
-        else:
-            places.append((number, _DELTA_PATHS[key], piece))
+        index = payload.get("index")
+        if key != last_key or index != last_index:
+            channel = (index, key)
+            found = texts.get(channel)
+            places = texts[channel] = [] if found is None else found
+            last_index, last_key, path = index, key, _DELTA_PATHS[key]
+        places.append((number, path, piece))
     return texts
 
 
