@@ -487,6 +487,8 @@ class Recorder:
         # with the body's size alone, as one sent without bodies)
         stubs: list[Exchange | Begun] = [without_bodies(item) for item in batch
                                           if isinstance(item, Exchange)]
+        if not stubs:  # handed-over bodies only: nothing more to send or count
+            return
         if not inbox.broken and inbox.send(Exchanges(stubs), _STUB_RESERVE):
             self._count_without_bodies(len(stubs))
             return
