@@ -405,6 +405,10 @@ class Handed:
         if found is None:
             return None
         key, held = found
-        body = held.body() if isinstance(held, _Spliced) else held
-        self._recent.keep(key, body, body)
+        if isinstance(held, _Spliced):
+            body = held.body()
+            self._recent.keep(key, body, body)
+        else:  # remembered when held: once is enough
+            body = held
+            self._recent.keep(key, body, body, replaces=body)
         return body

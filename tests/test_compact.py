@@ -176,3 +176,15 @@ def test_handed_bodies_come_back_exact_held_as_what_they_add_to_a_recent_one():
     handed.hold("e4", "conversation", unlike)
     assert handed._held["e4"][1] is unlike and handed.take("e4") == unlike
     assert handed.take("e1") is None and len(handed) == 0
+
+
+def test_a_body_held_whole_is_remembered_once():
+    """A body held whole is a base from the moment it is held; taken, it is not remembered a
+    second time (which would count its bytes twice against the budget and push out another
+    base)."""
+    handed = Handed(max_bytes=100_000)
+    body = b'{"messages":[' + b"x" * 40_000 + b"]}"
+    handed.hold("e1", "k", body)
+    assert handed.take("e1") is body
+    assert handed._recent._bytes == len(body)
+    assert [item for _, item in handed._recent._items["k"]] == [body]
