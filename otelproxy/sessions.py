@@ -89,7 +89,7 @@ import re
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,7 +207,7 @@ def fingerprint(messages: list[Any]) -> str:
 
 
 _SYSTEM_DIGESTS: OrderedDict[bytes, str] = OrderedDict()
-"""The fingerprints of the last system prompts seen, by their canonical bytes: nearly every turn
+"""The fingerprints of the system prompts seen last, by their canonical bytes: nearly every turn
 sends the same 15 KB or more again, and its bytes are compared here instead of hashed anew."""
 _SYSTEM_DIGESTS_KEPT = 16
 
@@ -231,10 +231,10 @@ def system_fingerprint(system: Any, messages: list[Any],
     digest = _SYSTEM_DIGESTS.get(canonical)
     if digest is None:
         digest = _SYSTEM_DIGESTS[canonical] = str(new_sha256(canonical).hexdigest())
-        if len(_SYSTEM_DIGESTS) > _SYSTEM_DIGESTS_KEPT:
-            _SYSTEM_DIGESTS.popitem(last=False)
-    else:
-        _SYSTEM_DIGESTS.move_to_end(canonical)
+        # oldest first out; safe when in-process pipelines on several threads share the cache
+        while len(_SYSTEM_DIGESTS) > _SYSTEM_DIGESTS_KEPT:
+            with suppress(KeyError):
+                _SYSTEM_DIGESTS.popitem(last=False)
     return digest
 
 

@@ -656,3 +656,30 @@ def test_a_subagent_links_only_within_its_own_client_session(proxy, fake):
     sub = rows[("session-b", "sub")]
     assert (sub["kind"], sub["parent_id"], sub["fork_from_seq"]) == (
         "subagent", rows[("session-b", None)]["id"], 1)
+
+
+def test_system_fingerprints_from_the_cache_equal_those_computed_whole_from_threads():
+    """``system_fingerprint`` keeps the digests of the system prompts seen last: whether a
+    prompt's digest comes from there or is computed anew (more prompts than it keeps, seen
+    again in another order, from four threads at once), it is the digest of the prompt's
+    canonical form, and the cache stays within its bound."""
+    from otelproxy import sessions
+
+    prompts = [[{"type": "text", "text": f"house rules {n} " * 200}] for n in range(40)]
+    expected = {n: fingerprint([p]) for n, p in enumerate(prompts)}
+    failures: list[str] = []
+
+    def run(seed: int) -> None:
+        order = list(range(40)) * 3
+        random.Random(seed).shuffle(order)
+        for n in order:
+            if system_fingerprint(prompts[n], []) != expected[n]:
+                failures.append(f"prompt {n}")
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures
+    assert len(sessions._SYSTEM_DIGESTS) <= sessions._SYSTEM_DIGESTS_KEPT
