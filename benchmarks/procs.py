@@ -229,11 +229,7 @@ def tree_unique_mib(pid: int) -> float | None:
 
 def tree_rss_by_process(pid: int) -> dict[str, float]:
     """Resident MiB per process of ``pid``'s tree, labelled as in ``tree_cpu_by_process``."""
-    out: dict[str, float] = {}
-    for index, member in enumerate(tree(pid)):
-        label = "main" if index == 0 else _label(member)
-        out[label] = round(out.get(label, 0.0) + _status_kib(member, "VmRSS") / 1024, 1)
-    return out
+    return RssSampler(pid).sample()
 
 
 class RssSampler:

@@ -277,10 +277,10 @@ class DecodeBody:
             record.response_body = redact_bytes(bytes(chunks.data))
 
 
-def redact_stream(provider: str, events: list[Event], payloads: list[tuple[str, Any]] | None = None
+def redact_stream(provider: str, events: list[Event], payloads: list[tuple[str, Any]]
                   ) -> tuple[list[Event], list[tuple[str, Any]]]:
     """The events with secrets obfuscated, and their decoded payloads (for ``ProviderParse``;
-    ``payloads``, the events' ``decode_events``, is updated in place when given).
+    ``payloads``, the events' ``decode_events``, is updated in place).
 
     Obfuscating each event alone is not enough: a model echoing a key sends it in pieces, one
     per delta event, and the reassembled text would hold it whole. So the pieces of each text
@@ -288,8 +288,6 @@ def redact_stream(provider: str, events: list[Event], payloads: list[tuple[str, 
     events that held a share of a key are rewritten, and then every event is scanned alone."""
     module = anthropic if provider == "anthropic" else openai
     raws = [event.raw for event in events]
-    if payloads is None:
-        payloads = decode_events(raws)
     texts = module.stream_places(payloads)
     rewritten: set[int] = set()
     for places in texts.values():

@@ -443,10 +443,7 @@ class Recorder:
         if full or self._outbox_bytes + size > self._buffer_limit:
             exchange, size = without_bodies(exchange), 0
             self._count_without_bodies(1)
-        self._outbox.append((exchange, size))
-        self._outbox_bytes += size
-        if len(self._outbox) == 1 and not self.process.inbox.buffered:
-            self._bound_loop().call_soon(self._send_outbox)
+        self._queue(exchange, size)
 
     def hand_over(self, exchange: Exchange) -> None:
         """Send the request body of an exchange whose response has begun streaming now, not
@@ -457,10 +454,15 @@ class Recorder:
         body = exchange.request_body
         if self._outbox_bytes + len(body) > self._buffer_limit or not self.process.running:
             return
-        self._outbox.append((Begun(dataclasses.replace(exchange, chunks=Chunks())), len(body)))
-        self._outbox_bytes += len(body)
+        self._queue(Begun(dataclasses.replace(exchange, chunks=Chunks())), len(body))
         exchange.request_body = b""
         exchange.request_handed = len(body)
+
+    def _queue(self, item: Exchange | Begun, size: int) -> None:
+        """Into the outbox (``size``: bytes of bodies it holds); the first one after the pipe
+        took everything is framed on the loop's next turn."""
+        self._outbox.append((item, size))
+        self._outbox_bytes += size
         if len(self._outbox) == 1 and not self.process.inbox.buffered:
             self._bound_loop().call_soon(self._send_outbox)
 

@@ -209,7 +209,8 @@ def test_redact_stream_joins_the_pieces_of_each_responses_text() -> None:
     raws.append(event("response.completed", {"type": "response.completed", "response": {
         "object": "response", "output": [{"type": "message", "content": [
             {"type": "output_text", "text": text}]}]}}))
-    events, payloads = redact_stream("openai", [Event(n, raw) for n, raw in enumerate(raws)])
+    events, payloads = redact_stream("openai", [Event(n, raw) for n, raw in enumerate(raws)],
+                                     decode_events(raws))
     pieces = [p["delta"] for _, p in payloads[:len(deltas)]]
     assert "".join(pieces) == "the key sk-proj-...RESP ok"
     assert payloads[len(deltas)][1]["delta"] == "sk-proj-"  # another text: left as it is
@@ -385,7 +386,7 @@ def test_a_key_split_as_s_and_k_across_deltas_is_redacted() -> None:
         {"type": "content_block_delta", "index": 0,
          "delta": {"type": "text_delta", "text": text}}) + b"\n\n")
         for n, text in enumerate(["my key is s", key[1:], " ok"])]
-    out, _ = redact_stream("anthropic", events)
+    out, _ = redact_stream("anthropic", events, decode_events([e.raw for e in events]))
     assert key[1:].encode() not in b"".join(e.raw for e in out)
     assert b"sk-ant-...WXYZ" in b"".join(e.raw for e in out)
 
