@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/record_growth.py --bench-traffic [--repeat 5]
 
 Builds a Claude-Code-shaped session of ``--turns`` turns, starting from a real Claude Code
-2.1.332 first request (``tests/data/claude_code/01_first_call.json``: system prompt, tools,
+2.1.337 first request (``tests/data/claude_code/01_first_call.json``: system prompt, tools,
 ``role: system`` entries): each turn adds an assistant message (text + a Read/Bash tool_use)
 and a user ``tool_result`` of 0.3 to 6 KB; the ``cache_control`` marker moves to the newest block
 every turn and, every 60 turns, an old tool result is cleared (as Claude Code's micro-compaction
@@ -104,7 +104,7 @@ def session_turns(turns: int, seed: int = 7) -> list[tuple[bytes, list[bytes]]]:
 def exchanges(turns: list[tuple[bytes, list[bytes]]]) -> list[Exchange]:
     headers = [("content-type", "application/json"), ("anthropic-version", "2023-06-01"),
                ("x-api-key", "sk-ant-api03-" + "b" * 86 + "-BBBBBBBB"), ("x-app", "cli"),
-               ("user-agent", "claude-cli/2.1.332 (external, sdk-cli)"),
+               ("user-agent", "claude-cli/2.1.337 (external, sdk-cli)"),
                ("X-Claude-Code-Session-Id", CLIENT_SESSION)]
     out = []
     now_ns = time.monotonic_ns()

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CLAUDE_CODE_VERSION="${CLAUDE_CODE_VERSION:-2.1.332}"
+CLAUDE_CODE_VERSION="${CLAUDE_CODE_VERSION:-2.1.337}"
 PYTHON="${PYTHON:-python3}"
 
 if [ ! -x .venv/bin/python ]; then

@@ -15,20 +15,24 @@ A `Reply` is written in Anthropic content-block terms and translated for the Ope
 (text -> content / output_text, tool_use -> tool_calls / function_call items, thinking ->
 Responses reasoning summary). OpenAI SDK clients use `base_url=fake.url + "/v1"`.
 
-What Claude Code 2.1.332 sends (verified against this fake; samples in tests/data/claude_code/,
-regenerate with `python -m tests.fake_upstream capture-claude tests/data/claude_code`):
+What Claude Code 2.1.337 sends (verified against this fake, each point below run side by side
+with 2.1.332; samples in tests/data/claude_code/, regenerate with
+`python -m tests.fake_upstream capture-claude tests/data/claude_code`). 2.1.337 sends what
+2.1.332 sent but for its version in User-Agent and in the billing header, and one line of the
+claude-api skill's description in a `role: "system"` entry (its trigger list adds `agent_01…`):
 
-- Per CLI run: `HEAD /` (Bun preconnect; the fake answers 404), then only
-  `POST /v1/messages?beta=true`, always `"stream": true`, compact JSON, ~49 KB first body.
-- Headers, in this order and case: Accept, Content-Type, User-Agent: claude-cli/2.1.332
+- Per CLI run with `claude_env`: only `POST /v1/messages?beta=true`, always `"stream": true`,
+  compact JSON, ~49 KB first body. Without CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC a
+  `HEAD {base URL}/api/hello` (a connection warm-up) comes first.
+- Headers, in this order and case: Accept, Content-Type, User-Agent: claude-cli/2.1.337
   (external, sdk-cli), X-Claude-Code-Session-Id: <uuid4>, X-Stainless-* (Package-Version
   0.128.0), anthropic-beta (claude-code-20250219, interleaved-thinking-2025-05-14,
   context-management-2025-06-27, per-turn-control-2026-07-01,
   mid-conversation-tool-changes-2026-07-01, thinking-token-count-2026-05-13,
   advanced-tool-use-2025-11-20, effort-2025-11-24), anthropic-dangerous-direct-browser-access,
   anthropic-version, x-api-key, x-app: cli, Connection, Host, Accept-Encoding: gzip, deflate,
-  br, zstd, Content-Length. A subagent's calls add `x-claude-code-agent-id` (new per spawn), a
-  nested subagent's also `x-claude-code-parent-agent-id`.
+  br, zstd, Content-Length. A subagent's calls add `x-claude-code-agent-id` (new per spawn,
+  `a` + 16 hex digits), a nested subagent's also `x-claude-code-parent-agent-id`.
 - Session id: a new uuid per `claude -p` run; the same across `--continue`, `--resume ID`,
   `/compact`, auto-compaction and `--resume-session-at`; a new one with `--resume ID
   --fork-session` although the history sent is the old one. `metadata.user_id` is a JSON
@@ -36,7 +40,8 @@ regenerate with `python -m tests.fake_upstream capture-claude tests/data/claude_
 - Body keys: model (claude-opus-5-5), messages, system, tools (12 in -p mode: Agent, Bash,
   Edit, ListAgents, Read, ...), metadata, max_tokens (128000), thinking {"type": "adaptive",
   "display": "omitted"}, context_management, output_config {"effort": "medium"}, stream.
-- system: 3 text blocks (billing header, "You are a Claude agent, built on Anthropic's Claude
+- system: 3 text blocks (billing header `x-anthropic-billing-header: cc_version=2.1.337.15e;
+  cc_entrypoint=sdk-cli;`, "You are a Claude agent, built on Anthropic's Claude
   Agent SDK.", the big prompt); [1] and [2] carry cache_control.
 - messages[0] is the user turn as a block list (a `<system-reminder>` block, then the prompt).
   `role: "system"` entries sit in messages (environment, deferred tools, agent types); one
