@@ -8,6 +8,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -27,6 +28,7 @@ from tests.fake_upstream import (
     ReceivedRequest,
     Reply,
     anthropic_sse,
+    capture_claude_code,
     claude_env,
     default_responder,
     fake_upstream_fixture,
@@ -587,6 +589,37 @@ def test_claude_code_runs_against_fake(fake: FakeUpstream) -> None:
         if "cache_control" in block
     ]
     assert markers == [(len(resumed) - 1, len(resumed[-1]["content"]) - 1)]
+
+
+CLAUDE_SAMPLES = Path(__file__).parent / "data" / "claude_code"
+SAME_EVERY_RUN = ("accept", "content-type", "x-stainless-package-version", "anthropic-beta",
+                  "anthropic-dangerous-direct-browser-access", "anthropic-version", "x-app",
+                  "accept-encoding")
+
+
+def test_claude_code_sends_what_the_samples_hold(tmp_path: Path) -> None:
+    """The installed CLI's tool loop and --continue are the requests in tests/data/claude_code:
+    header names in order and case, the protocol headers' values, body keys, tools, system
+    blocks, message roles and the keys of metadata.user_id (a change means: read the new wire,
+    then regenerate the samples)."""
+    calls = capture_claude_code(tmp_path)
+    samples = orjson.loads((CLAUDE_SAMPLES / "requests.json").read_bytes())
+    for call, sample in zip(calls, samples, strict=True):
+        assert (call.method, call.path, call.query_string) == (
+            sample["method"], sample["path"], sample["query_string"])
+        assert [name for name, _ in call.headers] == [name for name, _ in sample["headers"]]
+        wanted = {name.lower(): value for name, value in sample["headers"]}
+        for name in SAME_EVERY_RUN:
+            assert call.header(name) == wanted[name], name
+        body = call.json()
+        stored = orjson.loads((CLAUDE_SAMPLES / sample["file"]).read_bytes())
+        assert list(body) == list(stored)
+        assert [tool["name"] for tool in body["tools"]] == [t["name"] for t in stored["tools"]]
+        assert len(body["system"]) == len(stored["system"])
+        assert [m["role"] for m in body["messages"]] == [m["role"] for m in stored["messages"]]
+        user_id = json.loads(body["metadata"]["user_id"])
+        assert list(user_id) == list(json.loads(stored["metadata"]["user_id"]))
+        assert user_id["session_id"] == call.header("X-Claude-Code-Session-Id")
 
 
 def _no_cache(content: Any) -> Any:
