@@ -303,3 +303,25 @@ def test_recorder_burst_records_every_exchange_and_reports_memory(capsys) -> Non
     assert recorder_burst.main(["--exchanges", "30", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "round 1: 30 exchanges, recorder peak +" in out and "ms per exchange" in out
+
+
+def test_recorder_pace_records_every_exchange_of_each_source(capsys, tmp_path: Path) -> None:
+    """`benchmarks.recorder_pace` hands a real recorder process paced Claude-Code-shaped
+    exchanges (request handed over first, as the proxy does), fails unless every one is
+    recorded, and reports the recorder's CPU per exchange for each `--src` in turn."""
+    import shutil
+
+    import otelproxy
+    from benchmarks import recorder_pace
+
+    other = tmp_path / "other"
+    shutil.copytree(Path(otelproxy.__file__).parent, other / "otelproxy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert recorder_pace.main(["--conversations", "3", "--turns", "2", "--interval-ms", "5",
+                               "--stream-ms", "20", "--rounds", "1", "--src", str(other),
+                               "--src", "."]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        f"round 1 {other}", f"round 1 {Path('.').resolve()}"]
+    for line in lines:
+        assert float(line.split("recorder CPU ")[1].split()[0]) > 0
