@@ -276,6 +276,18 @@ class Pipeline(Worker):
                 except Exception as exc:
                     self.failures.record(f"sink {sink.name}", exc)
 
+    def release_memory(self) -> None:
+        """While idle: processors and sinks that cache what they can read again (the session
+        tracker: SQLite's page cache) let it go."""
+        parts: list[Processor | Sink] = [*self.processors, *self.sinks]
+        for part in parts:
+            release = getattr(part, "release_memory", None)
+            if release is not None:
+                try:
+                    release()
+                except Exception as exc:
+                    self.failures.record(part.name, exc)
+
     def record_error(self) -> str | None:
         """Why the local record is not being written now (None while it is)."""
         for sink in self.sinks:

@@ -72,7 +72,8 @@ IDLE_WAIT = 0.25
 """An idle recorder reports its counters and the export's health this often."""
 TRIM_INTERVAL = 1.0
 """An idle recorder returns freed heap to the system at most this often (``otelproxy.memory``),
-and only when it has recorded something since."""
+and only when it has recorded something since; SQLite's page cache goes first
+(``Pipeline.release_memory``)."""
 
 
 def build_pipeline(
@@ -231,7 +232,8 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
                 pipeline.tick()
                 report()
                 if trimmed[0] != processed and time.monotonic() - trimmed[1] >= TRIM_INTERVAL:
-                    release_free_heap()  # idle after recording: what a burst used goes back
+                    pipeline.release_memory()  # SQLite's page cache, then the heap freed:
+                    release_free_heap()  # idle after recording, what a burst used goes back
                     trimmed = (processed, time.monotonic())
                 continue
             received = [Stop(time.monotonic() + 10.0)]  # the proxy is gone: finish, leave

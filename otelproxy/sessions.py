@@ -486,6 +486,13 @@ class SessionTracker:
             conn, self._db = self._db, None
             conn.close()
 
+    def release_memory(self) -> None:
+        """While idle: SQLite frees the index pages it caches (``PRAGMA shrink_memory``; its
+        cache keeps up to 2 MB of pages per connection). The next batch reads the pages it
+        needs again, from the OS's page cache."""
+        if self._db is not None and not self._in_batch:
+            self._db.execute("PRAGMA shrink_memory")
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One write transaction for a batch of records (each record in its own savepoint),

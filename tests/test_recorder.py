@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,13 +26,23 @@ from otelproxy import config as config_module
 from otelproxy import proxy as proxy_module
 from otelproxy import recorder as recorder_module
 from otelproxy import recorder_process as recorder_process_module
-from otelproxy.channel import Exchanges, Flush, Progress, frame, unframe
+from otelproxy.channel import (
+    Exchanges,
+    Flush,
+    Message,
+    Progress,
+    RecorderEnd,
+    Stop,
+    frame,
+    unframe,
+)
 from otelproxy.errors import ConfigError
 from otelproxy.record import Chunks, Exchange
 from otelproxy.recorder import PipeWriter, Recorder, RecorderProcess
 from tests.conftest import RunningProxy, remount
 from tests.fake_upstream import Reply
 from tests.proxy_process import REPO, ProxyProcess, child_env, run_cli
+from tests.test_pipeline import sqlite_memory_used
 from tests.test_store import assert_record_agrees
 
 T = TypeVar("T")
@@ -500,6 +511,57 @@ def test_the_recorder_imports_the_exporter_only_when_export_is_configured(tmp_pa
     exporting = _imported("SEQ = {'seq_url': 'http://127.0.0.1:9'}\n" + build)
     assert exporting >= EXPORT_ONLY | {"http"}
     assert not exporting & {"aiohttp", "multiprocessing", "requests", "urllib3"}
+
+
+def test_an_idle_recorder_lets_sqlites_page_cache_go(tmp_path):
+    """Once idle after recording, the recorder's loop frees the index pages SQLite cached
+    (``Pipeline.release_memory``) along with the heap, and then records on."""
+    inbox, inbox_w = os.pipe()
+    results_r, results = os.pipe()
+    os.set_blocking(results_r, False)
+    pipeline = recorder_process_module.build_pipeline(make_config(tmp_path / "logs"), {},
+                                                      export=False)
+    loop = threading.Thread(target=recorder_process_module._record,
+                            args=(pipeline, RecorderEnd(inbox, results), []))
+    loop.start()  # in this process: SQLite's memory is the recorder's
+
+    def send(message: Message) -> None:
+        data = frame(message)
+        while data:
+            data = data[os.write(inbox_w, data):]
+
+    def drained_until(condition: Callable[[], bool], within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                os.read(results_r, 1 << 16)
+            if condition():
+                return True
+            time.sleep(0.02)
+        return False
+
+    big = []
+    for _ in range(10):
+        ex = exchange(0)
+        ex.request_body = orjson.dumps({"model": "m", "messages": [
+            {"role": "user", "content": uuid.uuid4().hex + "x" * 20_000}]})
+        big.append(ex)
+    try:
+        cached = sqlite_memory_used()
+        send(Exchanges(big))
+        assert drained_until(lambda: sqlite_memory_used() > cached + 100_000, 10), \
+            "the batch did not go through SQLite's cache"
+        assert drained_until(lambda: sqlite_memory_used() < cached + 50_000,
+                             recorder_process_module.TRIM_INTERVAL + 5), sqlite_memory_used()
+        send(Exchanges([exchange(1)]))
+        send(Stop(time.monotonic() + 10))
+        assert drained_until(lambda: not loop.is_alive(), 15)
+    finally:
+        os.close(inbox_w)
+        loop.join(15)
+        os.close(inbox)
+        os.close(results_r)
+    assert pipeline.counters()["records_written"] == 11
 
 
 def test_frames_split_anywhere_are_reassembled_in_order():
