@@ -26,8 +26,8 @@ import struct
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # unpickling imports them where they are needed
     from otelproxy.config import Config
     from otelproxy.record import Exchange

@@ -9,9 +9,12 @@ module by name.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from typing import Any
 
 import orjson
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 UNDECODABLE: Any = object()
 """``decode_event``'s data for an event whose data is not JSON."""
