@@ -24,11 +24,14 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
 from otelproxy.compact import common_prefix, common_suffix
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]')
 """A string, or a structural byte of JSON (what lies between them is numbers, literals and

@@ -35,7 +35,24 @@ import base64
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from types import GenericAlias
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Generic, TypeVar
+
+    T = TypeVar("T")
+
+    class _Generic(Generic[T]):
+        pass
+else:
+
+    class _Generic:
+        """``Recent``'s base: generic in ``T`` for the type checker; at run time ``Recent[X]``
+        is ``Recent``'s alias, as ``list[X]`` is ``list``'s, and ``typing`` is not imported
+        (``otelproxy.recorder_process``)."""
+
+        __class_getitem__ = classmethod(GenericAlias)
 
 Op = list[int] | str
 """``[offset, length]`` of the base, or text to insert."""
@@ -295,10 +312,7 @@ def request_body(entry: dict[str, Any], load: Callable[[str], dict[str, Any]],
     return body
 
 
-T = TypeVar("T")
-
-
-class Recent(Generic[T]):
+class Recent(_Generic["T"]):
     """What a processor derived from recent request bodies, per conversation key (what the
     headers and the start of a body say of its conversation): the last ``per_key`` bodies of
     each key, at most ``max_bytes`` of bodies in all, least recently used dropped first.

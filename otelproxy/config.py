@@ -14,11 +14,14 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from otelproxy import open_files
 from otelproxy.errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 PROVIDERS = ("anthropic", "openai")
 DEFAULT_UPSTREAMS = ("https://api.anthropic.com", "https://api.openai.com")

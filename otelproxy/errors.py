@@ -15,10 +15,24 @@
 aiohttp's own exceptions are translated at the boundary (``otelproxy.upstream``) with
 ``raise ... from exc`` so the proxy handler only ever sees this tree. A ``RouteError`` or
 ``UpstreamError`` carries the HTTP status the client receives; the body is written in the
-provider's error shape by ``otelproxy.providers.error_body``. Messages never contain a secret.
+provider's error shape by ``error_body``. Messages never contain a secret.
 """
 
 from __future__ import annotations
+
+import json
+
+
+def error_body(provider: str | None, error_type: str, message: str) -> bytes:
+    """A JSON error in the provider's own shape, so SDKs surface ``message`` to the user.
+    Written with the standard library's ``json``: the proxy process, which answers errors,
+    does not load orjson (0.2 MiB resident) for them."""
+    if provider == "openai":
+        error: dict[str, object] = {"error": {"message": message, "type": error_type,
+                                              "param": None, "code": error_type}}
+    else:
+        error = {"type": "error", "error": {"type": error_type, "message": message}}
+    return json.dumps(error, separators=(",", ":")).encode()
 
 
 class OtelproxyError(Exception):

@@ -27,8 +27,8 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 
 from otelproxy.config import Config
+from otelproxy.errors import error_body
 from otelproxy.http_log import HTTP_LOG
-from otelproxy.providers import error_body
 from otelproxy.proxy import Stats
 
 log = logging.getLogger("otelproxy.listener")

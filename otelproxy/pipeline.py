@@ -23,7 +23,6 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from otelproxy.record import Exchange, Record
 
@@ -32,26 +31,30 @@ log = logging.getLogger("otelproxy.pipeline")
 EXPORT_OFF: dict[str, str | None] = {"export_status": "off", "export_last_error": None}
 
 
-class Processor(Protocol):
-    """Derives something from a record, in place. Runs on the pipeline thread, in list order."""
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # types for the checker alone: the recorder process does not import typing
+    from typing import Protocol
 
-    name: str
+    class Processor(Protocol):
+        """Derives something from a record, in place. Runs on the pipeline thread, in list
+        order."""
 
-    def __call__(self, record: Record) -> None: ...
+        name: str
 
+        def __call__(self, record: Record) -> None: ...
 
-class Sink(Protocol):
-    """Writes finished records somewhere. ``submit`` must not block and must not raise."""
+    class Sink(Protocol):
+        """Writes finished records somewhere. ``submit`` must not block and must not raise."""
 
-    name: str
+        name: str
 
-    def submit(self, record: Record) -> None: ...
+        def submit(self, record: Record) -> None: ...
 
-    def flush(self, timeout: float) -> bool: ...
+        def flush(self, timeout: float) -> bool: ...
 
-    def shutdown(self, timeout: float) -> bool: ...
+        def shutdown(self, timeout: float) -> bool: ...
 
-    def counters(self) -> dict[str, int]: ...
+        def counters(self) -> dict[str, int]: ...
 
 
 @dataclass
@@ -275,6 +278,18 @@ class Pipeline(Worker):
                     tick()
                 except Exception as exc:
                     self.failures.record(f"sink {sink.name}", exc)
+
+    def release_memory(self) -> None:
+        """While idle: processors and sinks that cache what they can read again (the session
+        tracker: SQLite's page cache) let it go."""
+        parts: list[Processor | Sink] = [*self.processors, *self.sinks]
+        for part in parts:
+            release = getattr(part, "release_memory", None)
+            if release is not None:
+                try:
+                    release()
+                except Exception as exc:
+                    self.failures.record(part.name, exc)
 
     def record_error(self) -> str | None:
         """Why the local record is not being written now (None while it is)."""

@@ -6,11 +6,13 @@ cut all the same (``redact_text``), so no decoding path can bring a key into the
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 
 from otelproxy.redact import redact_text
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _LIMIT = 160
 

@@ -24,7 +24,6 @@ import contextlib
 import re
 import zlib
 from collections.abc import Hashable, Iterable
-from typing import Any
 
 import orjson
 
@@ -49,6 +48,10 @@ from otelproxy.redact import (
     redact_pieces,
     redact_text,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _brotli() -> Any:

@@ -24,9 +24,14 @@ from yarl import URL
 
 from otelproxy import __version__, header_bytes
 from otelproxy.config import Config
-from otelproxy.errors import RequestTimeout, RequestTooLarge, RouteError, UpstreamError
+from otelproxy.errors import (
+    RequestTimeout,
+    RequestTooLarge,
+    RouteError,
+    UpstreamError,
+    error_body,
+)
 from otelproxy.pipeline import Pipeline
-from otelproxy.providers import error_body
 from otelproxy.record import BodyCut, Exchange, Outcome
 from otelproxy.recorder import Recorder
 from otelproxy.routing import resolve

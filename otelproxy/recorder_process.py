@@ -15,7 +15,9 @@ flight have finished, so their exchanges are recorded too.
 
 It imports only what recording needs: not asyncio, not aiohttp (the proxy's modules), and the
 OTLP package only when the proxy says export is on (``Start.export``; ``requests`` and the
-OpenTelemetry SDK load when its sink is built).
+OpenTelemetry SDK load when its sink is built). Nor ``typing`` (half a MiB resident): the
+modules it runs import it for the type checker alone (``TYPE_CHECKING = False``, which type
+checkers read as true).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from otelproxy.channel import (
     Begun,
@@ -46,6 +47,7 @@ from otelproxy.config import Config
 from otelproxy.memory import release_free_heap
 from otelproxy.record import BodyCut, Outcome
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from otelproxy.compact import Handed
     from otelproxy.pipeline import Pipeline, Sink
@@ -80,7 +82,8 @@ IDLE_WAIT = 0.25
 """An idle recorder reports its counters and the export's health this often."""
 TRIM_INTERVAL = 1.0
 """An idle recorder returns freed heap to the system at most this often (``otelproxy.memory``),
-and only when it has recorded something since."""
+and only when it has recorded something since; SQLite's page cache goes first
+(``Pipeline.release_memory``)."""
 
 
 def build_pipeline(
@@ -239,7 +242,8 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
                 pipeline.tick()
                 report()
                 if trimmed[0] != processed and time.monotonic() - trimmed[1] >= TRIM_INTERVAL:
-                    release_free_heap()  # idle after recording: what a burst used goes back
+                    pipeline.release_memory()  # SQLite's page cache, then the heap freed:
+                    release_free_heap()  # idle after recording, what a burst used goes back
                     trimmed = (processed, time.monotonic())
                 continue
             received = [Stop(time.monotonic() + 10.0)]  # the proxy is gone: finish, leave

@@ -93,13 +93,16 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from otelproxy import db
 from otelproxy.compact import new_sha256
 from otelproxy.record import Outcome, Record, SessionInfo, SessionKind, iso
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CLIENT_SESSION_HEADER = "x-claude-code-session-id"
 AGENT_HEADER = "x-claude-code-agent-id"
@@ -485,6 +488,13 @@ class SessionTracker:
         if self._db is not None:
             conn, self._db = self._db, None
             conn.close()
+
+    def release_memory(self) -> None:
+        """While idle: SQLite frees the index pages it caches (``PRAGMA shrink_memory``; its
+        cache keeps up to 2 MB of pages per connection). The next batch reads the pages it
+        needs again, from the OS's page cache."""
+        if self._db is not None and not self._in_batch:
+            self._db.execute("PRAGMA shrink_memory")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

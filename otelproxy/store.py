@@ -28,7 +28,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -48,6 +47,10 @@ from otelproxy.record import (
 )
 from otelproxy.retention import QUIET_S, SWEEP_EVERY, Retention, sweep
 from otelproxy.sessions import SessionTracker
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("otelproxy.store")
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from otelproxy.memory import release_free_heap
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def _rss_anon_kib() -> int:
@@ -17,8 +21,7 @@ def _rss_anon_kib() -> int:
     raise AssertionError("no RssAnon in /proc/self/status")
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="malloc_trim is glibc's; /proc is Linux's")
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's; /proc is Linux's")
 def test_release_free_heap_returns_freed_pages_to_the_system() -> None:
     """Blocks freed in the middle of the heap (a live block above them keeps glibc from trimming
     on its own) stay resident until ``release_free_heap``, which gives most of them back."""
@@ -32,3 +35,15 @@ def test_release_free_heap_returns_freed_pages_to_the_system() -> None:
     after = _rss_anon_kib()
     assert before - after > 20_000, (before, after)
     assert keep_top[0] == 0
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+def test_release_free_heap_does_not_load_the_ctypes_package() -> None:
+    """The trim goes through ``_ctypes`` alone: the ``ctypes`` package, imported for this one
+    call, kept 0.2 MiB more resident in each of the proxy's processes."""
+    code = ("import sys\nfrom otelproxy.memory import release_free_heap\n"
+            "assert release_free_heap() is True\nprint(sorted(sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert "'ctypes'" not in done.stdout
+    assert "'_ctypes'" in done.stdout

@@ -877,24 +877,53 @@ def test_nothing_configured_means_no_sink_and_no_threads() -> None:
     assert {t.name for t in threading.enumerate()} <= before
 
 
+def run_probe(*lines: str) -> subprocess.CompletedProcess[str]:
+    """``lines`` run by a fresh interpreter (after ``import sys`` and ``from otelproxy import
+    config, otlp``); it must succeed."""
+    code = "\n".join(("import sys", "from otelproxy import config, otlp", *lines))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+
+
 def test_resolving_settings_loads_neither_the_sdk_nor_the_exporter() -> None:
     """The proxy process resolves the OTLP settings (through the recorder) without importing
     the OpenTelemetry SDK or the exporter; building a sink loads them, and never `requests`."""
-    probe = (
-        "import sys\n"
-        "from otelproxy import config, otlp, recorder\n"
-        "cfg = config.build({'seq_url': 'http://seq:5341'}, list(config.DEFAULT_UPSTREAMS))\n"
-        "assert otlp.resolve(cfg, {}) is not None\n"
-        "heavy = ('requests', 'opentelemetry.sdk', 'otelproxy.otlp.export')\n"
-        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
-        "sink = otlp.build_sink(cfg, {})\n"
-        "assert sink is not None and sink.shutdown(1) is not None\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = run_probe(
+        "from otelproxy import recorder",
+        "cfg = config.build({'seq_url': 'http://seq:5341'}, list(config.DEFAULT_UPSTREAMS))",
+        "assert otlp.resolve(cfg, {}) is not None",
+        "heavy = ('requests', 'opentelemetry.sdk', 'otelproxy.otlp.export')",
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))",
+        "sink = otlp.build_sink(cfg, {})",
+        "assert sink is not None and sink.shutdown(1) is not None",
+        "print(sorted(m for m in heavy if m in sys.modules))")
     before, after = done.stdout.splitlines()
     assert before == "[]", done.stdout
     assert after == "['opentelemetry.sdk', 'otelproxy.otlp.export']", done.stdout
+
+
+@pytest.mark.parametrize("name", otlp.ENDPOINT_VARIABLES)
+def test_each_endpoint_variable_alone_turns_export_on(name: str) -> None:
+    """``otlp.resolve`` skips the settings module only when no endpoint can be configured:
+    each variable of ``ENDPOINT_VARIABLES`` alone is an endpoint, and nothing else is."""
+    assert otlp.resolve(make_config(), {name: "http://seq:5341"}) is not None
+    assert otlp.resolve(make_config(), {name: "  "}) is None
+
+
+def test_with_no_endpoint_the_proxy_process_does_not_import_the_settings() -> None:
+    """Without --seq-url, --seq-api-key or an endpoint variable, other OTEL_* variables set
+    (as the benchmark sets them), the proxy process does not import ``otlp.settings`` (it kept
+    0.1 MiB resident for nothing); a Seq API key alone still gets its warning."""
+    done = run_probe(
+        "cfg = config.build({}, list(config.DEFAULT_UPSTREAMS))",
+        "env = {'OTEL_SERVICE_NAME': 'x', 'OTEL_BSP_SCHEDULE_DELAY': '1000',",
+        "       'OTEL_EXPORTER_OTLP_HEADERS': 'a=b'}",
+        "assert otlp.resolve(cfg, env) is None",
+        "print('otelproxy.otlp.settings' in sys.modules)",
+        "keyed = config.build({'seq_api_key': 'k'}, list(config.DEFAULT_UPSTREAMS))",
+        "assert otlp.resolve(keyed, {}) is None")
+    assert done.stdout == "False\n"
+    assert "no endpoint" in done.stderr
 
 
 def test_seq_url_and_key_win_over_the_standard_environment() -> None:

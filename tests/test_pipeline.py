@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+import orjson
+import pytest
+
 from otelproxy.pipeline import Pipeline
 from otelproxy.record import Exchange, Record
 from tests.conftest import Collect
@@ -66,3 +69,41 @@ def test_full_queue_drops_without_blocking_and_counts():
     assert pipeline.flush(5)
     assert [r.exchange.id for r in sink.records] == ["0", "1", "2"]
     assert pipeline.shutdown(5)
+
+
+def sqlite_memory_used() -> int:
+    """Bytes SQLite holds now in this process (``sqlite3_memory_used``, from the library the
+    ``sqlite3`` module is linked with); skips where it cannot be reached."""
+    import _sqlite3
+    import ctypes
+
+    try:
+        used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
+    except (OSError, AttributeError):
+        pytest.skip("sqlite3_memory_used is not reachable here")
+    used.restype = ctypes.c_int64
+    return int(used())
+
+
+def test_an_idle_pipeline_lets_sqlites_page_cache_go_and_records_on(tmp_path):
+    """``release_memory`` (the idle recorder calls it before trimming the heap) frees the index
+    pages SQLite cached while recording; the next batch is recorded as before."""
+    from otelproxy import config
+    from otelproxy.recorder_process import build_pipeline
+
+    pipeline = build_pipeline(config.build({"log_dir": str(tmp_path)}, []), {}, export=False)
+    exchanges = []
+    for n in range(20):
+        ex = exchange(n)
+        ex.request_body = orjson.dumps({"model": "m", "messages": [
+            {"role": "user", "content": f"question {n} " + "x" * 20_000}]})
+        exchanges.append(ex)
+    pipeline.handle_segment(list(exchanges[:10]))
+    before = sqlite_memory_used()
+    pipeline.release_memory()
+    after = sqlite_memory_used()
+    assert before - after > 100_000, (before, after)  # 100 KB: a journal of 200 KB was cached
+    pipeline.handle_segment(list(exchanges[10:]))
+    assert pipeline.counters()["records_written"] == 20
+    assert pipeline.counters()["sink_errors"] == 0
+    pipeline.close(5)

@@ -37,6 +37,7 @@ from opentelemetry.util.re import parse_env_headers
 from otelproxy import __version__
 from otelproxy.config import Config
 from otelproxy.errors import ConfigError
+from otelproxy.otlp import GENERIC_ENDPOINT, SIGNAL_ENDPOINTS
 
 log = logging.getLogger("otelproxy.otlp")
 
@@ -145,10 +146,10 @@ def _endpoint(config: Config, env: Mapping[str, str], signal: str) -> str | None
     if config.seq_url:
         url = f"{seq_ingest_base(config.seq_url)}/v1/{signal}"
         what = "seq_url"
-    elif specific := env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT", "").strip():
-        url, what = specific, f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"
-    elif generic := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
-        url, what = f"{generic.rstrip('/')}/v1/{signal}", "OTEL_EXPORTER_OTLP_ENDPOINT"
+    elif specific := env.get(SIGNAL_ENDPOINTS[signal], "").strip():
+        url, what = specific, SIGNAL_ENDPOINTS[signal]
+    elif generic := env.get(GENERIC_ENDPOINT, "").strip():
+        url, what = f"{generic.rstrip('/')}/v1/{signal}", GENERIC_ENDPOINT
     else:
         return None
     try:

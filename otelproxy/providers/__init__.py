@@ -1,4 +1,5 @@
-"""Provider-specific knowledge: error shapes, which calls are conversation turns, parsing.
+"""Provider-specific knowledge: which calls are conversation turns, parsing (error shapes:
+``otelproxy.errors.error_body``).
 
 Each provider module offers ``is_tracked(method, path)``, ``parse_request(parsed, body_json)``,
 ``parse_response(record)`` and ``stream_places(payloads)`` (where a stream delivers text in
@@ -9,9 +10,12 @@ module by name.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from typing import Any
 
 import orjson
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 UNDECODABLE: Any = object()
 """``decode_event``'s data for an event whose data is not JSON."""
@@ -23,15 +27,6 @@ order, concatenate to the text; ``path`` leads from the payload to the piece."""
 
 Places = dict[Hashable, list[tuple[int, tuple[str | int, ...], str]]]
 """A stream's pieces by channel: ``(event number, path, piece)`` in stream order."""
-
-
-def error_body(provider: str | None, error_type: str, message: str) -> bytes:
-    """A JSON error in the provider's own shape, so SDKs surface ``message`` to the user."""
-    if provider == "openai":
-        return orjson.dumps(
-            {"error": {"message": message, "type": error_type, "param": None, "code": error_type}}
-        )
-    return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
 
 def decode_event(raw: bytes) -> tuple[str, Any]:

@@ -11,12 +11,14 @@ redacted_thinking) are kept as they came; unknown delta types are kept on the bl
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 
 from otelproxy.providers import UNDECODABLE, Places, as_int
 from otelproxy.record import Parsed, Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 TRACKED_PATHS = ("/v1/messages",)
 _JSON_INPUT_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")

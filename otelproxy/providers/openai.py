@@ -9,12 +9,14 @@ response object is in ``response.completed`` (or ``response.incomplete``/``respo
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 
 from otelproxy.providers import Pieces, Places, as_int
 from otelproxy.record import Parsed, Record, Usage
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 RESPONSES_PATHS = ("/v1/responses", "/responses")
