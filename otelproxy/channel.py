@@ -94,8 +94,9 @@ class Stop:
 
 @dataclass(frozen=True)
 class Progress:
-    """What the recorder has done so far: sent after each recorded batch (at most every
-    ``COUNTER_INTERVAL``), every ``IDLE_WAIT`` when idle, and before each answer."""
+    """What the recorder has done so far: sent after each recorded batch, before each answer,
+    and when idle every ``IDLE_WAIT`` if something changed (the export's health, a sink
+    error)."""
 
     processed: int
     """Exchanges received and run through the pipeline."""

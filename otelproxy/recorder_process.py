@@ -207,14 +207,21 @@ def _record(pipeline: Pipeline, end: RecorderEnd, received: list[Message]) -> in
     """Record what arrives until ``Stop`` or the end of the inbox."""
     processed = 0
     last_report = 0.0
+    sent: Progress | None = None
 
     def report(force: bool = False) -> None:
-        nonlocal last_report
+        """Send ``Progress``: ``force``, at once; else at most every ``COUNTER_INTERVAL`` and
+        only when it says something new (an idle proxy is not woken to read the same counters
+        four times a second)."""
+        nonlocal last_report, sent
         now = time.monotonic()
         if force or now - last_report >= COUNTER_INTERVAL:
             last_report = now
-            end.send(Progress(processed, pipeline.counters(), pipeline.record_error(),
-                              pipeline.export_status()))
+            progress = Progress(processed, pipeline.counters(), pipeline.record_error(),
+                                pipeline.export_status())
+            if force or progress != sent:
+                end.send(progress)
+                sent = progress
 
     def record(batch: list[Exchange]) -> None:
         """Record a batch and say so at once: a recorder killed between its commit and its

@@ -13,7 +13,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,6 +37,7 @@ from otelproxy.channel import (
     unframe,
 )
 from otelproxy.errors import ConfigError
+from otelproxy.pipeline import Pipeline
 from otelproxy.record import Chunks, Exchange
 from otelproxy.recorder import PipeWriter, Recorder, RecorderProcess
 from tests.conftest import RunningProxy, remount
@@ -513,9 +514,11 @@ def test_the_recorder_imports_the_exporter_only_when_export_is_configured(tmp_pa
     assert not exporting & {"aiohttp", "multiprocessing", "requests", "urllib3"}
 
 
-def test_an_idle_recorder_lets_sqlites_page_cache_go(tmp_path):
-    """Once idle after recording, the recorder's loop frees the index pages SQLite cached
-    (``Pipeline.release_memory``) along with the heap, and then records on."""
+@contextlib.contextmanager
+def recorder_loop(tmp_path: Path) -> Iterator[tuple[Pipeline, threading.Thread, int, int]]:
+    """The recorder's loop (``recorder_process._record``) on a thread of this process, over two
+    pipes: yields its pipeline, the thread, the inbox's write end and the results' read end
+    (not blocking). Closed on the way out, the inbox ends the loop."""
     inbox, inbox_w = os.pipe()
     results_r, results = os.pipe()
     os.set_blocking(results_r, False)
@@ -524,11 +527,24 @@ def test_an_idle_recorder_lets_sqlites_page_cache_go(tmp_path):
     loop = threading.Thread(target=recorder_process_module._record,
                             args=(pipeline, RecorderEnd(inbox, results), []))
     loop.start()  # in this process: SQLite's memory is the recorder's
+    try:
+        yield pipeline, loop, inbox_w, results_r
+    finally:
+        os.close(inbox_w)
+        loop.join(15)
+        os.close(inbox)
+        os.close(results_r)
 
-    def send(message: Message) -> None:
-        data = frame(message)
-        while data:
-            data = data[os.write(inbox_w, data):]
+
+def send_to(inbox_w: int, message: Message) -> None:
+    data = frame(message)
+    while data:
+        data = data[os.write(inbox_w, data):]
+
+
+def test_an_idle_recorder_lets_sqlites_page_cache_go(tmp_path):
+    """Once idle after recording, the recorder's loop frees the index pages SQLite cached
+    (``Pipeline.release_memory``) along with the heap, and then records on."""
 
     def drained_until(condition: Callable[[], bool], within: float) -> bool:
         deadline = time.monotonic() + within
@@ -546,22 +562,51 @@ def test_an_idle_recorder_lets_sqlites_page_cache_go(tmp_path):
         ex.request_body = orjson.dumps({"model": "m", "messages": [
             {"role": "user", "content": uuid.uuid4().hex + "x" * 20_000}]})
         big.append(ex)
-    try:
+    with recorder_loop(tmp_path) as (pipeline, loop, inbox_w, results_r):
         cached = sqlite_memory_used()
-        send(Exchanges(big))
+        send_to(inbox_w, Exchanges(big))
         assert drained_until(lambda: sqlite_memory_used() > cached + 100_000, 10), \
             "the batch did not go through SQLite's cache"
         assert drained_until(lambda: sqlite_memory_used() < cached + 50_000,
                              recorder_process_module.TRIM_INTERVAL + 5), sqlite_memory_used()
-        send(Exchanges([exchange(1)]))
-        send(Stop(time.monotonic() + 10))
+        send_to(inbox_w, Exchanges([exchange(1)]))
+        send_to(inbox_w, Stop(time.monotonic() + 10))
         assert drained_until(lambda: not loop.is_alive(), 15)
-    finally:
-        os.close(inbox_w)
-        loop.join(15)
-        os.close(inbox)
-        os.close(results_r)
     assert pipeline.counters()["records_written"] == 11
+
+
+def test_an_idle_recorder_reports_only_what_changed(tmp_path):
+    """After a recorded batch (reported at once), an idle recorder does not send the same
+    ``Progress`` every ``IDLE_WAIT`` (it woke the idle proxy four times a second to read it);
+    a change while idle (a sink error) is reported within ``IDLE_WAIT``."""
+    received = bytearray()
+    progress: list[Progress] = []
+
+    def read_results(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                received.extend(os.read(results_r, 1 << 16))
+            progress.extend(m for m in unframe(received) if isinstance(m, Progress))
+            time.sleep(0.02)
+
+    with recorder_loop(tmp_path) as (pipeline, loop, inbox_w, results_r):
+        send_to(inbox_w, Exchanges([exchange(0)]))
+        send_to(inbox_w, Flush(1, False, 10.0))  # recorded at once, not after LINGER
+        read_results(1.0)
+        assert progress and progress[-1].processed == 1
+        assert progress[-1].counters["records_written"] == 1
+        idle_since = len(progress)
+        read_results(4 * recorder_process_module.IDLE_WAIT + 0.5)
+        assert len(progress) == idle_since, progress[idle_since:]
+        pipeline.failures.record("test", RuntimeError("a sink failed while idle"))
+        read_results(2 * recorder_process_module.IDLE_WAIT + 0.5)
+        assert len(progress) == idle_since + 1
+        assert progress[-1].counters["sink_errors"] == 1
+        send_to(inbox_w, Stop(time.monotonic() + 10))
+        read_results(0.5)
+        loop.join(15)
+        assert not loop.is_alive()
 
 
 def test_the_recorder_records_without_importing_typing_pickle_py_or_ctypes(tmp_path):
