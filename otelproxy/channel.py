@@ -63,8 +63,8 @@ class Begun:
 
 @dataclass(frozen=True)
 class Exchanges:
-    """Finished exchanges, in the order they finished (those of one event-loop iteration), and
-    ``Begun`` ones, in the order they were handed over."""
+    """Finished exchanges, in the order they finished (those of ``OUTBOX_DELAY``, in
+    ``otelproxy.recorder``), and ``Begun`` ones, in the order they were handed over."""
 
     items: list[Exchange | Begun]
 

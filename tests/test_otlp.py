@@ -713,13 +713,17 @@ def test_slow_receiver_does_not_delay_clients(
 
         fast = [timed(n) for n in range(10)]
         seq.delay = 10.0
-        time.sleep(0.2)  # let a batch go out and hang on the slow receiver
-        slow = [timed(n) for n in range(10, 30)]
-        assert seq.waiting > 0  # exports really are hanging on the receiver meanwhile
+        timed(10)  # its telemetry goes out to the receiver, which now hangs
+        deadline = time.monotonic() + 5
+        while seq.waiting == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seq.waiting > 0  # an export hangs on the receiver from here on
+        slow = [timed(n) for n in range(11, 31)]
+        assert seq.waiting > 0  # and still does
         assert max(slow) < 1.0
         assert statistics.median(slow) < statistics.median(fast) + 0.1
         entries = local_entries(proxy)
-        assert [e["type"] for e in entries].count("response") == 30
+        assert [e["type"] for e in entries].count("response") == 31
     finally:
         started = time.monotonic()
         proxy.stop()

@@ -27,6 +27,7 @@ from otelproxy import proxy as proxy_module
 from otelproxy import recorder as recorder_module
 from otelproxy import recorder_process as recorder_process_module
 from otelproxy.channel import (
+    Begun,
     Exchanges,
     Flush,
     Message,
@@ -206,6 +207,43 @@ def test_many_exchanges_at_once_are_all_recorded_in_order(tmp_path, count, respo
     assert_recorded_in_order(tmp_path / "logs", asyncio.run(scenario()))
 
 
+def test_exchanges_finished_within_the_outbox_delay_go_in_one_message(tmp_path):
+    """The recorder is woken once per message: exchanges finished within ``OUTBOX_DELAY`` of
+    the first go together; an outbox holding ``_FRAME_BYTES`` goes on the loop's next turn."""
+    async def scenario() -> list[str]:
+        recorder = Recorder(make_config(tmp_path / "logs"), env={})
+        await recorder.start()
+        sent: list[list[str]] = []
+        send = recorder._send
+
+        def counted(batch: list[Exchange | Begun]) -> None:
+            sent.append([item.id for item in batch if isinstance(item, Exchange)])
+            send(batch)
+
+        recorder._send = counted  # type: ignore[method-assign]
+        small = [untracked(n, 1000) for n in range(3)]
+        began = time.monotonic()
+        for ex in small:
+            recorder.submit(ex)
+            await asyncio.sleep(0)  # separate loop iterations
+        if time.monotonic() - began < recorder_module.OUTBOX_DELAY:
+            assert sent == []  # waiting for more
+        await until(lambda: bool(sent), 5, "the outbox was never sent")
+        assert sent == [[ex.id for ex in small]]
+        large = [untracked(10 + n, 150_000) for n in range(2)]  # 300 KB: past _FRAME_BYTES
+        began = time.monotonic()
+        for ex in large:
+            recorder.submit(ex)
+        await asyncio.sleep(0)
+        if time.monotonic() - began < recorder_module.OUTBOX_DELAY:
+            assert len(sent) > 1  # did not wait
+        await record_all(recorder, 5)
+        assert [id_ for ids in sent for id_ in ids] == [ex.id for ex in small + large]
+        return [ex.id for ex in small + large]
+
+    assert_recorded_in_order(tmp_path / "logs", asyncio.run(scenario()))
+
+
 def test_a_backlog_waits_unframed_while_the_pipe_is_full(tmp_path):
     """While the recorder does not read, exchanges past what the pipe holds wait in the proxy
     as they are: at most one message's framed bytes wait beside the pipe (the backlog is not
@@ -215,7 +253,7 @@ def test_a_backlog_waits_unframed_while_the_pipe_is_full(tmp_path):
         submitted = [untracked(n, 100_000) for n in range(40)]  # 4 MB; a pipe holds 1 MiB
         for ex in submitted:
             recorder.submit(ex)
-            await asyncio.sleep(0)  # one loop iteration each: one message each
+            await asyncio.sleep(0)  # the outbox goes once it holds _FRAME_BYTES
         assert 0 < recorder.process.inbox.buffered <= recorder_module._FRAME_BYTES
         assert recorder.without_bodies == 0 and recorder.dropped == 0
         await record_all(recorder, len(submitted))
@@ -888,7 +926,7 @@ def test_a_full_record_buffer_keeps_exchanges_without_their_bodies(tmp_path):
                 {"role": "user", "content": f"{n} " + "b" * 600_000}]})
             big.append(ex)
             recorder.submit(ex)
-            await asyncio.sleep(0)  # one loop iteration each: one message each
+            await asyncio.sleep(0)  # each past _FRAME_BYTES: one message each
         assert recorder.without_bodies >= 1 and recorder.dropped == 0
         await recorder.start()
         try:
