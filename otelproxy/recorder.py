@@ -552,8 +552,8 @@ class Recorder:
         return out
 
     def export_status(self) -> dict[str, str | None]:
-        """The OTLP export's health as the recorder process last reported it (within
-        ``_IDLE_WAIT``)."""
+        """The OTLP export's health as the recorder process last reported it (a change within
+        ``recorder_process.IDLE_WAIT``)."""
         return dict(self._export)
 
     # -- waiting: coroutines on the loop, and ``flush`` for other threads -----------------------
@@ -622,10 +622,11 @@ class Recorder:
         if code is None:
             process.popen.kill()
             await _wait_exit(process.popen, _EXIT_WAIT)
-            self._count_unrecorded()
         process.running = False
         process.close(loop)
-        return ok and process.stopped and code is not None
+        # what it had not recorded: killed, or submitted after Stop (a handler cut late)
+        lost = self._count_unrecorded()
+        return ok and process.stopped and code is not None and not lost
 
     async def _await_stopped(self, within: float) -> bool:
         """Wait ``within`` seconds for ``Stopped``, then longer while the recorder still makes
@@ -647,13 +648,18 @@ class Recorder:
             waited = STOP_PROGRESS_WAIT
             extra += waited
 
-    def _count_unrecorded(self) -> None:
-        """The process is gone for good: what it had not recorded is lost, counted and said."""
+    def _count_unrecorded(self) -> int:
+        """The process is gone for good: what it had not recorded is lost, counted and said;
+        how many. The outbox is emptied: no ``OUTBOX_DELAY`` timer left behind sends it into a
+        closed pipe later, to be counted a second time."""
+        self._outbox.clear()
+        self._outbox_bytes = 0
         lost = self.pending
         if lost:
             self.dropped += lost
             log.error("the recorder stopped with %d exchange(s) unrecorded (counted as dropped)",
                       lost)
+        return lost
 
 
 def _child_env() -> dict[str, str]:

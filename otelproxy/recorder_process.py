@@ -79,7 +79,8 @@ COUNTER_INTERVAL = 0.1
 """An idle recorder's reports (its counters and the export's health) come at most this often;
 each recorded batch is reported at once."""
 IDLE_WAIT = 0.25
-"""An idle recorder reports its counters and the export's health this often."""
+"""An idle recorder looks at its sinks (``Pipeline.tick``) this often and reports its counters
+and the export's health when they changed."""
 TRIM_INTERVAL = 1.0
 """An idle recorder returns freed heap to the system at most this often (``otelproxy.memory``),
 and only when it has recorded something since; SQLite's page cache goes first

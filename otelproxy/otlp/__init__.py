@@ -2,8 +2,9 @@
 exchange, sent as OTLP/HTTP protobuf from the recorder process.
 
 - ``settings``: config + OTel environment → ``ExportSettings`` (``resolve``); light to import,
-  the proxy process uses it to refuse a bad setting at start (and imports it only when an
-  endpoint is configured: ``resolve`` here).
+  the proxy process uses it to refuse a bad setting at start (and imports it only when
+  something can turn export on, ``--seq-url``, ``--seq-api-key`` or an endpoint variable:
+  ``resolve`` here).
 - ``mapping``: ``Record`` → attributes, span and log names, severity, summaries (it lists every
   attribute, a contract with Seq queries); ``encode`` gives an exchange's telemetry as bytes.
 - ``wire``: the OTLP protobuf writer (spans, log records, export requests).
