@@ -96,9 +96,7 @@ def benchmark_records() -> list[Any]:
         def counters(self) -> dict[str, int]:
             return {}
 
-    events = [*traffic.stream_head(),
-              *(traffic.delta_event(i) for i in range(traffic.DELTA_COUNT)),
-              traffic.stream_tail(traffic.DELTA_COUNT)]
+    events = traffic.answer_writes()
     headers = [(name, value) for name, value in traffic.HEADERS.items()]
     exchanges: list[Exchange] = []
     start = time.monotonic_ns()

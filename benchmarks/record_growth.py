@@ -132,8 +132,7 @@ def disk_bytes(log_dir: Path) -> dict[str, int]:
 
 def traffic_exchanges(conversations: int = 20, turns: int = traffic.MAX_TURNS) -> list[Exchange]:
     """The benchmark's Claude-Code-shaped exchanges, turn after turn of every conversation."""
-    events = [*traffic.stream_head(), *(traffic.delta_event(n) for n in range(traffic.DELTA_COUNT)),
-              traffic.stream_tail(traffic.DELTA_COUNT)]
+    events = traffic.answer_writes()
     headers = list(traffic.HEADERS.items())
     out: list[Exchange] = []
     start = time.monotonic_ns()

@@ -73,8 +73,7 @@ async def burst(count: int, group: int, interval_ms: float) -> dict[str, float]:
     from otelproxy.recorder import Recorder
 
     body = traffic.conversation_request("burst", 0)
-    answer = [*traffic.stream_head(), *(traffic.delta_event(index) for index in range(40)),
-              traffic.stream_tail(40)]
+    answer = traffic.answer_writes(40)
     with tempfile.TemporaryDirectory() as work:
         recorder = Recorder(config.build({"log_dir": str(Path(work) / "logs")},
                                          list(config.DEFAULT_UPSTREAMS)), env={})

@@ -34,9 +34,7 @@ from pathlib import Path
 from benchmarks import traffic
 from benchmarks.recorder_burst import cpu_s
 
-_ANSWER = [*traffic.stream_head(), *(traffic.delta_event(index)
-                                      for index in range(traffic.DELTA_COUNT)),
-           traffic.stream_tail(traffic.DELTA_COUNT)]
+_ANSWER = traffic.answer_writes()
 
 
 async def paced(conversations: int, turns: int, interval_s: float, stream_s: float) -> float:

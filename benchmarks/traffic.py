@@ -175,6 +175,13 @@ def stream_tail(deltas: int) -> bytes:
     )
 
 
+def answer_writes(deltas: int = DELTA_COUNT) -> list[bytes]:
+    """A whole streamed answer as the fake upstream writes it: the head's events, ``deltas``
+    deltas, the tail (one network chunk each)."""
+    return [*stream_head(), *(delta_event(index) for index in range(deltas)),
+            stream_tail(deltas)]
+
+
 def json_answer() -> bytes:
     """A non-streaming answer: a short JSON message."""
     return orjson.dumps(_message(3, "ok"))

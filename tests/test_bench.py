@@ -227,9 +227,7 @@ def test_claude_code_requests_grow_each_turn() -> None:
 def test_answer_is_a_150_event_anthropic_stream() -> None:
     """The fake upstream's answer is message_start .. message_stop, 150 events, its deltas of
     fixed size and their text the answer the next turn replays."""
-    wire = b"".join(traffic.stream_head()) + b"".join(
-        traffic.delta_event(i) for i in range(traffic.DELTA_COUNT)) + traffic.stream_tail(
-        traffic.DELTA_COUNT)
+    wire = b"".join(traffic.answer_writes())
     events = [event for event in wire.split(b"\n\n") if event]
     assert len(events) == traffic.EVENTS == 150
     names = [event.split(b"\n")[0].removeprefix(b"event: ").decode() for event in events]

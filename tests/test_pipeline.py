@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
+from collections.abc import Callable
+from typing import cast
 
 import orjson
 import pytest
@@ -73,21 +77,31 @@ def test_full_queue_drops_without_blocking_and_counts():
 
 def sqlite_memory_used() -> int:
     """Bytes SQLite holds now in this process (``sqlite3_memory_used``, from the library the
-    ``sqlite3`` module is linked with); skips where it cannot be reached, or where SQLite keeps
-    no count (built with ``SQLITE_DEFAULT_MEMSTATUS=0`` it says 0 with connections open: each
-    caller has one)."""
+    ``sqlite3`` module is linked with); skips where it cannot be reached, or where that SQLite
+    was built to keep no count (``SQLITE_DEFAULT_MEMSTATUS=0``: it says 0 whatever it holds)."""
+    used = _memory_used()
+    if isinstance(used, str):
+        pytest.skip(used)
+    return int(used())
+
+
+@functools.cache
+def _memory_used() -> Callable[[], int] | str:
+    """``sqlite3_memory_used``, or why it cannot tell."""
     import _sqlite3
     import ctypes
+    import sqlite3
 
     try:
         used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
     except (OSError, AttributeError):
-        pytest.skip("sqlite3_memory_used is not reachable here")
+        return "sqlite3_memory_used is not reachable here"
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        options = {row[0] for row in conn.execute("PRAGMA compile_options")}
+    if "DEFAULT_MEMSTATUS=0" in options:
+        return "this SQLite keeps no count of its memory (SQLITE_DEFAULT_MEMSTATUS=0)"
     used.restype = ctypes.c_int64
-    held = int(used())
-    if held == 0:
-        pytest.skip("this SQLite keeps no count of its memory (SQLITE_DEFAULT_MEMSTATUS=0)")
-    return held
+    return cast("Callable[[], int]", used)
 
 
 def test_an_idle_pipeline_lets_sqlites_page_cache_go_and_records_on(tmp_path):
