@@ -452,14 +452,18 @@ class LoadGenerator:
         broken = dict.fromkeys(self.proxies, 0)
         cpu: dict[str, dict[str, float]] = {name: {} for name in self.proxies}
         catch_up = dict.fromkeys(self.proxies, 0.0)
+        slices: dict[str, list[dict[str, float]]] = {name: [] for name in self.proxies}
         async with client(s.conversations) as session:
             for name in order:
                 target = self.targets[name]
                 before = cpu_s(target)
                 count, failed = await self._conversations(target, session, s.cc_seconds / 2)
                 catch_up[name] += await self.control.settle(target)
-                for label, used in cpu_used(before, cpu_s(target)).items():
+                used_now = cpu_used(before, cpu_s(target))
+                for label, used in used_now.items():
                     cpu[name][label] = cpu[name].get(label, 0.0) + used
+                slices[name].append({label: round(used * 1000 / max(1, count - failed), 3)
+                                     for label, used in used_now.items()})
                 exchanges[name] += count
                 broken[name] += failed
         out: Json = {"conversations": s.conversations, "seconds_per_target": s.cc_seconds,
@@ -473,6 +477,7 @@ class LoadGenerator:
                          "cpu_ms_per_exchange_by_process": {
                              label: round(used * 1000 / served, 3)
                              for label, used in cpu[name].items()},
+                         "cpu_ms_per_exchange_by_slice": slices[name],
                          "settle_s": round(catch_up[name], 3)}
         for name in self.proxies:
             out[name]["ratio_to_bare"] = _ratio(out[name]["cpu_ms_per_exchange"],
