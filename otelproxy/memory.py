@@ -1,18 +1,53 @@
-"""Giving freed heap back to the system.
+"""Giving freed heap back to the system, and when the proxy process collects its garbage.
 
 Starting a process (imports, building the pipeline, opening the record) frees much of what it
 allocated, but glibc keeps freed heap pages resident. ``release_free_heap`` asks glibc to return
 them (``malloc_trim(0)``: the top of the heap and whole free pages inside it). Where the C
 library is not glibc (musl, macOS), it does nothing.
+
+Python's garbage collector runs a full collection, which walks every container object in the
+process, whenever enough objects have survived two younger collections. Hundreds of streams
+opening at once are such objects: at 500 streams the proxy process stopped for full
+collections of 22 and 40 ms (55 000 and 82 000 objects), and every stream it relayed waited
+(``gc.callbacks`` in a copy of the proxy, ``benchmarks.run --phases sse500``). The proxy
+process (``otelproxy.server.serve``, not a proxy embedded in another program) therefore holds
+full collections back (``hold_full_collections``): what start-up left alive is frozen
+(``gc.freeze``: never walked again) and the collector's young generations run as before, but
+the full collections run when the proxy's idle loop says so (``otelproxy.server``): when no
+stream is in flight, and under a load that never pauses at most ``FULL_COLLECTION_MAX`` apart.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+
+FULL_COLLECTION_MAX = 30.0
+"""Seconds a busy proxy process goes at most without a full collection (with exchanges
+finishing meanwhile): cycles that died old are freed at least this often."""
+_NO_AUTOMATIC = 1 << 30
+"""The old generation's threshold that the collector never reaches (young collections between
+two full ones)."""
+
+
+def hold_full_collections() -> None:
+    """From now on this process runs full collections only when asked (``gc.collect()``): the
+    garbage start-up left is collected, what is alive is frozen, and the old generation's
+    threshold is put out of reach (the young generations keep theirs)."""
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, _NO_AUTOMATIC)
+
+
+def full_collections_held() -> bool:
+    """Whether ``hold_full_collections`` is in force in this process."""
+    return gc.get_threshold()[2] >= _NO_AUTOMATIC
 
 
 def release_free_heap() -> bool:

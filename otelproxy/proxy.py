@@ -74,6 +74,11 @@ class Stats:
     """Requests that waited for the record to catch up before being read (``_wait_for_record``)."""
     record_wait_s: float = 0.0
     """The seconds they waited, summed."""
+    full_collections: int = 0
+    """Full garbage collections the proxy process ran when it chose to (idle, or
+    ``FULL_COLLECTION_MAX`` after the last; ``otelproxy.memory``)."""
+    full_collection_ms: float = 0.0
+    """The milliseconds they took, summed (the event loop waited meanwhile)."""
 
 
 @dataclass
@@ -141,6 +146,8 @@ async def healthz(request: web.Request) -> web.Response:
         "records_pending": state.pipeline.pending,
         "record_waits": stats.record_waits,
         "record_wait_s": round(stats.record_wait_s, 3),
+        "full_collections": stats.full_collections,
+        "full_collection_ms": round(stats.full_collection_ms, 3),
         **counters,
         **export,
     }

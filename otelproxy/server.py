@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -15,7 +17,12 @@ from aiohttp import web
 from otelproxy import open_files
 from otelproxy.config import Config
 from otelproxy.listener import Listener
-from otelproxy.memory import release_free_heap
+from otelproxy.memory import (
+    FULL_COLLECTION_MAX,
+    full_collections_held,
+    hold_full_collections,
+    release_free_heap,
+)
 from otelproxy.pipeline import Pipeline
 from otelproxy.proxy import STATE, ProxyState, build_app
 from otelproxy.recorder import Recorder
@@ -79,12 +86,25 @@ IDLE_CHECK = 1.0
 async def _release_when_idle(state: ProxyState) -> None:
     """Once no stream is in flight and exchanges have ended since the last time, return the
     heap they freed to the system (``otelproxy.memory``): after a burst, the idle proxy does
-    not keep its peak."""
-    seen = state.stats.exchanges
+    not keep its peak. Where full collections are held back (``memory.hold_full_collections``,
+    the proxy process), run one first; and one under load when ``FULL_COLLECTION_MAX`` seconds
+    have passed since the last, if exchanges ended meanwhile."""
+    stats = state.stats
+    seen = collected = stats.exchanges
+    loop = asyncio.get_running_loop()
+    collected_at = loop.time()
     while True:
         await asyncio.sleep(IDLE_CHECK)
-        if state.stats.in_flight == 0 and state.stats.exchanges != seen:
-            seen = state.stats.exchanges
+        idle = stats.in_flight == 0
+        if stats.exchanges != collected and (idle or loop.time() - collected_at
+                                             >= FULL_COLLECTION_MAX) and full_collections_held():
+            began = time.perf_counter()
+            gc.collect()
+            stats.full_collections += 1
+            stats.full_collection_ms += (time.perf_counter() - began) * 1000
+            collected, collected_at = stats.exchanges, loop.time()
+        if idle and stats.exchanges != seen:
+            seen = stats.exchanges
             await asyncio.to_thread(release_free_heap)  # ctypes lets go of the GIL: the loop
             # goes on serving (a fragmented 200 MB heap took 38 ms to trim)
 
@@ -174,6 +194,7 @@ async def serve(config: Config) -> int:
     except BaseException:  # e.g. the port is taken: close what start() opened, then report
         await server.stop()
         raise
+    hold_full_collections()  # this process is the proxy's own: its collector waits for idle
     log.info("otelproxy listening on http://%s:%d, recording to %s", config.host, server.port,
              config.log_dir)
     _report_limits(config)

@@ -1,15 +1,27 @@
-"""Freed heap goes back to the system (``otelproxy.memory``)."""
+"""Freed heap goes back to the system, and the proxy process runs its full garbage collections
+when it chooses (``otelproxy.memory``)."""
 
 from __future__ import annotations
 
+import gc
+import json
 import platform
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anthropic
+import httpx2
 import pytest
 
-from otelproxy.memory import release_free_heap
+from otelproxy import server as server_module
+from otelproxy.memory import full_collections_held, release_free_heap
+from tests.conftest import RunningProxy
+from tests.fake_upstream import FakeUpstream, Reply
+from tests.proxy_process import ProxyProcess
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -47,3 +59,113 @@ def test_release_free_heap_does_not_load_the_ctypes_package() -> None:
                           timeout=60, check=True)
     assert "'ctypes'" not in done.stdout
     assert "'_ctypes'" in done.stdout
+
+
+def test_hold_full_collections_freezes_start_up_and_leaves_the_young_generations_alone() -> None:
+    """In a process of its own: what is alive is frozen, the young generations keep their
+    thresholds, and the collector never starts a full collection by itself."""
+    code = ("import gc, json\n"
+            "from otelproxy.memory import full_collections_held, hold_full_collections\n"
+            "before, held_before = gc.get_threshold(), full_collections_held()\n"
+            "hold_full_collections()\n"
+            "print(json.dumps([before, held_before, gc.get_threshold(), gc.get_freeze_count(),"
+            " full_collections_held()]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    before, held_before, after, frozen, held = json.loads(done.stdout)
+    assert not held_before and held
+    assert after[:2] == before[:2] and after[2] >= 1 << 30 > before[2]
+    assert frozen > 1000
+
+
+def test_the_proxy_process_runs_a_full_collection_once_idle(tmp_path: Path,
+                                                            fake: FakeUpstream) -> None:
+    """``otelproxy serve`` holds full collections back and runs one when no stream is in
+    flight after exchanges ended: ``/healthz`` counts it and its time."""
+    with ProxyProcess(["--upstream", fake.url, "--log-dir", str(tmp_path / "logs")]) as running:
+        health = httpx2.get(running.url + "/healthz").json()
+        assert health["full_collections"] == 0
+        client = anthropic.Anthropic(base_url=f"{running.url}/anthropic/{fake.host_port}",
+                                     api_key="sk-ant-x", max_retries=0)
+        client.messages.create(model="m", max_tokens=5,
+                               messages=[{"role": "user", "content": "hi"}])
+        deadline = time.monotonic() + 10
+        while (health := httpx2.get(running.url + "/healthz").json())["full_collections"] == 0:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.1)
+        assert health["full_collections"] == 1 and health["full_collection_ms"] > 0
+        time.sleep(2.5 * server_module.IDLE_CHECK)  # idle, nothing new: no other collection
+        assert httpx2.get(running.url + "/healthz").json()["full_collections"] == 1
+
+
+@pytest.fixture
+def held_collections() -> Iterator[None]:
+    """Full collections held back in this (the test's) process for the test, as ``serve`` holds
+    them in the proxy's, without freezing the test process's objects."""
+    threshold = gc.get_threshold()
+    gc.set_threshold(threshold[0], threshold[1], 1 << 30)
+    try:
+        assert full_collections_held()
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+
+
+def _slow_requests(proxy: RunningProxy, count: int, seconds: float) -> Callable[[], None]:
+    """``count`` requests through ``proxy`` whose answers come after ``seconds``, each on a
+    thread; the returned call joins them."""
+    proxy.fake.replies.extend(Reply(blocks=[{"type": "text", "text": "slow"}],
+                                    first_byte_delay=seconds) for _ in range(count))
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    threads = [threading.Thread(target=lambda: client.messages.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]))
+        for _ in range(count)]
+    for thread in threads:
+        thread.start()
+
+    def join() -> None:
+        for thread in threads:
+            thread.join(30)
+    return join
+
+
+def test_under_a_load_that_never_pauses_a_full_collection_runs_every_max_interval(
+    fake: FakeUpstream, make_proxy: Callable[..., RunningProxy], held_collections: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests always in flight: the proxy is never idle, yet with exchanges ending it runs a
+    full collection ``FULL_COLLECTION_MAX`` after the last one."""
+    monkeypatch.setattr(server_module, "IDLE_CHECK", 0.05)
+    monkeypatch.setattr(server_module, "FULL_COLLECTION_MAX", 0.4)
+    proxy = make_proxy(fake)
+    stats = proxy.server.state.stats
+    join = _slow_requests(proxy, 2, 3.0)  # in flight all along
+    deadline = time.monotonic() + 5
+    while stats.in_flight < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    while stats.in_flight >= 2 and stats.full_collections < 2:
+        fake.replies.append(Reply(blocks=[{"type": "text", "text": "x"}]))
+        client.messages.create(model="m", max_tokens=5,
+                               messages=[{"role": "user", "content": "hi"}])
+        time.sleep(0.05)
+    collections, in_flight = stats.full_collections, stats.in_flight
+    join()
+    assert collections >= 2 and in_flight >= 2, (collections, in_flight)
+
+
+def test_a_proxy_embedded_in_another_program_leaves_its_collector_alone(
+    fake: FakeUpstream, make_proxy: Callable[..., RunningProxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``hold_full_collections`` (a ``Server`` in a test, an embedding program) the idle
+    loop runs no collection of its own: the program's collector does its work."""
+    monkeypatch.setattr(server_module, "IDLE_CHECK", 0.05)
+    assert not full_collections_held()
+    proxy = make_proxy(fake)
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    fake.replies.append(Reply(blocks=[{"type": "text", "text": "x"}]))
+    client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    proxy.flush()
+    time.sleep(0.5)  # ten idle checks
+    assert proxy.server.state.stats.full_collections == 0
