@@ -769,8 +769,9 @@ def bench(settings: Settings, progress: Callable[[str], None]) -> Json:
         for target in everyone:
             if target.process is not None:
                 status = target.process.stop()
-                if status not in (0, None, -15):
-                    target.notes.append(f"exit status {status}")
+                if status not in (0, None, -15):  # it died: say how, in its own words
+                    target.notes.append(f"exit status {status}; its output ends with: "
+                                        f"{target.process.log_tail(1500)!r}")
         results["record"] = {name: count_record(work / f"{name}-record", health)
                              for name, health in results["health"].items()}
         results["record_bytes"] = {t.name: targets.record_bytes(t) for t in running

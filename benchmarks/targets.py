@@ -143,7 +143,8 @@ def build(name: str, upstream_port: int, otlp_port: int | None, work: Path,
         target.url = f"http://{HOST}:{port}/v1/messages"
         env = clean_env()
     elif name == "relay":
-        argv = [sys.executable, "-m", "benchmarks.servers", "relay", "--port", str(port),
+        argv = [sys.executable, "-X", "faulthandler",  # a crash leaves its traceback
+                "-m", "benchmarks.servers", "relay", "--port", str(port),
                 "--upstream-port", str(upstream_port)]
         target.url = f"http://{HOST}:{port}/v1/messages"
         env = clean_env()
