@@ -462,7 +462,8 @@ class LoadGenerator:
                 used_now = cpu_used(before, cpu_s(target))
                 for label, used in used_now.items():
                     cpu[name][label] = cpu[name].get(label, 0.0) + used
-                slices[name].append({label: round(used * 1000 / max(1, count - failed), 3)
+                complete = count - failed or math.nan  # as for the whole: complete ones only
+                slices[name].append({label: round(used * 1000 / complete, 3)
                                      for label, used in used_now.items()})
                 exchanges[name] += count
                 broken[name] += failed

@@ -14,7 +14,10 @@ process (``otelproxy.server.serve``, not a proxy embedded in another program) th
 full collections back (``hold_full_collections``): what start-up left alive is frozen
 (``gc.freeze``: never walked again) and the collector's young generations run as before, but
 the full collections run when the proxy's idle loop says so (``otelproxy.server``): when no
-stream is in flight, and under a load that never pauses at most ``FULL_COLLECTION_MAX`` apart.
+request is in flight and the collector has moved objects into the oldest generation since the
+last one, and after ``FULL_COLLECTION_MAX`` seconds of load without a pause. Where the
+collector ignores the oldest generation's threshold (CPython 3.14's incremental collector),
+nothing is held: ``full_collections_held`` says so and the idle loop leaves collecting to it.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ if TYPE_CHECKING:
 
 
 FULL_COLLECTION_MAX = 30.0
-"""Seconds a busy proxy process goes at most without a full collection (with exchanges
-finishing meanwhile): cycles that died old are freed at least this often."""
+"""Seconds of load without a pause after which the proxy process runs a full collection with
+requests in flight: under a load that never pauses, cycles that died old are freed at least
+this often."""
 _NO_AUTOMATIC = 1 << 30
 """The old generation's threshold that the collector never reaches (young collections between
 two full ones)."""

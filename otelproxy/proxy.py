@@ -75,8 +75,10 @@ class Stats:
     record_wait_s: float = 0.0
     """The seconds they waited, summed."""
     full_collections: int = 0
-    """Full garbage collections the proxy process ran when it chose to (idle, or
-    ``FULL_COLLECTION_MAX`` after the last; ``otelproxy.memory``)."""
+    """Full garbage collections the proxy process ran when it chose to (``otelproxy.memory``):
+    when idle, or after ``FULL_COLLECTION_MAX`` seconds of load without a pause."""
+    full_collections_busy: int = 0
+    """Those of them run with requests in flight (the load never paused)."""
     full_collection_ms: float = 0.0
     """The milliseconds they took, summed (the event loop waited meanwhile)."""
 
@@ -147,6 +149,7 @@ async def healthz(request: web.Request) -> web.Response:
         "record_waits": stats.record_waits,
         "record_wait_s": round(stats.record_wait_s, 3),
         "full_collections": stats.full_collections,
+        "full_collections_busy": stats.full_collections_busy,
         "full_collection_ms": round(stats.full_collection_ms, 3),
         **counters,
         **export,

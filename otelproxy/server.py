@@ -84,25 +84,34 @@ IDLE_CHECK = 1.0
 
 
 async def _release_when_idle(state: ProxyState) -> None:
-    """Once no stream is in flight and exchanges have ended since the last time, return the
+    """Once no stream is in flight and exchanges have started since the last time, return the
     heap they freed to the system (``otelproxy.memory``): after a burst, the idle proxy does
-    not keep its peak. Where full collections are held back (``memory.hold_full_collections``,
-    the proxy process), run one first; and one under load when ``FULL_COLLECTION_MAX`` seconds
-    have passed since the last, if exchanges ended meanwhile."""
+    not keep its peak.
+
+    Where full collections are held back (``memory.hold_full_collections``, the proxy
+    process), run one first, if the collector has moved objects into the oldest generation
+    since the last (``gc.get_count()[2]``: whatever traffic left them, exchanges or not); and
+    one with requests in flight once the proxy has not been idle for ``FULL_COLLECTION_MAX``
+    seconds (a burst that follows a pause is not met by a collection)."""
     stats = state.stats
-    seen = collected = stats.exchanges
+    seen = stats.exchanges
     loop = asyncio.get_running_loop()
-    collected_at = loop.time()
+    calm_at = loop.time()  # the last collection, or the last look that found the proxy idle
     while True:
         await asyncio.sleep(IDLE_CHECK)
         idle = stats.in_flight == 0
-        if stats.exchanges != collected and (idle or loop.time() - collected_at
-                                             >= FULL_COLLECTION_MAX) and full_collections_held():
+        now = loop.time()
+        if full_collections_held() and gc.get_count()[2] > 0 and (
+                idle or now - calm_at >= FULL_COLLECTION_MAX):
             began = time.perf_counter()
             gc.collect()
             stats.full_collections += 1
+            if not idle:
+                stats.full_collections_busy += 1
             stats.full_collection_ms += (time.perf_counter() - began) * 1000
-            collected, collected_at = stats.exchanges, loop.time()
+            calm_at = loop.time()
+        elif idle:
+            calm_at = now
         if idle and stats.exchanges != seen:
             seen = stats.exchanges
             await asyncio.to_thread(release_free_heap)  # ctypes lets go of the GIL: the loop

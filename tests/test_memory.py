@@ -3,6 +3,7 @@ when it chooses (``otelproxy.memory``)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import json
 import platform
@@ -80,19 +81,26 @@ def test_hold_full_collections_freezes_start_up_and_leaves_the_young_generations
 
 def test_the_proxy_process_runs_a_full_collection_once_idle(tmp_path: Path,
                                                             fake: FakeUpstream) -> None:
-    """``otelproxy serve`` holds full collections back and runs one when no stream is in
-    flight after exchanges ended: ``/healthz`` counts it and its time."""
+    """``otelproxy serve`` holds full collections back and runs one when no request is in
+    flight and its collector has moved objects into the oldest generation: ``/healthz`` counts
+    it and its time; idle with nothing new, it runs no other."""
     with ProxyProcess(["--upstream", fake.url, "--log-dir", str(tmp_path / "logs")]) as running:
         health = httpx2.get(running.url + "/healthz").json()
         assert health["full_collections"] == 0
         client = anthropic.Anthropic(base_url=f"{running.url}/anthropic/{fake.host_port}",
                                      api_key="sk-ant-x", max_retries=0)
-        client.messages.create(model="m", max_tokens=5,
-                               messages=[{"role": "user", "content": "hi"}])
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
+        # Requests one at a time leave the oldest generation as it was (what they allocate
+        # dies young); 40 at once live long enough to be moved there.
         while (health := httpx2.get(running.url + "/healthz").json())["full_collections"] == 0:
             assert time.monotonic() < deadline, health
-            time.sleep(0.1)
+            fake.replies.extend(Reply(blocks=[{"type": "text", "text": "x"}],
+                                      first_byte_delay=0.3) for _ in range(40))
+            with concurrent.futures.ThreadPoolExecutor(40) as pool:
+                list(pool.map(lambda _: client.messages.create(
+                    model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]),
+                    range(40)))
+            time.sleep(2 * server_module.IDLE_CHECK)
         assert health["full_collections"] == 1 and health["full_collection_ms"] > 0
         time.sleep(2.5 * server_module.IDLE_CHECK)  # idle, nothing new: no other collection
         assert httpx2.get(running.url + "/healthz").json()["full_collections"] == 1
@@ -129,30 +137,73 @@ def _slow_requests(proxy: RunningProxy, count: int, seconds: float) -> Callable[
     return join
 
 
+def _await(check: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_under_a_load_that_never_pauses_a_full_collection_runs_every_max_interval(
     fake: FakeUpstream, make_proxy: Callable[..., RunningProxy], held_collections: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Requests always in flight: the proxy is never idle, yet with exchanges ending it runs a
-    full collection ``FULL_COLLECTION_MAX`` after the last one."""
+    """Requests always in flight: the proxy is never idle, yet it runs a full collection once
+    it has gone ``FULL_COLLECTION_MAX`` without a pause or a collection."""
     monkeypatch.setattr(server_module, "IDLE_CHECK", 0.05)
     monkeypatch.setattr(server_module, "FULL_COLLECTION_MAX", 0.4)
     proxy = make_proxy(fake)
     stats = proxy.server.state.stats
     join = _slow_requests(proxy, 2, 3.0)  # in flight all along
-    deadline = time.monotonic() + 5
-    while stats.in_flight < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _await(lambda: stats.in_flight >= 2)
     client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
-    while stats.in_flight >= 2 and stats.full_collections < 2:
+    while stats.in_flight >= 2 and stats.full_collections_busy < 2:
         fake.replies.append(Reply(blocks=[{"type": "text", "text": "x"}]))
         client.messages.create(model="m", max_tokens=5,
                                messages=[{"role": "user", "content": "hi"}])
+        gc.collect(1)  # objects moved into the oldest generation: a full collection has work
         time.sleep(0.05)
-    collections, in_flight = stats.full_collections, stats.in_flight
+    busy, in_flight = stats.full_collections_busy, stats.in_flight
     join()
-    assert collections >= 2 and in_flight >= 2, (collections, in_flight)
+    assert busy >= 2 and in_flight >= 2, (busy, in_flight)
+
+
+def test_a_burst_after_a_pause_is_not_met_by_a_full_collection(
+    fake: FakeUpstream, make_proxy: Callable[..., RunningProxy], held_collections: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``FULL_COLLECTION_MAX`` counts load without a pause: after an idle spell longer than it,
+    the requests of a new burst run without a full collection for that long."""
+    monkeypatch.setattr(server_module, "IDLE_CHECK", 0.05)
+    monkeypatch.setattr(server_module, "FULL_COLLECTION_MAX", 0.6)
+    proxy = make_proxy(fake)
+    stats = proxy.server.state.stats
+    gc.collect(1)
+    _await(lambda: stats.full_collections >= 1)  # the idle one
+    time.sleep(1.0)  # idle, longer than FULL_COLLECTION_MAX
+    join = _slow_requests(proxy, 1, 0.4)
+    _await(lambda: stats.in_flight >= 1)
+    gc.collect(1)  # work for a full collection while the request is in flight
+    join()
+    assert stats.full_collections_busy == 0
+    _await(lambda: stats.full_collections >= 2)  # idle again: now it runs
+
+
+def test_traffic_that_is_no_exchange_is_collected_too(
+    fake: FakeUpstream, make_proxy: Callable[..., RunningProxy], held_collections: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Health checks and refused requests leave garbage as exchanges do; with no exchange at
+    all, the idle proxy still collects what reached the oldest generation."""
+    monkeypatch.setattr(server_module, "IDLE_CHECK", 0.05)
+    proxy = make_proxy(fake)
+    stats = proxy.server.state.stats
+    for _ in range(20):
+        assert httpx2.get(proxy.url + "/healthz").status_code == 200
+        assert httpx2.get(proxy.url + "/nowhere/x").status_code == 404
+    gc.collect(1)
+    _await(lambda: stats.full_collections >= 1)
+    assert stats.exchanges == 0
 
 
 def test_a_proxy_embedded_in_another_program_leaves_its_collector_alone(
