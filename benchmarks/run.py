@@ -308,6 +308,11 @@ def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
     return {label: after[label] - before.get(label, 0.0) for label in after}
 
 
+def _ms_per_exchange(cpu: dict[str, float], complete: int) -> dict[str, float]:
+    """CPU seconds per process → ms per complete exchange (NaN when none completed)."""
+    return {label: round(used * 1000 / (complete or math.nan), 3) for label, used in cpu.items()}
+
+
 def rss_mib(target: Target) -> float | None:
     return None if target.process is None else procs.tree_rss_mib(target.process.pid)
 
@@ -462,9 +467,7 @@ class LoadGenerator:
                 used_now = cpu_used(before, cpu_s(target))
                 for label, used in used_now.items():
                     cpu[name][label] = cpu[name].get(label, 0.0) + used
-                complete = count - failed or math.nan  # as for the whole: complete ones only
-                slices[name].append({label: round(used * 1000 / complete, 3)
-                                     for label, used in used_now.items()})
+                slices[name].append(_ms_per_exchange(used_now, count - failed))
                 exchanges[name] += count
                 broken[name] += failed
         out: Json = {"conversations": s.conversations, "seconds_per_target": s.cc_seconds,
@@ -472,12 +475,11 @@ class LoadGenerator:
                      "last_turn_bytes": len(
                          traffic.conversation_request("x", traffic.MAX_TURNS - 1))}
         for name in self.proxies:
-            served = exchanges[name] - broken[name] or math.nan  # complete exchanges only
+            served = exchanges[name] - broken[name]
             out[name] = {"exchanges": exchanges[name], "incomplete": broken[name],
-                         "cpu_ms_per_exchange": round(sum(cpu[name].values()) * 1000 / served, 3),
-                         "cpu_ms_per_exchange_by_process": {
-                             label: round(used * 1000 / served, 3)
-                             for label, used in cpu[name].items()},
+                         "cpu_ms_per_exchange": _ms_per_exchange(
+                             {"tree": sum(cpu[name].values())}, served)["tree"],
+                         "cpu_ms_per_exchange_by_process": _ms_per_exchange(cpu[name], served),
                          "cpu_ms_per_exchange_by_slice": slices[name],
                          "settle_s": round(catch_up[name], 3)}
         for name in self.proxies:

@@ -34,7 +34,7 @@ FULL_COLLECTION_MAX = 30.0
 """Seconds of load without a pause after which the proxy process runs a full collection with
 requests in flight: under a load that never pauses, cycles that died old are freed at least
 this often."""
-_NO_AUTOMATIC = 1 << 30
+NO_AUTOMATIC = 1 << 30
 """The old generation's threshold that the collector never reaches (young collections between
 two full ones)."""
 
@@ -46,12 +46,12 @@ def hold_full_collections() -> None:
     gc.collect()
     gc.freeze()
     young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, _NO_AUTOMATIC)
+    gc.set_threshold(young, middle, NO_AUTOMATIC)
 
 
 def full_collections_held() -> bool:
     """Whether ``hold_full_collections`` is in force in this process."""
-    return gc.get_threshold()[2] >= _NO_AUTOMATIC
+    return gc.get_threshold()[2] >= NO_AUTOMATIC
 
 
 def release_free_heap() -> bool:

@@ -100,9 +100,10 @@ async def _release_when_idle(state: ProxyState) -> None:
     while True:
         await asyncio.sleep(IDLE_CHECK)
         idle = stats.in_flight == 0
-        now = loop.time()
-        if full_collections_held() and gc.get_count()[2] > 0 and (
-                idle or now - calm_at >= FULL_COLLECTION_MAX):
+        if idle:
+            calm_at = loop.time()
+        due = idle or loop.time() - calm_at >= FULL_COLLECTION_MAX
+        if due and full_collections_held() and gc.get_count()[2] > 0:
             began = time.perf_counter()
             gc.collect()
             stats.full_collections += 1
@@ -110,8 +111,6 @@ async def _release_when_idle(state: ProxyState) -> None:
                 stats.full_collections_busy += 1
             stats.full_collection_ms += (time.perf_counter() - began) * 1000
             calm_at = loop.time()
-        elif idle:
-            calm_at = now
         if idle and stats.exchanges != seen:
             seen = stats.exchanges
             await asyncio.to_thread(release_free_heap)  # ctypes lets go of the GIL: the loop

@@ -110,6 +110,14 @@ class RunningProxy:
         self.loop.stop()
 
 
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` every 10 ms until it holds; fail saying ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeUpstream]:
     with FakeUpstream() as upstream:

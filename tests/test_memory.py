@@ -19,8 +19,8 @@ import httpx2
 import pytest
 
 from otelproxy import server as server_module
-from otelproxy.memory import full_collections_held, release_free_heap
-from tests.conftest import RunningProxy
+from otelproxy.memory import NO_AUTOMATIC, full_collections_held, release_free_heap
+from tests.conftest import RunningProxy, wait_for
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.proxy_process import ProxyProcess
 
@@ -75,7 +75,7 @@ def test_hold_full_collections_freezes_start_up_and_leaves_the_young_generations
                           timeout=60, check=True)
     before, held_before, after, frozen, held = json.loads(done.stdout)
     assert not held_before and held
-    assert after[:2] == before[:2] and after[2] >= 1 << 30 > before[2]
+    assert after[:2] == before[:2] and after[2] >= NO_AUTOMATIC > before[2]
     assert frozen > 1000
 
 
@@ -111,7 +111,7 @@ def held_collections() -> Iterator[None]:
     """Full collections held back in this (the test's) process for the test, as ``serve`` holds
     them in the proxy's, without freezing the test process's objects."""
     threshold = gc.get_threshold()
-    gc.set_threshold(threshold[0], threshold[1], 1 << 30)
+    gc.set_threshold(threshold[0], threshold[1], NO_AUTOMATIC)
     try:
         assert full_collections_held()
         yield
@@ -137,13 +137,6 @@ def _slow_requests(proxy: RunningProxy, count: int, seconds: float) -> Callable[
     return join
 
 
-def _await(check: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_under_a_load_that_never_pauses_a_full_collection_runs_every_max_interval(
     fake: FakeUpstream, make_proxy: Callable[..., RunningProxy], held_collections: None,
     monkeypatch: pytest.MonkeyPatch,
@@ -155,7 +148,7 @@ def test_under_a_load_that_never_pauses_a_full_collection_runs_every_max_interva
     proxy = make_proxy(fake)
     stats = proxy.server.state.stats
     join = _slow_requests(proxy, 2, 3.0)  # in flight all along
-    _await(lambda: stats.in_flight >= 2)
+    wait_for(lambda: stats.in_flight >= 2, 5, "both slow requests in flight")
     client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
     while stats.in_flight >= 2 and stats.full_collections_busy < 2:
         fake.replies.append(Reply(blocks=[{"type": "text", "text": "x"}]))
@@ -179,14 +172,14 @@ def test_a_burst_after_a_pause_is_not_met_by_a_full_collection(
     proxy = make_proxy(fake)
     stats = proxy.server.state.stats
     gc.collect(1)
-    _await(lambda: stats.full_collections >= 1)  # the idle one
+    wait_for(lambda: stats.full_collections >= 1, 5, "the idle collection")
     time.sleep(1.0)  # idle, longer than FULL_COLLECTION_MAX
     join = _slow_requests(proxy, 1, 0.4)
-    _await(lambda: stats.in_flight >= 1)
+    wait_for(lambda: stats.in_flight >= 1, 5, "the slow request in flight")
     gc.collect(1)  # work for a full collection while the request is in flight
     join()
     assert stats.full_collections_busy == 0
-    _await(lambda: stats.full_collections >= 2)  # idle again: now it runs
+    wait_for(lambda: stats.full_collections >= 2, 5, "a collection once idle again")
 
 
 def test_traffic_that_is_no_exchange_is_collected_too(
@@ -202,7 +195,7 @@ def test_traffic_that_is_no_exchange_is_collected_too(
         assert httpx2.get(proxy.url + "/healthz").status_code == 200
         assert httpx2.get(proxy.url + "/nowhere/x").status_code == 404
     gc.collect(1)
-    _await(lambda: stats.full_collections >= 1)
+    wait_for(lambda: stats.full_collections >= 1, 5, "a collection with no exchange")
     assert stats.exchanges == 0
 
 

@@ -41,7 +41,7 @@ from otelproxy.errors import ConfigError
 from otelproxy.pipeline import Pipeline
 from otelproxy.record import Chunks, Exchange
 from otelproxy.recorder import PipeWriter, Recorder, RecorderProcess
-from tests.conftest import RunningProxy, remount
+from tests.conftest import RunningProxy, remount, wait_for
 from tests.fake_upstream import Reply
 from tests.proxy_process import REPO, ProxyProcess, child_env, run_cli
 from tests.test_pipeline import sqlite_memory_used
@@ -796,13 +796,6 @@ def test_pipe_writer_refuses_beyond_its_limit_and_after_the_reader_is_gone():
         writer.close()
 
     asyncio.run(scenario())
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.01)
 
 
 def on_loop(proxy: RunningProxy, read: Callable[[], T]) -> T:
