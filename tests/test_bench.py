@@ -7,12 +7,14 @@ installed is reported as such, and the CPU pinning and process-tree accounting w
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,8 @@ def test_quick_run_reports_every_figure(quick: dict[str, Any]) -> None:
             assert _number(level[name]["first_event_p50_over_direct_ms"])
             for key in ("delay_p50", "delay_p99", "added_gap_p99"):
                 assert _number(level[name][f"{key}_over_direct_ms"]), (name, key)
+            rounds = level[name]["added_gap_p99_by_round_ms"]
+            assert len(rounds) == level["repeats"] and all(_number(r) for r in rounds)
             assert set(level[name]["cpu_busy"]) >= {"cpu0"}
         assert level["otelproxy"]["sched_us_per_event"]["main"]["ran"] > 0
     names = [check["name"] for check in quick["checks"]]
@@ -249,6 +253,37 @@ def test_percentile_is_nearest_rank() -> None:
     assert run.percentile(values, 0.99) == 99
     assert run.percentile([3.0], 0.99) == 3.0
     assert math.isnan(run.percentile([], 0.5))
+
+
+def test_measuring_keeps_the_collector_out_of_a_round() -> None:
+    """A measured round starts with the load generator's garbage collected and runs with no
+    collection; the collector is back on after it, even when the round fails."""
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    collected: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            collected.append(info["collected"])
+
+    ref = weakref.ref(Cycle())  # unreachable at once, freed only by a collection
+    gc.callbacks.append(count)
+    try:
+        with run.measuring():
+            assert ref() is None
+            assert not gc.isenabled()
+            before = len(collected)
+            for _ in range(100_000):  # enough allocations to trigger young collections
+                Cycle()
+            assert len(collected) == before
+        assert gc.isenabled()
+        with pytest.raises(RuntimeError), run.measuring():
+            raise RuntimeError("the round failed")
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(count)
 
 
 def test_stamped_delta_carries_its_send_time() -> None:
