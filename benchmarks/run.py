@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,8 +272,25 @@ class Control:
     def __init__(self, upstream_port: int, otlp_port: int | None,
                  http: aiohttp.ClientSession) -> None:
         self.upstream_stats = f"http://{HOST}:{upstream_port}/stats"
+        self.upstream_collector = f"http://{HOST}:{upstream_port}/collector"
         self.otlp_stats = None if otlp_port is None else f"http://{HOST}:{otlp_port}/stats"
         self.http = http
+
+    @contextlib.asynccontextmanager
+    async def measuring(self) -> AsyncIterator[None]:
+        """A measured round: neither the load generator's garbage collector (``measuring``)
+        nor the upstream's runs during it. The upstream's pacing is in every target's gaps;
+        a collection of its heap in one round moved that round's gap p99 (a 500-stream round
+        of ``relay-c`` once measured a gap p99 20 ms over direct's with 3 ms added by the
+        relay)."""
+        async with self.http.post(self.upstream_collector, params={"hold": "1"}) as answer:
+            answer.raise_for_status()
+        try:
+            with measuring():
+                yield
+        finally:
+            async with self.http.post(self.upstream_collector, params={"hold": "0"}) as answer:
+                answer.raise_for_status()
 
     async def json(self, url: str) -> Json:
         async with self.http.get(url) as response:
@@ -415,7 +432,7 @@ class LoadGenerator:
             for order in rotations(self.everyone, s.latency_rounds):
                 for name in order:
                     target = self.targets[name]
-                    with measuring():
+                    async with self.control.measuring():
                         for _ in range(per_round):
                             took = await asyncio.wait_for(post(sessions[name], target, body),
                                                           60)
@@ -540,7 +557,7 @@ class LoadGenerator:
                 ticks = procs.cpu_ticks()
                 sched = self._sched(target)
                 try:
-                    with measuring():
+                    async with self.control.measuring():
                         this_round = await asyncio.wait_for(asyncio.gather(*(
                             ramped(target, index, session) for index in range(level.streams))),
                             bound)
@@ -560,7 +577,7 @@ class LoadGenerator:
                 await self.control.settle(target)
             probes: dict[str, list[StreamResult]] = {name: [] for name in self.everyone}
             for order in rotations(self.everyone, level.probes):
-                with measuring():
+                async with self.control.measuring():
                     for name in order:
                         probes[name].append(await asyncio.wait_for(
                             stream(session, self.targets[name], body, 3, 1.0), 60))

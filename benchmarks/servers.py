@@ -5,7 +5,10 @@ upstream   a fake Anthropic API: ``POST /v1/messages`` answers a short JSON mess
            ``"stream": true`` the 150-event answer of ``benchmarks.traffic`` (the number of
            deltas and their spacing can be set per request: ``x-bench-deltas``,
            ``x-bench-interval-ms``; with ``x-bench-stamp`` each delta's text is the time it
-           was written, ``traffic.stamped_delta``); ``GET /stats`` counts what it sent.
+           was written, ``traffic.stamped_delta``); ``GET /stats`` counts what it sent;
+           ``POST /collector?hold=1`` collects its garbage and holds its collector until
+           ``?hold=0`` (the load generator's ``Control.measuring``: the upstream's pacing is
+           every target's, and a collection in one round's streams moved only that round's).
 bare       the reference: otelproxy's forwarding without the record. Same upstream seam
            (``otelproxy.upstream``: one shared ``ClientSession``, same connector, timeouts and
            header filtering), same body read (the pieces as received, joined only when
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -89,7 +93,17 @@ class FakeAnthropic:
         self.answer = traffic.json_answer()
 
     def app(self) -> web.Application:
-        return _app("/v1/messages", self.messages, self.stats)
+        app = _app("/v1/messages", self.messages, self.stats)
+        app.router.add_post("/collector", self.collector)
+        return app
+
+    async def collector(self, request: web.Request) -> web.Response:
+        gc.collect()
+        if request.query.get("hold") == "1":
+            gc.disable()
+        else:
+            gc.enable()
+        return web.json_response({"enabled": gc.isenabled()})
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.requests, "streams": self.streams,

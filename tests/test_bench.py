@@ -7,6 +7,7 @@ installed is reported as such, and the CPU pinning and process-tree accounting w
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import math
 import os
@@ -18,10 +19,12 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
-from benchmarks import procs, run, targets, traffic
+from benchmarks import procs, run, servers, targets, traffic
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ("relay-c", "relay", "bare", "otelproxy", "otelproxy+otlp")
@@ -284,6 +287,33 @@ def test_measuring_keeps_the_collector_out_of_a_round() -> None:
         assert gc.isenabled()
     finally:
         gc.callbacks.remove(count)
+
+
+def test_upstream_holds_its_collector_while_asked() -> None:
+    """``POST /collector?hold=1`` on the fake upstream collects its garbage and turns its
+    collector off until ``?hold=0`` (``Control.measuring`` brackets each measured round so)."""
+
+    async def scenario() -> list[bool]:
+        runner = web.AppRunner(servers.FakeAnthropic().app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        seen = []
+        try:
+            async with aiohttp.ClientSession() as http:
+                for hold in ("1", "0"):
+                    async with http.post(f"http://127.0.0.1:{port}/collector",
+                                         params={"hold": hold}) as answer:
+                        assert answer.status == 200
+                        assert (await answer.json())["enabled"] is gc.isenabled()
+                        seen.append(gc.isenabled())
+        finally:
+            gc.enable()
+            await runner.cleanup()
+        return seen
+
+    assert asyncio.run(scenario()) == [False, True]
 
 
 def test_stamped_delta_carries_its_send_time() -> None:
