@@ -249,9 +249,10 @@ async def stream(session: aiohttp.ClientSession, target: Target, body: bytes, de
 def measuring() -> Iterator[None]:
     """The load generator's own garbage collector stays out of a measured round: it collects
     before, and not during. Its heap holds every round's results; at 500 streams a full
-    collection of it took 54-143 ms and every young one 6-17 ms (logged with ``gc.callbacks``,
-    2026-12-07), each stalling the reading of every stream in flight, charged to whichever target
-    was running. A round's garbage is small (500 streams of 40 events: a few MB)."""
+    collection of it took 54-143 ms and a young one up to 17 ms (logged with ``gc.callbacks``,
+    2026-12-07 20:37 UTC), each stalling the reading of every stream in flight, charged to
+    whichever target was running. A round's garbage is small (500 streams of 40 events: a few
+    MB)."""
     gc.collect()
     gc.disable()
     try:
@@ -279,10 +280,10 @@ class Control:
     @contextlib.asynccontextmanager
     async def measuring(self) -> AsyncIterator[None]:
         """A measured round: neither the load generator's garbage collector (``measuring``)
-        nor the upstream's runs during it. The upstream's pacing is in every target's gaps;
-        a collection of its heap in one round moved that round's gap p99 (a 500-stream round
-        of ``relay-c`` once measured a gap p99 20 ms over direct's with 3 ms added by the
-        relay)."""
+        nor the upstream's runs during it. The upstream's pacing is in every target's gaps,
+        and a stall of it moves only the round it falls in: a 500-stream round of ``relay-c``
+        once measured a gap p99 20 ms over direct's with an added gap p99 (the pacing taken
+        out) 2 ms over direct's. Its collector is the stall the bench can keep out."""
         async with self.http.post(self.upstream_collector, params={"hold": "1"}) as answer:
             answer.raise_for_status()
         try:
