@@ -246,7 +246,7 @@ async def stream(session: aiohttp.ClientSession, target: Target, body: bytes, de
 
 
 @contextlib.contextmanager
-def measuring() -> Iterator[None]:
+def collector_held() -> Iterator[None]:
     """The load generator's own garbage collector stays out of a measured round: it collects
     before, and not during. Its heap holds every round's results; at 500 streams a full
     collection of it took 54-143 ms and a young one up to 17 ms (logged with ``gc.callbacks``,
@@ -279,7 +279,7 @@ class Control:
 
     @contextlib.asynccontextmanager
     async def measuring(self) -> AsyncIterator[None]:
-        """A measured round: neither the load generator's garbage collector (``measuring``)
+        """A measured round: neither the load generator's garbage collector (``collector_held``)
         nor the upstream's runs during it. The upstream's pacing is in every target's gaps,
         and a stall of it moves only the round it falls in: a 500-stream round of ``relay-c``
         once measured a gap p99 20 ms over direct's with an added gap p99 (the pacing taken
@@ -287,7 +287,7 @@ class Control:
         async with self.http.post(self.upstream_collector, params={"hold": "1"}) as answer:
             answer.raise_for_status()
         try:
-            with measuring():
+            with collector_held():
                 yield
         finally:
             async with self.http.post(self.upstream_collector, params={"hold": "0"}) as answer:
@@ -511,11 +511,10 @@ class LoadGenerator:
                      "last_turn_bytes": len(
                          traffic.conversation_request("x", traffic.MAX_TURNS - 1))}
         for name in self.proxies:
-            served = exchanges[name] - broken[name]
+            by_process = _ms_per_exchange(cpu[name], exchanges[name] - broken[name])
             out[name] = {"exchanges": exchanges[name], "incomplete": broken[name],
-                         "cpu_ms_per_exchange": _ms_per_exchange(
-                             {"tree": sum(cpu[name].values())}, served)["tree"],
-                         "cpu_ms_per_exchange_by_process": _ms_per_exchange(cpu[name], served),
+                         "cpu_ms_per_exchange": round(sum(by_process.values()), 3),
+                         "cpu_ms_per_exchange_by_process": by_process,
                          "cpu_ms_per_exchange_by_slice": slices[name],
                          "settle_s": round(catch_up[name], 3)}
         for name in self.proxies:

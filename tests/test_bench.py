@@ -258,7 +258,7 @@ def test_percentile_is_nearest_rank() -> None:
     assert math.isnan(run.percentile([], 0.5))
 
 
-def test_measuring_keeps_the_collector_out_of_a_round() -> None:
+def test_collector_held_keeps_the_collector_out_of_a_round() -> None:
     """A measured round starts with the load generator's garbage collected and runs with no
     collection; the collector is back on after it, even when the round fails."""
     class Cycle:
@@ -274,7 +274,7 @@ def test_measuring_keeps_the_collector_out_of_a_round() -> None:
     ref = weakref.ref(Cycle())  # unreachable at once, freed only by a collection
     gc.callbacks.append(count)
     try:
-        with run.measuring():
+        with run.collector_held():
             assert ref() is None
             assert not gc.isenabled()
             before = len(collected)
@@ -282,7 +282,7 @@ def test_measuring_keeps_the_collector_out_of_a_round() -> None:
                 Cycle()
             assert len(collected) == before
         assert gc.isenabled()
-        with pytest.raises(RuntimeError), run.measuring():
+        with pytest.raises(RuntimeError), run.collector_held():
             raise RuntimeError("the round failed")
         assert gc.isenabled()
     finally:
