@@ -84,9 +84,13 @@ IDLE_CHECK = 1.0
 
 
 async def _release_when_idle(state: ProxyState) -> None:
-    """Once no stream is in flight and exchanges have started since the last time, return the
-    heap they freed to the system (``otelproxy.memory``): after a burst, the idle proxy does
-    not keep its peak.
+    """Once the proxy is idle and exchanges have started since the last time, return the heap
+    they freed to the system (``otelproxy.memory``): after a burst, the idle proxy does not keep
+    its peak. Idle is a whole check long: nothing in flight and no exchange begun since the
+    previous look. No request in flight at one instant was not enough: the benchmark's round of
+    500 streams began a few milliseconds after its warm-up requests ended, and a full
+    collection begun in that instant (13-36 ms) stopped the streams' first events
+    (``gc.callbacks`` in the proxy process, 2026-12-07 23:44 UTC).
 
     Where full collections are held back (``memory.hold_full_collections``, the proxy
     process), run one first, if the collector has moved objects into the oldest generation
@@ -94,12 +98,13 @@ async def _release_when_idle(state: ProxyState) -> None:
     one with requests in flight once the proxy has not been idle for ``FULL_COLLECTION_MAX``
     seconds (a burst that follows a pause is not met by a collection)."""
     stats = state.stats
-    seen = stats.exchanges
+    seen = looked = stats.exchanges
     loop = asyncio.get_running_loop()
     calm_at = loop.time()  # the last collection, or the last look that found the proxy idle
     while True:
         await asyncio.sleep(IDLE_CHECK)
-        idle = stats.in_flight == 0
+        idle = stats.in_flight == 0 and stats.exchanges == looked
+        looked = stats.exchanges
         if idle:
             calm_at = loop.time()
         due = idle or loop.time() - calm_at >= FULL_COLLECTION_MAX

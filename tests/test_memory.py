@@ -226,6 +226,28 @@ def test_a_burst_after_a_pause_is_not_met_by_a_full_collection(
     wait_for(lambda: stats.full_collections >= 2, 5, "a collection once idle again")
 
 
+def test_no_request_in_flight_between_two_is_not_idle(
+    fake: FakeUpstream, make_proxy: Callable[..., RunningProxy], held_collections: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests one after another leave moments with none in flight, but each look finds
+    exchanges begun since the one before: no full collection runs until a whole check has
+    passed without a new exchange (a burst that begins just after one ends is not stopped by
+    one)."""
+    monkeypatch.setattr(server_module, "IDLE_CHECK", 0.3)
+    proxy = make_proxy(fake)
+    stats = proxy.server.state.stats
+    client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        fake.replies.append(Reply(blocks=[{"type": "text", "text": "x"}]))
+        client.messages.create(model="m", max_tokens=5,
+                               messages=[{"role": "user", "content": "hi"}])
+        gc.collect(1)  # work for a full collection all along
+    assert stats.full_collections == 0 and stats.exchanges > 20, stats
+    wait_for(lambda: stats.full_collections >= 1, 5, "the collection once a check was quiet")
+
+
 def test_traffic_that_is_no_exchange_is_collected_too(
     fake: FakeUpstream, make_proxy: Callable[..., RunningProxy], held_collections: None,
     monkeypatch: pytest.MonkeyPatch,
