@@ -98,7 +98,7 @@ class Settings:
     levels: tuple[StreamLevel, ...] = (
         StreamLevel(1, traffic.DELTA_COUNT, 10.0, 3, probes=40),
         StreamLevel(50, traffic.DELTA_COUNT, 10.0, 3),
-        StreamLevel(500, 40, 75.0, 1),
+        StreamLevel(500, 40, 75.0, 3),
     )
     wrk_seconds: float = 4.0
     wrk_connections: int = 16
@@ -1049,8 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated, from {', '.join(PHASES)}, sse1, sse50, sse500 "
                         "(default: all; the idle phase always runs)")
     parser.add_argument("--sse-repeats", metavar="N", type=int, default=None,
-                        help="rounds per target at each SSE level (default: 3 at 1 and at 50 "
-                        "streams, 1 at 500)")
+                        help="rounds per target at each SSE level (default: 3)")
     parser.add_argument("--other-src", metavar="DIR", default="",
                         help=f"also run target {OTHER}: otelproxy from DIR (a directory holding "
                         "an otelproxy package, e.g. `git archive REV otelproxy | tar -x -C DIR`), "
