@@ -22,13 +22,14 @@ nothing is held: ``full_collections_held`` says so and the idle loop leaves coll
 The young collections are kept short as well (``YOUNG_THRESHOLD``, and a middle generation
 collected every other time): with Python's defaults (700, 10) the middle generation waited for
 ten young collections' survivors and walked them all at once, and while 500 streams opened
-that stopped the proxy for 4-8 ms every 0.2 s or so (a stream holds about 70 objects while it
+that stopped the proxy for 4-11 ms every 0.2-0.3 s (a stream holds about 70 objects while it
 lasts). With 300 and 0, each object is walked at most twice, a few hundred at a time, before it
-reaches the oldest generation, and no young collection in a 500-stream round took more than
-0.9 ms (``gc.callbacks`` in the proxy process, ``benchmarks.run --phases sse500``,
-2026-12-07 23:45 UTC). What the proxy allocates per exchange is freed by reference counting
-(those collections found no garbage), so what reaches the oldest generation sooner costs
-nothing until the next full collection walks it.
+reaches the oldest generation, and the longest young collection in three 500-stream rounds was
+1.4 ms (``gc.callbacks`` in both versions' proxy processes, A/B in one run,
+``benchmarks.run --phases sse500``, 2026-12-07 23:44 UTC). What the proxy allocates per
+exchange is freed by reference counting (in those rounds the young collections found no
+garbage), so what reaches the oldest generation sooner costs nothing until the next full
+collection walks it.
 """
 
 from __future__ import annotations
