@@ -55,13 +55,18 @@ if TYPE_CHECKING:
 
 _MAX_BATCH = 256
 """At most this many exchanges are recorded in one transaction."""
-_MAX_BATCH_BYTES = 256 * 1024
+_MAX_BATCH_BYTES = 1024 * 1024
 """A batch is recorded once its exchanges hold this many bytes of bodies. Until its commit the
 recorder holds a batch's exchanges, and their JSONL lines twice more (staged, and in the
 journal). The 500 exchanges of the benchmark's 500-stream round (47 KB each), recorded 256 at
-a time, took the pipeline's resident set up by 27 MiB; 5 at a time (this cap), by 0.7 MiB, at
-no more CPU per exchange (README, "Memory per stream"). A commit costs little beside a quarter
-megabyte of exchanges (no fsync: WAL, ``synchronous = NORMAL``)."""
+a time, took the pipeline's resident set up by 27 MiB; 5 at a time (a 256 KiB cap), by 0.7
+MiB (README, "Memory per stream"). Each batch is one SQLite transaction (no fsync: WAL,
+``synchronous = NORMAL``), and at the Claude Code pace a 256 KiB batch held 3 to 4 exchanges:
+its ``BEGIN`` and ``COMMIT`` were the recorder's largest single cost (a profile of the Claude
+Code phase, 2026-12-08 00:42 UTC). With 1 MiB the recorder took 1.79-2.13 ms of CPU per
+exchange against 2.00-2.38 (``python -m benchmarks.recorder_pace``, six alternating rounds
+each, 01:00 UTC), and a burst of 500 exchanges took its resident set up by 6.0 MiB instead of
+2.7 (``python -m benchmarks.recorder_burst``, three rounds each, twice)."""
 LINGER = 0.25
 """Seconds the recorder waits for more exchanges before it records a partial batch (it reads
 the pipe as messages come all the while, so the proxy never buffers for it). Recording in fewer,
@@ -70,8 +75,8 @@ proxy has cooled. A recorder given Claude-Code-shaped exchanges at the benchmark
 every 22 ms, 240 of them: ``python -m benchmarks.recorder_pace``) used 2.25 to 2.46 ms of CPU
 per exchange at 0.25 s against 2.67 to 3.08 at 0.02 s (three rounds each, alternating); the
 same exchanges given at once take about 1.6. At that pace a batch of handed-over exchanges
-(21 KB of answer each) closes on ``_MAX_BATCH_BYTES`` after about 0.28 s, so a longer wait
-would only delay the record at low rates."""
+(21 KB of answer each) closed on a 256 KiB ``_MAX_BATCH_BYTES`` after about 0.28 s, so a longer
+wait would only delay the record at low rates."""
 RECORDER_NICE = 5
 """Added to the recorder's nice value where ``SCHED_IDLE`` is refused: under CPU contention
 the proxy's loop runs first."""
