@@ -12,12 +12,13 @@ collections of 22 and 40 ms (55 000 and 82 000 objects), and every stream it rel
 (``gc.callbacks`` in a copy of the proxy, ``benchmarks.run --phases sse500``). The proxy
 process (``otelproxy.server.serve``, not a proxy embedded in another program) therefore holds
 full collections back (``hold_full_collections``): what start-up left alive is frozen
-(``gc.freeze``: never walked again) and the collector's young generations run as before, but
-the full collections run when the proxy's idle loop says so (``otelproxy.server``): when no
-request is in flight and the collector has moved objects into the oldest generation since the
-last one, and after ``FULL_COLLECTION_MAX`` seconds of load without a pause. Where the
-collector ignores the oldest generation's threshold (CPython 3.14's incremental collector),
-nothing is held: ``full_collections_held`` says so and the idle loop leaves collecting to it.
+(``gc.freeze``: never walked again) and the collector's young generations keep running (see
+below), but the full collections run when the proxy's idle loop says so (``otelproxy.server``):
+when a whole check has passed with no request in flight and none begun, and the collector has
+moved objects into the oldest generation since the last one, and after
+``FULL_COLLECTION_MAX`` seconds of load without a pause. Where the collector ignores the
+oldest generation's threshold (CPython 3.14's incremental collector), nothing is held:
+``full_collections_held`` says so and the idle loop leaves collecting to it.
 
 The young collections are kept short as well (``YOUNG_THRESHOLD``, and a middle generation
 collected every other time): with Python's defaults (700, 10) the middle generation waited for
@@ -27,9 +28,9 @@ lasts). With 300 and 0, each object is walked at most twice, a few hundred at a 
 reaches the oldest generation, and the longest young collection in three 500-stream rounds was
 1.4 ms (``gc.callbacks`` in both versions' proxy processes, A/B in one run,
 ``benchmarks.run --phases sse500``, 2026-12-07 23:44 UTC). What the proxy allocates per
-exchange is freed by reference counting (in those rounds the young collections found no
-garbage), so what reaches the oldest generation sooner costs nothing until the next full
-collection walks it.
+exchange is freed by reference counting (the 116 young collections of a later 500-stream round
+found no garbage, 2026-12-08 00:26 UTC), so what reaches the oldest generation sooner costs
+nothing until the next full collection walks it.
 """
 
 from __future__ import annotations
