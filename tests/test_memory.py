@@ -234,11 +234,11 @@ def test_no_request_in_flight_between_two_is_not_idle(
     exchanges begun since the one before: no full collection runs until a whole check has
     passed without a new exchange (a burst that begins just after one ends is not stopped by
     one)."""
-    monkeypatch.setattr(server_module, "IDLE_CHECK", 0.3)
+    monkeypatch.setattr(server_module, "IDLE_CHECK", 0.5)
     proxy = make_proxy(fake)
     stats = proxy.server.state.stats
     client = anthropic.Anthropic(base_url=proxy.base(), api_key="sk-ant-x", max_retries=0)
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         fake.replies.append(Reply(blocks=[{"type": "text", "text": "x"}]))
         client.messages.create(model="m", max_tokens=5,
