@@ -55,16 +55,21 @@ def test_release_free_heap_returns_freed_pages_to_the_system() -> None:
     assert keep_top[0] == 0
 
 
+def _python(code: str, *args: str) -> str:
+    """What ``code`` prints, run in a Python process of its own."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+
+
 @pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
 def test_release_free_heap_does_not_load_the_ctypes_package() -> None:
     """The trim goes through ``_ctypes`` alone: the ``ctypes`` package, imported for this one
     call, kept 0.2 MiB more resident in each of the proxy's processes."""
     code = ("import sys\nfrom otelproxy.memory import release_free_heap\n"
             "assert release_free_heap() is True\nprint(sorted(sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=True)
-    assert "'ctypes'" not in done.stdout
-    assert "'_ctypes'" in done.stdout
+    modules = _python(code)
+    assert "'ctypes'" not in modules
+    assert "'_ctypes'" in modules
 
 
 def test_hold_full_collections_freezes_start_up_and_shortens_the_young_collections() -> None:
@@ -77,9 +82,7 @@ def test_hold_full_collections_freezes_start_up_and_shortens_the_young_collectio
             "hold_full_collections()\n"
             "print(json.dumps([before, held_before, gc.get_threshold(), gc.get_freeze_count(),"
             " full_collections_held()]))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=True)
-    before, held_before, after, frozen, held = json.loads(done.stdout)
+    before, held_before, after, frozen, held = json.loads(_python(code))
     assert not held_before and held
     assert after[:2] == [YOUNG_THRESHOLD, 0] and after[2] >= NO_AUTOMATIC > before[2]
     assert frozen > 1000
@@ -108,16 +111,10 @@ print(json.dumps([max(walked), len(walked)]))
 
 def test_young_collections_walk_a_few_hundred_objects_while_objects_pile_up() -> None:
     """33 000 objects that stay alive: with Python's default thresholds a middle-generation
-    collection walks thousands of them at once (the proxy's 4-8 ms stalls while 500 streams
+    collection walks thousands of them at once (the proxy's 4-11 ms stalls while 500 streams
     open); held, no young collection walks more than two thresholds' worth."""
-    def walked(mode: str) -> tuple[int, int]:
-        done = subprocess.run([sys.executable, "-c", _WALKED, mode], capture_output=True,
-                              text=True, timeout=60, check=True)
-        most, collections = json.loads(done.stdout)
-        return most, collections
-
-    default_most, default_runs = walked("default")
-    held_most, held_runs = walked("held")
+    default_most, default_runs = json.loads(_python(_WALKED, "default"))
+    held_most, held_runs = json.loads(_python(_WALKED, "held"))
     assert default_most > 5 * YOUNG_THRESHOLD, default_most
     assert held_most <= 2 * YOUNG_THRESHOLD + 100, held_most
     assert held_runs > default_runs
