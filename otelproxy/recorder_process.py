@@ -125,12 +125,32 @@ _STOP_MARGIN = 0.5
 
 def lower_priority() -> None:
     """``SCHED_IDLE``: from now on the recorder runs only when its CPU has nothing else to run
-    (irreversible for an unprivileged process). Where refused, a nice value instead."""
+    (irreversible for an unprivileged process). Where refused, a nice value instead.
+
+    Every thread of the process, not only the calling one: on Linux a scheduling policy and a
+    nice value belong to a thread, and the OTLP sink's export threads, started with the
+    pipeline before this is called, kept the proxy's own priority. They encode and send a
+    batch of spans and log records at once (after a 500-stream round, thousands), and took the
+    proxy's CPU while they did. A thread started later inherits the policy of the one that
+    starts it."""
+    threads = _thread_ids()
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        for thread in threads:
+            os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux, or refused (seccomp)
-        with contextlib.suppress(OSError):
-            os.nice(RECORDER_NICE)
+        for thread in threads:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, thread,
+                               os.getpriority(os.PRIO_PROCESS, thread) + RECORDER_NICE)
+
+
+def _thread_ids() -> list[int]:
+    """The ids of this process's threads (Linux: ``/proc/self/task``; elsewhere the process,
+    which is what ``0`` names to the calls above)."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
 
 
 def recorder_main(inbox: int, results: int) -> int:

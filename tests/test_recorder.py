@@ -320,6 +320,35 @@ def test_recorder_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path):
     asyncio.run(scenario())
 
 
+def test_every_thread_of_an_exporting_recorder_runs_at_the_lower_priority(tmp_path):
+    """The OTLP sink's export threads start with the pipeline, before the recorder lowers its
+    priority: they are lowered too (a scheduling policy is a thread's own on Linux), so the
+    export's encoding and sending never takes the proxy's CPU."""
+    async def scenario() -> None:
+        recorder = Recorder(make_config(tmp_path / "logs", seq_url="http://127.0.0.1:9",
+                                        seq_api_key="k"), env={})
+        await recorder.start()
+        try:
+            pid = recorder.process.pid or 0
+
+            def policies() -> dict[int, int]:
+                out = {}
+                for name in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                        out[int(name)] = os.sched_getscheduler(int(name))
+                return out
+
+            await until(lambda: os.sched_getscheduler(pid) == os.SCHED_IDLE, 10,
+                        "the recorder is not SCHED_IDLE")
+            await until(lambda: set(policies().values()) == {os.SCHED_IDLE}, 5,
+                        "a thread of the recorder is not SCHED_IDLE")
+            assert len(policies()) >= 3  # its own, and the span and log record exporters'
+        finally:
+            assert await recorder.stop(10)
+
+    asyncio.run(scenario())
+
+
 def test_full_queue_drops_and_counts_without_blocking(tmp_path):
     """With the queue full, submit returns at once and the drop is counted."""
     async def scenario() -> None:
