@@ -604,6 +604,8 @@ class LoadGenerator:
                 "delay_p99_ms": _ms(percentile(delays, 0.99)),
                 "added_gap_p99_ms": _ms(percentile(added, 0.99)),
                 "added_gap_p99_by_round_ms": by_round[name],
+                "cpu_busy_by_round": [{f"cpu{cpu}": share for cpu, share in b.items()}
+                                      for b in busy[name]],
                 "events_sent": expected, "events_lost": expected - received,
                 "incomplete_streams": sum(not r.complete for r in results),
                 "cpu_busy": {f"cpu{cpu}": round(sum(b.get(cpu, 0.0) for b in busy[name])
