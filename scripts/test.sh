@@ -2,8 +2,8 @@
 # Set up everything the test suite needs on a fresh machine, then run it.
 #   - a virtualenv in .venv with otelproxy and its test extras
 #   - the real Claude Code CLI from the npm registry (tests run it against a fake upstream)
-#   - shellcheck (the sandbox script is checked with it) and wrk (the benchmark's smoke test
-#     uses it), via apt-get when running as root
+#   - shellcheck (the sandbox script is checked with it), wrk (the benchmark's smoke test uses
+#     it) and valgrind (benchmarks.instructions counts with it), via apt-get when running as root
 # Extra arguments go to pytest: scripts/test.sh -k sessions
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ fi
 export OTELPROXY_CLAUDE_BIN="$PWD/node_modules/.bin/claude"
 "$OTELPROXY_CLAUDE_BIN" --version
 
-for tool in shellcheck wrk; do
+for tool in shellcheck wrk valgrind; do
     if ! command -v "$tool" >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool"

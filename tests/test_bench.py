@@ -43,6 +43,23 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return result
 
 
+def test_instruction_counts_of_a_small_run() -> None:
+    """``benchmarks.instructions`` counts, under valgrind, bare's and otelproxy's proxy
+    processes serving two exchanges and the recorder's pipeline recording twelve: each count
+    grows with the exchanges, by millions an exchange, and otelproxy's proxy process runs more
+    than bare's (it also times and keeps every chunk, and hands the exchange to its recorder)."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--exchanges", "2", "--recorded", "12",
+         "--json"], cwd=ROOT, capture_output=True, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr.decode(errors="replace")[-4000:]
+    result: dict[str, Any] = orjson.loads(completed.stdout)
+    for part in ("bare", "proxy", "recorder"):
+        counts = result[part]
+        assert counts["some"] > counts["none"] > 100_000_000, (part, counts)  # start-up alone
+        assert 1_000_000 < counts["per_exchange"] < 100_000_000, (part, counts)
+    assert result["proxy_over_bare"] > 1.0
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
