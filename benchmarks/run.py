@@ -301,12 +301,13 @@ class Control:
     async def settle(self, target: Target, limit_s: float = 120.0) -> float:
         """Wait until the target has finished the work its requests caused: otelproxy's
         record written (``/healthz``: nothing in flight or pending) and, with export on, one
-        SERVER span per exchange at the receiver; the peers record inline, so a short pause.
-        Returns the seconds waited."""
+        SERVER span per exchange at the receiver; any other target until its process tree is
+        at rest (``_tree_at_rest``). Returns the seconds waited."""
         began = time.monotonic()
         deadline = began + limit_s
         await asyncio.sleep(0.3)
         if target.health_url is None:
+            await _tree_at_rest(target, deadline)
             return round(time.monotonic() - began, 3)
         health: Json = {}
         while time.monotonic() < deadline:
@@ -331,6 +332,26 @@ class Control:
             else:
                 target.notes.append(f"OTLP export incomplete after {limit_s:g} s")
         return round(time.monotonic() - began, 3)
+
+
+REST_S = 0.5
+"""A peer is at rest once its process tree used at most ``REST_CPU_S`` in this many seconds."""
+REST_CPU_S = 0.01
+
+
+async def _tree_at_rest(target: Target, deadline: float) -> None:
+    """Until the target's process tree has stopped using the CPU (``REST_CPU_S`` in ``REST_S``),
+    or ``deadline``. mitmproxy kept working for seconds after its 500-stream round: it used 0.40
+    and 0.51 s of CPU 1 during the rounds of direct and claude-tap that came next (2026-12-08
+    04:10 UTC, ``others_cpu_s_by_round``), and direct's round, the floor, measured a 7.2 ms
+    added gap p99 (0.7 and 3.1 in its others)."""
+    used = sum(cpu_s(target).values())
+    while time.monotonic() < deadline:
+        await asyncio.sleep(REST_S)
+        now = sum(cpu_s(target).values())
+        if now - used <= REST_CPU_S:
+            return
+        used = now
 
 
 def cpu_s(target: Target) -> dict[str, float]:
@@ -527,6 +548,7 @@ class LoadGenerator:
         pooled: dict[str, list[StreamResult]] = {name: [] for name in self.everyone}
         busy: dict[str, list[dict[int, float]]] = {name: [] for name in self.everyone}
         by_round: dict[str, list[float]] = {name: [] for name in self.everyone}
+        others: dict[str, list[dict[str, float]]] = {name: [] for name in self.everyone}
         waits: dict[str, dict[str, list[int]]] = {}
         peaks: dict[str, float] = {}
         before: dict[str, float | None] = {}
@@ -549,31 +571,43 @@ class LoadGenerator:
                     before[name] = rss_mib(target)
                     before_split[name] = ({} if target.process is None
                                           else procs.tree_rss_by_process(target.process.pid))
-                # open every connection first (client to proxy, proxy to upstream): the round
-                # then measures streams, not connection set-up
-                await asyncio.wait_for(asyncio.gather(*(
-                    post(session, target, small) for _ in range(level.streams))), bound)
-                sampler = asyncio.create_task(self._sample_rss(target, peaks))
-                ticks = procs.cpu_ticks()
-                sched = self._sched(target)
-                try:
-                    async with self.control.measuring():
-                        this_round = await asyncio.wait_for(asyncio.gather(*(
-                            ramped(target, index, session) for index in range(level.streams))),
-                            bound)
-                    pooled[name] += this_round
-                    by_round[name].append(_ms(percentile(
-                        [gap for r in this_round for gap in r.added_gaps_ns], 0.99)))
-                finally:
-                    busy[name].append(procs.cpu_busy(ticks, procs.cpu_ticks()))
-                    for label, (ran, waited) in self._sched(target).items():
-                        was_ran, was_waited = sched.get(label, (0, 0))
-                        total = waits.setdefault(name, {}).setdefault(label, [0, 0])
-                        total[0] += ran - was_ran
-                        total[1] += waited - was_waited
-                    sampler.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await sampler
+                # each round on connections of its own, closed before the target settles: kept
+                # open, a round's 500 connections were closed by the pool during the next
+                # target's round, and mitmproxy used 0.4-0.5 s of CPU 1 closing them then
+                # (``others_cpu_s_by_round``, 2026-12-08 04:13 UTC)
+                async with client(level.streams) as rounds:
+                    # open every connection first (client to proxy, proxy to upstream): the round
+                    # then measures streams, not connection set-up
+                    await asyncio.wait_for(asyncio.gather(*(
+                        post(rounds, target, small) for _ in range(level.streams))), bound)
+                    sampler = asyncio.create_task(self._sample_rss(target, peaks))
+                    neighbours = {other: cpu_s(self.targets[other])
+                                  for other in self.proxies if other != name}
+                    ticks = procs.cpu_ticks()
+                    sched = self._sched(target)
+                    try:
+                        async with self.control.measuring():
+                            this_round = await asyncio.wait_for(asyncio.gather(*(
+                                ramped(target, index, rounds) for index in range(level.streams))),
+                                bound)
+                        pooled[name] += this_round
+                        by_round[name].append(_ms(percentile(
+                            [gap for r in this_round for gap in r.added_gaps_ns], 0.99)))
+                    finally:
+                        busy[name].append(procs.cpu_busy(ticks, procs.cpu_ticks()))
+                        others[name].append({
+                            f"{other} {label}": round(used, 3)
+                            for other, was in neighbours.items()
+                            for label, used in cpu_used(was, cpu_s(self.targets[other])).items()
+                            if used >= 0.005})
+                        for label, (ran, waited) in self._sched(target).items():
+                            was_ran, was_waited = sched.get(label, (0, 0))
+                            total = waits.setdefault(name, {}).setdefault(label, [0, 0])
+                            total[0] += ran - was_ran
+                            total[1] += waited - was_waited
+                        sampler.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await sampler
                 await self.control.settle(target)
             probes: dict[str, list[StreamResult]] = {name: [] for name in self.everyone}
             for order in rotations(self.everyone, level.probes):
@@ -606,6 +640,7 @@ class LoadGenerator:
                 "added_gap_p99_by_round_ms": by_round[name],
                 "cpu_busy_by_round": [{f"cpu{cpu}": share for cpu, share in b.items()}
                                       for b in busy[name]],
+                "others_cpu_s_by_round": others[name],
                 "events_sent": expected, "events_lost": expected - received,
                 "incomplete_streams": sum(not r.complete for r in results),
                 "cpu_busy": {f"cpu{cpu}": round(sum(b.get(cpu, 0.0) for b in busy[name])

@@ -129,10 +129,10 @@ def lower_priority() -> None:
 
     Every thread of the process, not only the calling one: on Linux a scheduling policy and a
     nice value belong to a thread, and the OTLP sink's export threads, started with the
-    pipeline before this is called, kept the proxy's own priority. They encode and send a
-    batch of spans and log records at once (after a 500-stream round, thousands), and took the
-    proxy's CPU while they did. A thread started later inherits the policy of the one that
-    starts it."""
+    pipeline before this is called, kept the proxy's own priority (``ps -L``: ``TS``, nice 0).
+    Each assembles, compresses and sends a batch of spans or log records at once (after a
+    500-stream round, hundreds), as the proxy's equal for its CPU. A thread started later
+    inherits the policy of the one that starts it."""
     threads = _thread_ids()
     try:
         for thread in threads:

@@ -322,8 +322,9 @@ def test_recorder_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path):
 
 def test_every_thread_of_an_exporting_recorder_runs_at_the_lower_priority(tmp_path):
     """The OTLP sink's export threads start with the pipeline, before the recorder lowers its
-    priority: they are lowered too (a scheduling policy is a thread's own on Linux), so the
-    export's encoding and sending never takes the proxy's CPU."""
+    priority: they are lowered too (a scheduling policy is a thread's own on Linux), so that
+    sending the export's batches waits for CPU time the proxy leaves, as the rest of the
+    record does."""
     async def scenario() -> None:
         recorder = Recorder(make_config(tmp_path / "logs", seq_url="http://127.0.0.1:9",
                                         seq_api_key="k"), env={})
