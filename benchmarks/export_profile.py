@@ -24,7 +24,6 @@ import io
 import os
 import pstats
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,9 +34,8 @@ from typing import Any
 
 import orjson
 
-from benchmarks.procs import free_port, wait_listening
 from benchmarks.record_growth import traffic_exchanges
-from benchmarks.targets import clean_env
+from benchmarks.targets import serving
 from otelproxy import config
 from otelproxy.recorder_process import build_pipeline
 
@@ -47,15 +45,8 @@ Json = dict[str, Any]
 @contextlib.contextmanager
 def receiver() -> Iterator[str]:
     """The benchmark's OTLP receiver in its own process; yields its base URL."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.servers", "otlp", "--port",
-                                str(port)], env=clean_env(), stdout=subprocess.DEVNULL)
-    try:
-        wait_listening(port, process, 60)
+    with serving("otlp") as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def _thread_cpu() -> dict[str, float]:

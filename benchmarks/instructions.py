@@ -4,10 +4,10 @@
         [--src DIR] [--only bare,proxy,recorder] [--json]
 
 A CPU time read on a shared two-core machine moves by 10 to 20 % from one run to the next, and
-the benchmark's Claude Code figure with it; the number of instructions a program runs does not
-(the same code, input and environment give the same count, to 0.05 %). This counts them with
-``valgrind --tool=callgrind`` (``PYTHONHASHSEED=0``), so that two versions of the code can be told
-apart by a few per cent:
+the benchmark's Claude Code figure with it; the number of instructions a program runs moves far
+less (five counts of the same proxy process spanned 0.7 %, bare's 0.1 %, the recorder's 0.02 %;
+the proxies' depend a little on timing). This counts them with ``valgrind --tool=callgrind``
+(``PYTHONHASHSEED=0``), so that two versions of the code can be told apart by a few per cent:
 
 bare, proxy   the proxy process of bare (``benchmarks.servers bare``) and of otelproxy
               (``python -m otelproxy``; its recorder process, a child, is not traced), each
@@ -33,15 +33,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import compileall
-import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,8 +47,8 @@ import aiohttp
 import orjson
 
 from benchmarks import traffic
-from benchmarks.procs import HOST, free_port, wait_listening
-from benchmarks.targets import clean_env, compile_sources
+from benchmarks.procs import HOST, Process, free_port, wait_listening
+from benchmarks.targets import clean_env, compile_sources, serving
 
 HERE = Path(__file__).resolve().parent.parent
 PARTS = ("bare", "proxy", "recorder")
@@ -84,21 +81,6 @@ def _env(src: Path) -> dict[str, str]:
                      PYTHONPATH=os.pathsep.join(dict.fromkeys((str(src), str(HERE)))))
 
 
-@contextlib.contextmanager
-def upstream() -> Iterator[int]:
-    """The benchmark's fake upstream, not under valgrind; yields its port."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.servers", "upstream",
-                                "--port", str(port)], cwd=HERE, env=clean_env(),
-                               stdout=subprocess.DEVNULL)
-    try:
-        wait_listening(port, process, 60)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
 async def exchanges(url: str, count: int) -> None:
     """``count`` streamed Claude Code turns, one after the other (a conversation of up to
     ``MAX_TURNS``, then the next)."""
@@ -128,20 +110,17 @@ def proxy_count(part: str, src: Path, upstream_port: int, count: int, work: Path
                 str(Path(tempfile.mkdtemp(dir=work))), "--upstream",
                 f"http://{HOST}:{upstream_port}", "--log-level", "warning"]
         cwd = src  # ``-m`` puts the working directory first on sys.path
-    process = subprocess.Popen([*valgrind_argv(work / f"{part}-{count}.out"), *argv], cwd=cwd,
-                               env=_env(src), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    log = work / f"{part}-{count}.log"
+    process = Process(part, [*valgrind_argv(work / f"{part}-{count}.out"), *argv], _env(src),
+                      log, cwd=str(cwd))
+    process.start()
     try:
-        wait_listening(port, process, _START_S)
+        wait_listening(port, process.popen, _START_S)
         asyncio.run(exchanges(f"http://{HOST}:{port}/anthropic/{HOST}:{upstream_port}"
                               "/v1/messages", count))
-        process.send_signal(signal.SIGINT)  # both stop cleanly on it: valgrind then counts
-        _, stderr = process.communicate(timeout=_START_S)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return collected(stderr)
+        process.stop(_START_S)  # SIGTERM: both stop cleanly on it, and valgrind then counts
+    return collected(log.read_bytes())
 
 
 _RECORD = textwrap.dedent("""
@@ -181,14 +160,14 @@ def measure(parts: tuple[str, ...], src: Path, count: int, recorded: int) -> dic
     compile_sources(str(src))
     compileall.compile_dir(HERE / "tests", quiet=1)  # benchmarks.record_growth imports it
     with tempfile.TemporaryDirectory(prefix="otelproxy-instructions-") as folder, \
-            upstream() as port, ThreadPoolExecutor(2) as pool:
+            serving("upstream") as port, ThreadPoolExecutor(2) as pool:
         work = Path(folder)
         for part in parts:
-            if part == "recorder":  # its count does not depend on timing: two at once
-                none, some = pool.map(lambda n: recorder_count(src, n, work), (0, recorded))
-            else:  # one at a time, so that the proxy keeps up with the upstream (see INTERVAL)
-                none, some = (proxy_count(part, src, port, n, work) for n in (0, count))
             n = recorded if part == "recorder" else count
+            if part == "recorder":  # its count does not depend on timing: two at once
+                none, some = pool.map(lambda k: recorder_count(src, k, work), (0, n))
+            else:  # one at a time, so that the proxy keeps up with the upstream (INTERVAL_MS)
+                none, some = (proxy_count(part, src, port, k, work) for k in (0, n))
             out[part] = {"per_exchange": round((some - none) / n), "none": none, "some": some}
     if "bare" in out and "proxy" in out:
         out["proxy_over_bare"] = round(out["proxy"]["per_exchange"]

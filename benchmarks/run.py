@@ -341,14 +341,17 @@ REST_CPU_S = 0.01
 
 async def _tree_at_rest(target: Target, deadline: float) -> None:
     """Until the target's process tree has stopped using the CPU (``REST_CPU_S`` in ``REST_S``),
-    or ``deadline``. mitmproxy kept working for seconds after its 500-stream round: it used 0.40
-    and 0.51 s of CPU 1 during the rounds of direct and claude-tap that came next (2026-12-08
+    or ``deadline``: the work a round left it (closing the round's connections, writing its
+    record) is not done during the next target's round. When the pool closed a round's 500
+    connections during the next round, mitmproxy used 0.40-0.53 s of CPU 1 in it (2026-12-08
     04:10 UTC, ``others_cpu_s_by_round``), and direct's round, the floor, measured a 7.2 ms
     added gap p99 (0.7 and 3.1 in its others)."""
-    used = sum(cpu_s(target).values())
+    if target.process is None:
+        return
+    used = procs.tree_cpu_s(target.process.pid)
     while time.monotonic() < deadline:
         await asyncio.sleep(REST_S)
-        now = sum(cpu_s(target).values())
+        now = procs.tree_cpu_s(target.process.pid)
         if now - used <= REST_CPU_S:
             return
         used = now
@@ -581,8 +584,7 @@ class LoadGenerator:
                     await asyncio.wait_for(asyncio.gather(*(
                         post(rounds, target, small) for _ in range(level.streams))), bound)
                     sampler = asyncio.create_task(self._sample_rss(target, peaks))
-                    neighbours = {other: cpu_s(self.targets[other])
-                                  for other in self.proxies if other != name}
+                    neighbours = self._cpu_of_others(name)
                     ticks = procs.cpu_ticks()
                     sched = self._sched(target)
                     try:
@@ -595,11 +597,7 @@ class LoadGenerator:
                             [gap for r in this_round for gap in r.added_gaps_ns], 0.99)))
                     finally:
                         busy[name].append(procs.cpu_busy(ticks, procs.cpu_ticks()))
-                        others[name].append({
-                            f"{other} {label}": round(used, 3)
-                            for other, was in neighbours.items()
-                            for label, used in cpu_used(was, cpu_s(self.targets[other])).items()
-                            if used >= 0.005})
+                        others[name].append(self._used_by_others(neighbours))
                         for label, (ran, waited) in self._sched(target).items():
                             was_ran, was_waited = sched.get(label, (0, 0))
                             total = waits.setdefault(name, {}).setdefault(label, [0, 0])
@@ -681,6 +679,17 @@ class LoadGenerator:
                         memory[name]["per_100_streams_from_idle_mib"] = round(
                             (peaks[name] - idle) * 100 / level.streams, 2)
         return out
+
+    def _cpu_of_others(self, name: str) -> dict[str, dict[str, float]]:
+        """CPU seconds so far of every target but ``name``, by process."""
+        return {other: cpu_s(self.targets[other]) for other in self.proxies if other != name}
+
+    def _used_by_others(self, before: dict[str, dict[str, float]]) -> dict[str, float]:
+        """CPU seconds the other targets' processes used since ``before`` (5 ms or more)."""
+        return {f"{other} {label}": round(used, 3)
+                for other, was in before.items()
+                for label, used in cpu_used(was, cpu_s(self.targets[other])).items()
+                if used >= 0.005}
 
     @staticmethod
     def _sched(target: Target) -> dict[str, tuple[int, int]]:

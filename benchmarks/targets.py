@@ -24,9 +24,11 @@ installed or does not start is reported with the reason, never left out silently
 from __future__ import annotations
 
 import compileall
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,22 @@ class Target:
     @property
     def available(self) -> bool:
         return self.error is None and bool(self.url)
+
+
+@contextlib.contextmanager
+def serving(role: str) -> Iterator[int]:
+    """One of the benchmark's servers (``benchmarks.servers ROLE``: ``upstream``, ``otlp``) in
+    its own process, unpinned, for the tools beside the main run; yields its port."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.servers", role, "--port",
+                                str(port)], cwd=HERE.parent, env=clean_env(),
+                               stdout=subprocess.DEVNULL)
+    try:
+        wait_listening(port, process, 60)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
